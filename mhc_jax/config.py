@@ -1,0 +1,442 @@
+"""The one typed config schema: frozen dataclasses, YAML loading with `base:` inheritance, and
+`section.key=value` overrides. Every bad key, type or value fails at load time with a message naming it.
+
+A YAML file looks like
+
+    base: tiny.yaml          # optional, resolved relative to this file
+    model: {d_model: 128, n_layers: 4}
+    residual: {kind: mhc}
+
+and `load_config("configs/tiny.yaml", ["model.n_layers=2", "residual.kind=plain"])` returns a `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value that is not allowed; the message says which and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE) and a SwiGLU MLP."""
+
+    vocab_size: int = 259  # byte tokenizer: 256 bytes + BOS/EOS/PAD
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 means d_model // n_heads
+    d_ff: int = 512  # SwiGLU hidden width
+    max_seq_len: int = 256  # RoPE / KV-cache capacity
+    rope_theta: float = 10000.0  # mHC paper Table 5 (RoPE theta 10000)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # Embedding rows are padded to a multiple of this so the vocab axis divides large mesh axes
+    # (vocab 129280 does not divide 1024 devices). Padded rows are masked out of the softmax.
+    vocab_pad_multiple: int = 1
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # "auto": bfloat16 on GPU/TPU, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    attention_impl: Literal["xla", "cudnn"] = "xla"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """How each sublayer is wrapped: plain residual, Hyper-Connections, mHC or mHC-lite (mhc.md)."""
+
+    kind: Literal["plain", "hc", "mhc", "mhc_lite"] = "plain"
+    n_streams: int = 4  # n in the papers; forced to 1 for `plain`
+    sinkhorn_iters: int = 20  # t_max, mHC paper Eq. 9
+    sinkhorn_eps: float = 0.0
+    sinkhorn_log_domain: bool = False
+    # "paper": Eq. 7-9. "deepseek_v4": sigmoid + 1e-6, softmax start + eps, transposed mixing.
+    variant: Literal["paper", "deepseek_v4"] = "paper"
+    collapse: Literal["sum", "learned"] = "sum"
+    alpha_init: float = 0.01  # a_pre, a_post, a_res init, mHC paper Table 5
+    # Ablation switches (mHC paper Table 1): a disabled mapping becomes 1/n, ones, or identity.
+    use_pre: bool = True
+    use_post: bool = True
+    use_res: bool = True
+    hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
+
+
+@dataclass(frozen=True)
+class EngramConfig:
+    """Engram conditional memory (engram.md)."""
+
+    enabled: bool = False
+    layers: tuple[int, ...] = (1,)  # 0-based block indices; the demo uses [1, 15] of 30
+    max_ngram: int = 3  # orders 2..max_ngram
+    heads_per_ngram: int = 8  # K
+    head_dim: int = 32  # D_h: rows are concatenated to d_mem = (max_ngram - 1) * K * D_h
+    table_size: int = 4093  # base size per head; per-head primes start above it (demo: 5 * vocab)
+    kernel_size: int = 4  # short conv kernel (paper)
+    seed: int = 0  # hash seed (demo)
+    placement: Literal["device", "host"] = "device"
+    shard_axis: str = "tensor"  # mesh axis the table rows are split over with placement=device
+    lr_multiplier: float = 5.0  # Engram tables: 5x base LR, no weight decay (engram.md)
+    compress_tokenizer: bool = True
+
+    @property
+    def d_mem(self) -> int:
+        return (self.max_ngram - 1) * self.heads_per_ngram * self.head_dim
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. `dataset` is `pystdlib` (embedded default corpus), `text:PATH` (a local
+    file or folder), or `tfds:NAME` (a prepared TFDS text dataset under `data_dir`)."""
+
+    dataset: str = "pystdlib"
+    data_dir: str = ""  # "" means ~/.cache/mhc_jax/tfds
+    text_key: str = "text"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "byte"  # "byte" or a path to a SentencePiece .model file
+    seq_len: int = 128
+    batch_size: int = 16  # global batch, in rows of seq_len tokens
+    shuffle_seed: int = 0
+    worker_count: int = 0  # Grain worker processes; 0 = in-process
+    prefetch: int = 2  # batches prefetched in a background thread
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup then cosine or the mHC paper's step decay (x0.316 at 80%, x0.1 at 90%)."""
+
+    lr: float = 3e-3
+    b1: float = 0.9  # mHC paper Table 5
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    steps: int = 1000
+    seed: int = 0
+    grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    remat: Literal["none", "full", "save_matmuls"] = "none"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    diagnostics_every: int = 100  # mHC composite gains; 0 disables
+    max_nonfinite_in_row: int = 5
+    sample_tokens: int = 200  # generated at the end of train.py
+    sample_prompt: str = "def "
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. -1 takes the devices that the other axes leave."""
+
+    dcn_data: int = 1
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    zero1: bool = False  # params replicated over fsdp, optimiser state sharded
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 200
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def replace(self, **sections: Any) -> "Config":
+        """`cfg.replace(model={"n_layers": 2})` returns a validated copy with those keys changed."""
+        return from_dict(merge_dicts(to_dict(self), sections))
+
+    @property
+    def n_streams(self) -> int:
+        return 1 if self.residual.kind == "plain" else self.residual.n_streams
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: impossible values, each naming the key, the value and what is allowed
+# --------------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    m, r, e, d, o, t, c = (cfg.model, cfg.residual, cfg.engram, cfg.data, cfg.optimizer,
+                           cfg.training, cfg.checkpoint)
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                "vocab_pad_multiple"):
+        _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    _require(m.head_dim >= 0, "model.head_dim", m.head_dim, "must be >= 0 (0 = d_model // n_heads)")
+    if m.head_dim == 0:
+        _require(m.d_model % m.n_heads == 0, "model.n_heads", m.n_heads,
+                 f"must divide model.d_model={m.d_model} (or set model.head_dim)")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
+             f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
+    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
+    _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
+    _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+
+    _require(r.n_streams >= 1, "residual.n_streams", r.n_streams, "must be >= 1")
+    _require(r.sinkhorn_iters >= 1, "residual.sinkhorn_iters", r.sinkhorn_iters, "must be >= 1")
+    _require(r.sinkhorn_eps >= 0, "residual.sinkhorn_eps", r.sinkhorn_eps, "must be >= 0")
+    if r.kind == "mhc_lite":
+        _require(r.n_streams <= 6, "residual.n_streams", r.n_streams,
+                 "mhc_lite mixes all n! permutations; use n_streams <= 6")
+
+    if e.enabled:
+        _require(len(e.layers) >= 1, "engram.layers", e.layers, "must list at least one block index")
+        for layer in e.layers:
+            _require(0 <= layer < m.n_layers, "engram.layers", e.layers,
+                     f"block indices must be in [0, model.n_layers={m.n_layers})")
+        _require(len(set(e.layers)) == len(e.layers), "engram.layers", e.layers, "must not repeat")
+        _require(e.max_ngram >= 2, "engram.max_ngram", e.max_ngram, "must be >= 2 (orders 2..max_ngram)")
+        for key in ("heads_per_ngram", "head_dim", "table_size", "kernel_size"):
+            _require(getattr(e, key) >= 1, f"engram.{key}", getattr(e, key), "must be >= 1")
+        _require(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
+
+    _require(bool(d.dataset), "data.dataset", d.dataset, "name a dataset: pystdlib, text:PATH or tfds:NAME")
+    _require(d.dataset == "pystdlib" or d.dataset.startswith(("text:", "tfds:")), "data.dataset",
+             d.dataset, "must be 'pystdlib', 'text:PATH' or 'tfds:NAME'")
+    for key in ("seq_len", "batch_size"):
+        _require(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+             f"must be <= model.max_seq_len={m.max_seq_len}")
+    _require(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
+    _require(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
+
+    _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _require(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
+    _require(0 <= o.b2 < 1, "optimizer.b2", o.b2, "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optimizer.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _require(o.clip_norm >= 0, "optimizer.clip_norm", o.clip_norm, "must be >= 0 (0 disables)")
+
+    _require(t.steps >= 1, "training.steps", t.steps, "must be >= 1")
+    _require(t.grad_accum >= 1, "training.grad_accum", t.grad_accum, "must be >= 1")
+    _require(d.batch_size % t.grad_accum == 0, "training.grad_accum", t.grad_accum,
+             f"must divide data.batch_size={d.batch_size}")
+    for key in ("log_every", "eval_every", "eval_batches", "max_nonfinite_in_row"):
+        _require(getattr(t, key) >= 1, f"training.{key}", getattr(t, key), "must be >= 1")
+    _require(t.diagnostics_every >= 0, "training.diagnostics_every", t.diagnostics_every, "must be >= 0")
+    _require(t.peak_flops >= 0, "training.peak_flops", t.peak_flops, "must be >= 0 (0 = measure)")
+
+    for key in ("dcn_data", "data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, key)
+        _require(v == -1 or v >= 1, f"mesh.{key}", v, "must be >= 1, or -1 for the remaining devices")
+    _require([getattr(cfg.mesh, k) for k in ("dcn_data", "data", "fsdp", "tensor")].count(-1) <= 1,
+             "mesh", cfg.mesh, "at most one axis may be -1")
+
+    _require(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
+    _require(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Dict <-> dataclass with type checking
+# --------------------------------------------------------------------------------------------------
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be {_type_name(tp)}")
+        return value
+    if origin in (tuple,):
+        (elem, *_rest) = get_args(tp)
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list of {_type_name(elem)}")
+        return tuple(_coerce(f"{key}[{i}]", v, elem) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {tp}")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}={data!r} has the wrong type: expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the config"
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
+                          f"allowed keys: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        kwargs[name] = (_build(tp, data[name], key) if dataclasses.is_dataclass(tp)
+                        else _coerce(key, data[name], tp))
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML files and command-line overrides
+# --------------------------------------------------------------------------------------------------
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_path(path: str) -> str:
+    """A path as given, or a name under configs/ (`tiny`, `tiny.yaml`)."""
+    candidates = [path, os.path.join(CONFIG_DIR, path), os.path.join(CONFIG_DIR, path + ".yaml")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    available = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")) \
+        if os.path.isdir(CONFIG_DIR) else []
+    raise ConfigError(f"config file {path!r} does not exist; give a path or one of: {', '.join(available)}")
+
+
+def _load_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(resolve_config_path(path))
+    if path in seen:
+        raise ConfigError(f"config {path} extends itself through 'base' ({' -> '.join(seen + (path,))})")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        base_path = base  # fall back to a name under configs/
+    return merge_dicts(_load_yaml_tree(base_path, seen + (path,)), data)
+
+
+def parse_override(text: str) -> dict:
+    """`model.n_layers=2` -> {"model": {"n_layers": 2}}; the value is parsed as YAML (so `[1, 3]`,
+    `true`, `1e-3` work) except that a value YAML reads as a date or null stays a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. model.n_layers=2)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None or not isinstance(value, (int, float, bool, str, list)):
+        value = raw
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads `path` (following `base:`) or the defaults, applies `section.key=value` overrides, validates."""
+    data = _load_yaml_tree(path) if path else {}
+    for item in overrides:
+        data = merge_dicts(data, parse_override(item))
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

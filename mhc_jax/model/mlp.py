@@ -1,0 +1,27 @@
+"""SwiGLU feed-forward: down(silu(x W_gate) * (x W_up))."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mhc_jax.config import ModelConfig
+from mhc_jax.model.params import param
+from mhc_jax.sharding import constrain
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(cfg.init_std)
+        self.w_gate_CF = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        self.w_up_CF = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+        self.w_down_FC = param(rngs, nnx.initializers.normal(out_std), (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x_BTC: jax.Array) -> jax.Array:
+        x = x_BTC.astype(self.dtype)
+        gate_BTF = x @ self.w_gate_CF[...].astype(self.dtype)
+        up_BTF = x @ self.w_up_CF[...].astype(self.dtype)
+        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+        return h_BTF @ self.w_down_FC[...].astype(self.dtype)
