@@ -101,6 +101,10 @@ class EngramConfig:
     shard_axis: str = "tensor"  # mesh axis the table rows are split over with placement=device
     lr_multiplier: float = 5.0  # Engram tables: 5x base LR, no weight decay (engram.md)
     compress_tokenizer: bool = True
+    # Table rows (sum of the per-head primes) are padded up to a multiple of this so the row axis divides
+    # the mesh axis it is sharded over (primes divide nothing). Padded rows are never looked up.
+    row_pad_multiple: int = 128
+    table_init_std: float = 1.0  # demo: torch nn.Embedding default N(0, 1)
 
     @property
     def d_mem(self) -> int:
@@ -235,9 +239,10 @@ def validate(cfg: Config) -> Config:
                      f"block indices must be in [0, model.n_layers={m.n_layers})")
         _require(len(set(e.layers)) == len(e.layers), "engram.layers", e.layers, "must not repeat")
         _require(e.max_ngram >= 2, "engram.max_ngram", e.max_ngram, "must be >= 2 (orders 2..max_ngram)")
-        for key in ("heads_per_ngram", "head_dim", "table_size", "kernel_size"):
+        for key in ("heads_per_ngram", "head_dim", "table_size", "kernel_size", "row_pad_multiple"):
             _require(getattr(e, key) >= 1, f"engram.{key}", getattr(e, key), "must be >= 1")
         _require(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
+        _require(e.table_init_std > 0, "engram.table_init_std", e.table_init_std, "must be > 0")
 
     _require(bool(d.dataset), "data.dataset", d.dataset, "name a dataset: pystdlib, text:PATH or tfds:NAME")
     _require(d.dataset == "pystdlib" or d.dataset.startswith(("text:", "tfds:")), "data.dataset",

@@ -1,0 +1,1 @@
+"""Training: optimiser (optax), the one train step, checkpoints (orbax), metrics, and the run loop."""

@@ -1,0 +1,90 @@
+"""The one train step: loss -> gradients (with micro-batch accumulation) -> optax update.
+
+`train_step(model, optimizer, batch)` is the step as NNX code (jitted with nnx.jit, donated). The trainer
+and the AOT report use `make_sharded_step`, which jits the same step as a pure function of the state with
+explicit shardings. Batch: dict of (B, T) int32 `inputs`, `targets`, `segment_ids`, `positions`, float32
+`loss_mask`, and optionally (B, T, L, k) int32 `engram_ids`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Sum of token cross-entropies over the loss mask, and the number of tokens counted."""
+    logits_BTV = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
+                       engram_ids_BTLk=batch.get("engram_ids"))
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+    def one(x: jax.Array) -> jax.Array:
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into training.grad_accum={k} micro-batches")
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    return jax.tree.map(one, batch)
+
+
+def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tuple[jax.Array, Any, jax.Array]:
+    """Mean token loss over the whole batch and its gradient, accumulated over `grad_accum` micro-batches
+    (sums of per-token losses and counts, so the result equals one big batch up to float rounding)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def micro(p: Any, mb: Batch) -> tuple[jax.Array, jax.Array]:
+        return loss_sum_and_count(nnx.merge(graphdef, p, rest), mb)
+
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    if grad_accum == 1:
+        (loss_sum, count), grads = grad_fn(params, batch)
+    else:
+        def body(carry, mb):
+            g_acc, l_acc, c_acc = carry
+            (l, c), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, grad_accum))
+    denom = jnp.maximum(count, 1.0)
+    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
+
+
+def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metrics:
+    """One optimisation step in place on `model` and `optimizer`; returns scalar metrics."""
+    loss, grads, count = loss_and_grads(model, batch, model.cfg.training.grad_accum)
+    grad_norm = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
+            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))}
+
+
+train_step = nnx.jit(step_fn, donate_argnums=(0, 1))
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, token count) on one batch, for eval loss / perplexity / bits per byte."""
+    return loss_sum_and_count(model, batch)
+
+
+def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any):
+    """`step(state, batch) -> (state, metrics)` as a `jax.jit` with explicit in/out shardings and the
+    state donated, where state = nnx.state((model, optimizer)). The same step as `train_step`."""
+
+    def pure(state: Any, batch: Batch) -> tuple[Any, Metrics]:
+        model, optimizer = nnx.merge(graphdef, state)
+        metrics = step_fn(model, optimizer, batch)
+        return nnx.state((model, optimizer)), metrics
+
+    return jax.jit(pure, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
