@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Train a decoder-only LM (plain / HC / mHC residual, optional Engram memory).
+
+    python train.py                                    # the embedded default: mHC + Engram, ~5 min on CPU
+    python train.py --config configs/tiny.yaml --workdir /tmp/run model.n_layers=2 residual.kind=plain
+
+Re-running with the same --workdir resumes from its newest checkpoint. Overrides are section.key=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml", help="YAML config (a path or a name in configs/)")
+    p.add_argument("--workdir", default=None, help="checkpoints, metrics and config go here "
+                   "(default: workdir/<config name>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. residual.kind=plain")
+    args = p.parse_args(argv)
+
+    from mhc_jax.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    workdir = args.workdir or os.path.join("workdir", name)
+
+    from mhc_jax.train.loop import TrainingError, run
+
+    try:
+        result = run(cfg, workdir, progress=not args.no_progress)
+    except (ConfigError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if result.status == "preempted":
+        return 143
+    print()
+    print(f"finished at step {result.step}: train loss {result.train_loss:.4f}", end="")
+    if result.eval:
+        print(f", eval loss {result.eval['loss']:.4f}, bits/byte {result.eval['bits_per_byte']:.4f}")
+    else:
+        print()
+    if result.sample:
+        print("--- sample " + "-" * 60)
+        print(result.sample)
+        print("-" * 71)
+    print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
+    print(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
+    print(f"generate:    python -m mhc_jax.generate --workdir {workdir} --prompt \"def \"")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
