@@ -18,12 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from mhc_jax.config import Config, ConfigError, load_config, save_config, to_dict
 from mhc_jax.data import load_tokenizer, make_eval_iterator, make_train_iterator
 from mhc_jax.flops import model_flops_per_token
-from mhc_jax.sharding import logical_to_spec, make_mesh, maybe_initialize_distributed
+from mhc_jax.sharding import batch_shardings, make_mesh, maybe_initialize_distributed
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
 from mhc_jax.train.metrics import MetricsWriter, measure_peak_flops
@@ -104,12 +103,6 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def _batch_shardings(batch: dict[str, jax.Array], mesh) -> dict[str, NamedSharding]:
-    def one(x: jax.Array) -> NamedSharding:
-        return NamedSharding(mesh, logical_to_spec(("batch", "length") + (None,) * (x.ndim - 2), mesh=mesh))
-    return {k: one(v) for k, v in batch.items()}
-
-
 def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
     """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final step's summary."""
     maybe_initialize_distributed()
@@ -145,14 +138,14 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
         step_fn = None
         pending: list[tuple[int, dict[str, jax.Array]]] = []
         nonfinite_run = 0
-        window_start, window_tokens = time.perf_counter(), 0.0
+        window_start = time.perf_counter()
         bar = None
         if progress and is_main:
             from tqdm import tqdm
             bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
 
         def flush() -> None:
-            nonlocal nonfinite_run, window_start, window_tokens
+            nonlocal nonfinite_run, window_start
             if not pending:
                 return
             host = jax.device_get([m for _, m in pending])
@@ -176,7 +169,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 bar.update(len(pending))
                 bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             pending.clear()
-            window_start, window_tokens = time.perf_counter(), 0.0
+            window_start = time.perf_counter()
 
         def run_eval(step: int) -> dict[str, float]:
             model, _ = nnx.merge(graphdef, state)
@@ -207,7 +200,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             for step in range(start, t.steps):
                 batch = next(train_iter)
                 if step_fn is None:
-                    step_fn = make_sharded_step(graphdef, shardings, _batch_shardings(batch, mesh))
+                    step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh))
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 done = step + 1

@@ -28,7 +28,7 @@ def param_group(variable: nnx.Variable) -> str:
     axes = tuple(variable.get_metadata().get("axes") or ())
     if "engram_rows" in axes:
         return "engram"
-    if variable[...].ndim >= 2 and axes and set(axes) <= DECAYED_AXES:
+    if len(variable.get_value().shape) >= 2 and axes and set(axes) <= DECAYED_AXES:
         return "decay"
     return "no_decay"
 
