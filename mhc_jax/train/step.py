@@ -62,7 +62,7 @@ def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tupl
 def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metrics:
     """One optimisation step in place on `model` and `optimizer`; returns scalar metrics."""
     loss, grads, count = loss_and_grads(model, batch, model.cfg.training.grad_accum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
             "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))}

@@ -1,0 +1,47 @@
+"""Validation loss, perplexity and bits per byte of a trained workdir's newest checkpoint.
+
+    python -m mhc_jax.evaluate --workdir DIR [--batches N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mhc_jax.config import ConfigError
+    from mhc_jax.data import load_tokenizer, make_eval_iterator
+    from mhc_jax.sharding import make_mesh
+    from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
+    from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a workdir written by train.py")
+    p.add_argument("--batches", type=int, default=0, help="eval batches (default: training.eval_batches)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        mesh = make_mesh(load_config_from_workdir(args.workdir).mesh)
+        cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with jax.set_mesh(mesh):
+        out = evaluate_model(model, make_eval_iterator(cfg, mesh=mesh), args.batches or cfg.training.eval_batches,
+                             token_byte_lengths(load_tokenizer(cfg.data.tokenizer)))
+    out["step"] = step
+    print(f"step {step}: eval loss {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  "
+          f"bits/byte {out['bits_per_byte']:.4f}  ({int(out['tokens'])} tokens, {out['batches']} batches)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The trainer: learning, accumulation, weight-decay groups, exact resume, preemption, checkpoint
+fallback, evaluation and cached generation, and clear CLI errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mhc_jax.config import load_config
+from mhc_jax.generate import generate
+from mhc_jax.model import Transformer
+from mhc_jax.train.checkpoint import Checkpointer
+from mhc_jax.train.loop import run
+from mhc_jax.train.metrics import read_metrics
+from mhc_jax.train.optimizer import group_table, make_optimizer
+from mhc_jax.train.step import loss_and_grads, train_step
+
+from conftest import REPO_ROOT, SHAKESPEARE
+
+BASE = ["data.batch_size=8", "training.sample_tokens=8", "training.diagnostics_every=0", f"data.dataset=text:{SHAKESPEARE}"]
+
+
+def tiny(*overrides):
+    return load_config("tiny", BASE + list(overrides))
+
+
+def losses(workdir):
+    rows = {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}  # later rows win (resumed runs)
+    return [rows[s] for s in sorted(rows)]
+
+
+def random_batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    B, T = cfg.data.batch_size, cfg.data.seq_len
+    toks = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
+    mask = (rng.random((B, T)) > 0.2).astype(np.float32)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), "loss_mask": mask}
+
+
+def test_loss_goes_down_in_a_few_dozen_steps(tmp_path):
+    cfg = tiny("training.steps=40", "training.eval_every=40", "optimizer.lr=1e-2")
+    result = run(cfg, str(tmp_path), progress=False)
+    curve = losses(str(tmp_path))
+    assert len(curve) == 40
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]) - 1.0, curve
+    assert result.eval["loss"] < curve[0]
+    assert result.sample.startswith(cfg.training.sample_prompt)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = tiny()
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    batch = jax.tree.map(jnp.asarray, random_batch(cfg))
+    loss1, g1, n1 = loss_and_grads(model, batch, 1)
+    loss4, g4, n4 = loss_and_grads(model, batch, 4)  # 4 micro-batches of 2 rows
+    assert float(n1) == float(n4) == float(batch["loss_mask"].sum())
+    chex.assert_trees_all_close(loss1, loss4, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g4, rtol=1e-5, atol=1e-8)
+
+
+def test_weight_decay_groups_follow_the_documented_rule():
+    cfg = tiny("residual.kind=mhc", "engram.enabled=true", "engram.layers=[0]")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    table = group_table(nnx.state(model, nnx.Param))
+    for path, group in table.items():
+        name = path[-1]
+        if name == "table":
+            assert group == "engram", path
+        elif name in ("scale",) or "norm" in "/".join(path):
+            assert group == "no_decay", path
+        elif path[0] == "blocks" and path[2] in ("attn_res", "mlp_res"):
+            assert group == "no_decay", path  # mHC mapping parameters take no weight decay
+        elif name in ("wq_CHD", "wk_CKD", "wv_CKD", "wo_HDC", "w_gate_CF", "w_up_CF", "w_down_FC", "embed_VC"):
+            assert group == "decay", path
+    assert {"decay", "no_decay", "engram"} == set(table.values())
+    # Decoupled weight decay with zero gradients shrinks exactly the decayed matrices.
+    cfg = cfg.replace(optimizer={"warmup_steps": 0, "schedule": "constant", "clip_norm": 0.0})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    opt = make_optimizer(cfg, model)
+    before = nnx.clone(nnx.state(model, nnx.Param))
+    opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = nnx.state(model, nnx.Param)
+    for (path, b), (_, a) in zip(nnx.to_flat_state(before), nnx.to_flat_state(after)):
+        key = tuple(str(p) for p in path)
+        changed = not np.array_equal(np.asarray(a[...]), np.asarray(b[...]))
+        assert changed == (table[key] == "decay"), key
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_losses_bitwise(tmp_path):
+    cfg = tiny("training.steps=6", "checkpoint.every=3", "training.eval_every=100", "training.sample_tokens=0")
+    run(cfg, str(tmp_path), progress=False)
+    uninterrupted = losses(str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "6")  # as if the run had died after step 3's checkpoint
+    result = run(cfg, str(tmp_path), progress=False)
+    assert result.step == 6
+    assert losses(str(tmp_path)) == uninterrupted  # bitwise: the rows of steps 4..6 were rewritten
+
+
+def _train_cmd(workdir, *extra):
+    return [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--config", "tiny", "--workdir", str(workdir),
+            "--no-progress", *BASE, *extra]
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=240):
+    ckpt = os.path.join(workdir, "checkpoints")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"train.py exited early: {proc.communicate()}")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_hard_kill_then_rerun_reproduces_uninterrupted_losses(tmp_path):
+    args = ["training.steps=200", "checkpoint.every=5", "training.eval_every=1000", "training.sample_tokens=0",
+            "training.log_every=1"]
+    run(tiny(*args), str(tmp_path / "reference"), progress=False)
+    reference = losses(str(tmp_path / "reference"))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(str(killed), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert len(losses(str(killed))) < 200, "the run finished before it could be killed"
+    rerun = subprocess.run(_train_cmd(killed, *args), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout
+    assert losses(str(killed)) == reference  # bitwise equal on CPU
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_143(tmp_path):
+    proc = subprocess.Popen(_train_cmd(tmp_path, "training.steps=100000", "checkpoint.every=100000",
+                                       "training.eval_every=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until training steps are being logged, then ask it to stop.
+    t0 = time.time()
+    while time.time() - t0 < 240:
+        if os.path.exists(tmp_path / "metrics.jsonl") and os.path.getsize(tmp_path / "metrics.jsonl") > 0:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, (out, err)
+    assert "Re-run the same command to resume" in out
+    cfg = tiny()
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), cfg.checkpoint)
+    step = ckpt.latest_step()
+    assert step is not None and step >= cfg.training.log_every
+    ckpt.close()
+    from mhc_jax.train.state import load_model_from_workdir
+    _, model, restored_step = load_model_from_workdir(str(tmp_path))
+    assert restored_step == step
+
+
+def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    cfg = tiny("training.steps=4", "checkpoint.every=2", "training.eval_every=100", "training.sample_tokens=0")
+    run(cfg, str(tmp_path), progress=False)
+    newest = tmp_path / "checkpoints" / "4" / "state"
+    for root, _, files in os.walk(newest):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "r+b") as fh:
+                fh.truncate(max(0, os.path.getsize(path) // 3))
+    from mhc_jax.train.state import load_model_from_workdir
+    _, _, step = load_model_from_workdir(str(tmp_path))
+    assert step == 2
+
+
+@pytest.mark.parametrize("overrides", [[], ["residual.kind=mhc", "engram.enabled=true", "engram.layers=[1]"]])
+def test_cached_generation_equals_recomputing_the_full_sequence(overrides):
+    cfg = tiny(*overrides)
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    engram_fn = None
+    if cfg.engram.enabled:
+        from mhc_jax.data.tokenizer import load_tokenizer
+        from mhc_jax.engram.ids import EngramIds
+        engram_fn = EngramIds(cfg, load_tokenizer("byte"))
+    prompt = [256, 10, 20, 30, 40]
+    for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 1}):
+        cached = generate(model, prompt, 12, use_cache=True, engram_ids=engram_fn, **kwargs)
+        full = generate(model, prompt, 12, use_cache=False, engram_ids=engram_fn, **kwargs)
+        assert cached == full and len(cached) == 12
+
+
+def test_evaluate_reads_the_checkpoint_the_trainer_wrote(tmp_path, capsys):
+    cfg = tiny("training.steps=3", "training.eval_every=3", "training.sample_tokens=0")
+    result = run(cfg, str(tmp_path), progress=False)
+    from mhc_jax.evaluate import main
+    assert main(["--workdir", str(tmp_path), "--json", str(tmp_path / "eval.json")]) == 0
+    out = json.loads((tmp_path / "eval.json").read_text())
+    assert out["step"] == 3
+    assert out["loss"] == pytest.approx(result.eval["loss"], rel=1e-5)
+
+
+def test_train_py_rejects_a_bad_config_and_an_unwritable_workdir(tmp_path):
+    bad = subprocess.run(_train_cmd(tmp_path / "w", "model.n_heads=3"), capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "model.n_heads=3 is not allowed" in bad.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    unwritable = subprocess.run(_train_cmd(blocker / "sub"), capture_output=True, text=True)
+    assert unwritable.returncode == 2
+    assert "is not writable" in unwritable.stderr and str(blocker / "sub") in unwritable.stderr
