@@ -127,6 +127,9 @@ class DataConfig:
     shuffle_seed: int = 0
     worker_count: int = 0  # Grain worker processes; 0 = in-process
     prefetch: int = 2  # batches prefetched in a background thread
+    read_threads: int = 2  # threads that read and tokenize documents (Grain ReadOptions.num_threads)
+    corpus_max_mb: float = 16.0  # pystdlib: first N MB of the sorted stdlib files (3.11 holds ~12 MB)
+    doc_chars: int = 4096  # text:PATH: documents are whole paragraphs up to this many characters
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,9 @@ def validate(cfg: Config) -> Config:
              f"must be <= model.max_seq_len={m.max_seq_len}")
     _require(d.worker_count >= 0, "data.worker_count", d.worker_count, "must be >= 0")
     _require(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
+    _require(d.read_threads >= 1, "data.read_threads", d.read_threads, "must be >= 1")
+    _require(d.corpus_max_mb > 0, "data.corpus_max_mb", d.corpus_max_mb, "must be > 0")
+    _require(d.doc_chars >= 1, "data.doc_chars", d.doc_chars, "must be >= 1")
 
     _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
     _require(0 <= o.b1 < 1, "optimizer.b1", o.b1, "must be in [0, 1)")
@@ -445,3 +451,34 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The README's config reference, generated from the schema so it cannot drift
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_markdown() -> str:
+    """A markdown table per section: key, type, default. `python -m mhc_jax.config` prints it."""
+    out = []
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        doc = " ".join((cls.__doc__ or "").split())
+        out.append(f"**`{section.name}`**: {doc}\n")
+        out.append("| key | type | default |\n|---|---|---|")
+        section_hints = typing.get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            tp = section_hints[f.name]
+            type_name = " \\| ".join(repr(a) for a in get_args(tp)) if get_origin(tp) is Literal \
+                else ("list of " + _type_name(get_args(tp)[0]) if get_origin(tp) is tuple else _type_name(tp))
+            value = getattr(default, f.name)
+            value = list(value) if isinstance(value, tuple) else value
+            out.append(f"| `{section.name}.{f.name}` | {type_name} | `{value!r}` |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -19,10 +19,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs):
         C, H, K, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         init = nnx.initializers.normal(cfg.init_std)
-        self.wq_CHD = param(rngs, init, (C, H, D), ("embed", "heads", "head_dim"))
-        self.wk_CKD = param(rngs, init, (C, K, D), ("embed", "kv_heads", "head_dim"))
-        self.wv_CKD = param(rngs, init, (C, K, D), ("embed", "kv_heads", "head_dim"))
-        self.wo_HDC = param(rngs, nnx.initializers.normal(out_std), (H, D, C), ("heads", "head_dim", "embed"))
+        pdt = jnp.dtype(cfg.param_dtype)  # float32 master weights by default
+        self.wq_CHD = param(rngs, init, (C, H, D), ("embed", "heads", "head_dim"), pdt)
+        self.wk_CKD = param(rngs, init, (C, K, D), ("embed", "kv_heads", "head_dim"), pdt)
+        self.wv_CKD = param(rngs, init, (C, K, D), ("embed", "kv_heads", "head_dim"), pdt)
+        self.wo_HDC = param(rngs, nnx.initializers.normal(out_std), (H, D, C), ("heads", "head_dim", "embed"), pdt)
         self.rope_theta = cfg.rope_theta
         self.impl = cfg.attention_impl
         self.dtype = dtype

@@ -87,12 +87,13 @@ class Transformer(nnx.Module):
         self.dtype = compute_dtype(m.dtype)
         self.n_streams = cfg.n_streams
         V = m.padded_vocab_size
-        self.embed_VC = param(rngs, nnx.initializers.normal(m.init_std), (V, m.d_model), ("vocab", "embed"))
+        self.embed_VC = param(rngs, nnx.initializers.normal(m.init_std), (V, m.d_model), ("vocab", "embed"),
+                             jnp.dtype(m.param_dtype))
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(m.n_layers)])
         self.collapse = make_collapse(cfg, rngs=rngs)
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, rngs=rngs)
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
-            rngs, nnx.initializers.normal(m.init_std), (m.d_model, V), ("embed", "vocab")))
+            rngs, nnx.initializers.normal(m.init_std), (m.d_model, V), ("embed", "vocab"), jnp.dtype(m.param_dtype)))
         self.remat = cfg.training.remat
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
