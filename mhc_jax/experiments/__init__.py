@@ -1,0 +1,1 @@
+"""Reproducible studies run as `python -m mhc_jax.experiments.<name>`."""

@@ -1,0 +1,141 @@
+"""mHC: Manifold-Constrained Hyper-Connections (mHC paper Eq. 7-9), and the pieces HC and mHC-lite share.
+
+One connection wraps one sublayer F over n residual streams x_l of shape (n, C), per token:
+
+    x_{l+1} = H_res x_l + H_post^T F(H_pre x_l)
+
+Mixing orientation. `mappings` returns (h_pre (..., n), h_post (..., n), h_res (..., n, n)). With
+variant="paper" the streams mix as   new_i = sum_j h_res[i, j] x_j   (rows of h_res sum to 1).
+With variant="deepseek_v4" h_res is DeepSeek-V4's `comb` and is applied transposed:
+new_j = sum_i h_res[i, j] x_i (its columns sum to 1). The matrix that acts as new = A @ x (the one the
+Amax gains are defined on) is `acting_h_res(h_res)`; that is what `collect_h_res` captures.
+
+Coefficients (paper Eq. 7-8, kernel form Eq. 14-16), all in float32 whatever the stream dtype:
+v = vec(x) in R^{nC}; one fused projection phi in R^{nC x (n^2 + 2n)} whose output columns are, in this
+order, [pre (n) | post (n) | res (n^2, row-major mat(.))]; c = RMSNorm(v) phi (the norm's weight is
+folded into phi);
+    H_pre  = sigmoid(a_pre * c_pre + b_pre)            (V4: + 1e-6)
+    H_post = 2 * sigmoid(a_post * c_post + b_post)
+    H_res  = SinkhornKnopp(a_res * mat(c_res) + b_res)  (V4: softmax start, eps, transposed use)
+with a_pre = a_post = a_res = residual.alpha_init (0.01, paper Table 5), b = 0 and a fan-in normal phi
+(MaxText; the paper states no init for b and phi). At init H_pre = 1/2, H_post = 1 and H_res ~ 1/n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mhc_jax.config import Config
+from mhc_jax.model.norms import rms_norm
+from mhc_jax.model.params import param
+from mhc_jax.sinkhorn import sinkhorn_knopp
+
+Branch = Callable[[jax.Array], jax.Array]
+Mappings = tuple[jax.Array, jax.Array, jax.Array]
+
+V4_EPS = 1e-6  # DeepSeek-V4 kernels: H_pre = sigmoid + 1e-6 and the Sinkhorn eps
+_HI = jax.lax.Precision.HIGHEST  # keep f32 coefficient matmuls out of TF32 / bf16 passes on accelerators
+
+
+def ablate(cfg: Config, h_pre: jax.Array, h_post: jax.Array, h_res: jax.Array) -> Mappings:
+    """mHC paper Table 1: a disabled mapping becomes H_pre = 1/n, H_post = 1, H_res = identity."""
+    r, n = cfg.residual, h_pre.shape[-1]
+    if not r.use_pre:
+        h_pre = jnp.full_like(h_pre, 1.0 / n)
+    if not r.use_post:
+        h_post = jnp.ones_like(h_post)
+    if not r.use_res:
+        h_res = jnp.broadcast_to(jnp.eye(n, dtype=h_res.dtype), h_res.shape)
+    return h_pre, h_post, h_res
+
+
+def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: jax.Array,
+                   h_res: jax.Array, *, transposed: bool = False) -> jax.Array:
+    """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_j.
+    Mixing runs in float32 (the coefficients stay float32); the result has the stream dtype."""
+    x32 = x_BTnC.astype(jnp.float32)
+    h_in_BTC = jnp.einsum("...n,...nc->...c", h_pre, x32, precision=_HI).astype(x_BTnC.dtype)
+    y32_BTC = branch(h_in_BTC).astype(jnp.float32)
+    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
+    res_BTnC = jnp.einsum(mix, h_res, x32, precision=_HI)
+    return (res_BTnC + h_post[..., :, None] * y32_BTC[..., None, :]).astype(x_BTnC.dtype)
+
+
+def acting_h_res(h_res: jax.Array, transposed: bool) -> jax.Array:
+    """The matrix A with new = A @ x (paper orientation), from a connection's native h_res."""
+    return jnp.swapaxes(h_res, -1, -2) if transposed else h_res
+
+
+class ManifoldHyperConnection(nnx.Module):
+    """mHC around one sublayer; `conn(x_BTnC, branch) -> x_BTnC`. See the module docstring."""
+
+    def __init__(self, cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs):
+        r = cfg.residual
+        n, C = cfg.n_streams, cfg.model.d_model
+        self.cfg = cfg
+        self.n = n
+        self.sublayer_index = sublayer_index
+        self.norm_eps = cfg.model.norm_eps
+        self.transposed = r.variant == "deepseek_v4"
+        self.capture_mappings = False  # set by diagnostics.collect_h_res to sow the acting H_res
+        k = self.res_dim + 2 * n
+        self.phi = param(rngs, nnx.initializers.lecun_normal(), (n * C, k), ("embed", "mhc"))
+        self.bias = param(rngs, nnx.initializers.zeros, (k,), ("mhc",))
+        alpha = nnx.initializers.constant(r.alpha_init)
+        self.alpha_pre = param(rngs, alpha, (), ())
+        self.alpha_post = param(rngs, alpha, (), ())
+        self.alpha_res = param(rngs, alpha, (), ())
+
+    @property
+    def res_dim(self) -> int:
+        """Width of the res slice of the fused projection: n^2 logits of mat(H~_res)."""
+        return self.n * self.n
+
+    def projections(self, x_BTnC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The fused projection RMSNorm(vec(x)) phi split in the documented order [pre | post | res]."""
+        n = self.n
+        v = rms_norm(x_BTnC.reshape(*x_BTnC.shape[:-2], -1), self.norm_eps)  # over all nC values
+        c = jnp.einsum("...d,dk->...k", v, self.phi[...].astype(jnp.float32), precision=_HI)
+        return c[..., :n], c[..., n:2 * n], c[..., 2 * n:]
+
+    def res_mapping(self, res_logits: jax.Array) -> jax.Array:
+        """(..., n^2) gated logits -> native h_res (..., n, n) by Sinkhorn-Knopp (paper Eq. 9)."""
+        r, n = self.cfg.residual, self.n
+        logits = res_logits.reshape(*res_logits.shape[:-1], n, n)
+        if not self.transposed:
+            return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain)
+        # DeepSeek-V4 `comb`: row softmax + eps, then column/row steps ending on columns. sinkhorn_knopp
+        # works in paper orientation (rows last), so it runs on the transpose and hands back comb.
+        acting = sinkhorn_knopp(jnp.swapaxes(logits, -1, -2), r.sinkhorn_iters, r.sinkhorn_eps or V4_EPS,
+                                r.sinkhorn_log_domain, softmax_start=True)
+        return jnp.swapaxes(acting, -1, -2)
+
+    def mappings(self, x_BTnC: jax.Array) -> Mappings:
+        """(h_pre (..., n), h_post (..., n), h_res (..., n, n)) in float32, ablations applied."""
+        if x_BTnC.shape[-2] != self.n:
+            raise ValueError(f"mHC connection expects {self.n} streams, got shape {x_BTnC.shape}")
+        pre, post, res = self.projections(x_BTnC)
+        b = self.bias[...].astype(jnp.float32)
+        h_pre = jax.nn.sigmoid(self.alpha_pre[...] * pre + b[:self.n])
+        if self.transposed:
+            h_pre = h_pre + V4_EPS
+        h_post = 2.0 * jax.nn.sigmoid(self.alpha_post[...] * post + b[self.n:2 * self.n])  # Eq. 8: factor 2
+        h_res = self.res_mapping(self.alpha_res[...] * res + b[2 * self.n:])
+        return ablate(self.cfg, h_pre, h_post, h_res)
+
+    def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
+        h_pre, h_post, h_res = self.mappings(x_BTnC)
+        if self.capture_mappings:
+            self.sow(nnx.Intermediate, "h_res", acting_h_res(h_res, self.transposed))
+        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
+
+
+def mhc_param_count(cfg: Config) -> int:
+    """Parameters of one mHC connection: phi (nC x (n^2 + 2n)), b (n^2 + 2n), a_pre, a_post, a_res."""
+    n, C = cfg.n_streams, cfg.model.d_model
+    k = n * n + 2 * n
+    return n * C * k + k + 3

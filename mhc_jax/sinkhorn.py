@@ -1,0 +1,145 @@
+"""Sinkhorn-Knopp projection of (..., n, n) logits onto (approximately) doubly stochastic matrices.
+
+mHC paper Eq. 9: M0 = exp(H~) (the max is subtracted first; it cancels in the normalisations), then t_max
+times: normalise the columns, then the rows. Rows therefore sum to 1 after every full iteration and the
+truncation error sits on the columns (the backward / column-sum side of the residual stream).
+
+Always computed in float32 and returned in float32 whatever the input dtype: in bfloat16 the row-sum
+error grows by ~300x (mhc.md, "Precision").
+
+The backward pass is exact for the truncated iteration (the same gradient as differentiating the unrolled
+loop) but stores only the input between forward and backward: `jax.custom_vjp` recomputes the iterates in
+the backward pass, as the paper's kernels do on-chip. An implicit-function backward would be exact only
+at convergence, and a backward from the final output alone is an approximation (mhc.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+# Smallest normal float32. With eps = 0 a line whose entries all underflowed in exp() would give 0/0;
+# dividing such a line by 1 keeps it 0 and changes no other value.
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+# Linear domain only: centred logits are floored at -40 so every start entry is >= exp(-40) ~ 4e-18 and the
+# squares of line sums stay representable in float32 (~1e-35 > 1.2e-38). Without it, saturated logits
+# (a range of ~100, reached by high-LR training) underflow to zero lines and give NaN gradients. The floor
+# changes a result only when a whole row or column lies 40 below the maximum (a saturated, almost
+# permutation H_res); the log domain needs no floor.
+_LOG_FLOOR = 40.0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize(m: jax.Array, axis: int, eps: float) -> jax.Array:
+    return _normalize_fwd(m, axis, eps)[0]
+
+
+def _normalize_fwd(m, axis, eps):
+    s = jnp.sum(m, axis=axis, keepdims=True) + eps
+    s = jnp.where(s < _TINY, 1.0, s)
+    out = m / s
+    return out, (out, s)
+
+
+def _normalize_bwd(axis, eps, res, g):
+    # d(m_i / s)/dm_k = (delta_ik - out_i) / s. Written with 1/s only: autodiff's -m/s^2 overflows
+    # float32 once a line sums below ~1e-19 and then gives 0 * inf = NaN.
+    out, s = res
+    return ((g - jnp.sum(g * out, axis=axis, keepdims=True)) / s,)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _log_normalize(l: jax.Array, axis: int, log_eps: float | None) -> jax.Array:
+    lse = jax.nn.logsumexp(l, axis=axis, keepdims=True)
+    if log_eps is not None:  # log(sum + eps), the log-domain twin of _normalize's eps
+        lse = jnp.logaddexp(lse, log_eps)
+    return l - lse
+
+
+def _sinkhorn_linear(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:
+    m = jnp.exp(jnp.maximum(x - jnp.max(x, axis=(-2, -1), keepdims=True), -_LOG_FLOOR))
+    if softmax_start:
+        # DeepSeek-V4 (paper orientation): the first column step is a plain softmax, then + eps.
+        m = _normalize(m, -2, 0.0) + eps
+        m = _normalize(m, -1, eps)
+        num_iters -= 1
+
+    def body(_: int, m: jax.Array) -> jax.Array:
+        return _normalize(_normalize(m, -2, eps), -1, eps)  # columns, then rows (Eq. 9)
+
+    return jax.lax.fori_loop(0, num_iters, body, m)
+
+
+def _sinkhorn_log(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:
+    log_eps = math.log(eps) if eps > 0 else None
+    l = x - jnp.max(x, axis=(-2, -1), keepdims=True)
+    if softmax_start:
+        l = _log_normalize(l, -2, None)
+        if log_eps is not None:
+            l = jnp.logaddexp(l, log_eps)
+        l = _log_normalize(l, -1, log_eps)
+        num_iters -= 1
+
+    def body(_: int, l: jax.Array) -> jax.Array:
+        return _log_normalize(_log_normalize(l, -2, log_eps), -1, log_eps)
+
+    return jnp.exp(jax.lax.fori_loop(0, num_iters, body, l))
+
+
+def _sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
+                      softmax_start: bool) -> jax.Array:
+    fn = _sinkhorn_log if log_domain else _sinkhorn_linear
+    return fn(x, num_iters, eps, softmax_start)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _sinkhorn_recompute(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
+                        softmax_start: bool) -> jax.Array:
+    return _sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start)
+
+
+def _fwd(x, num_iters, eps, log_domain, softmax_start):
+    # The only residual is the float32 input: (..., n, n) instead of ~2 * num_iters iterates.
+    return _sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start), x
+
+
+def _bwd(num_iters, eps, log_domain, softmax_start, x, g):
+    # Recompute the iterates and back-propagate through every one of them: exact for the truncated loop.
+    # The barrier ties the recomputation to the arriving cotangent, so XLA cannot hoist every layer's
+    # recomputation to the start of the backward pass (which would hold all iterates at once again).
+    x, g = jax.lax.optimization_barrier((x, g))
+    _, vjp = jax.vjp(lambda y: _sinkhorn_forward(y, num_iters, eps, log_domain, softmax_start), x)
+    return vjp(g)
+
+
+_sinkhorn_recompute.defvjp(_fwd, _bwd)
+
+
+def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log_domain: bool = False,
+                   softmax_start: bool = False, recompute_backward: bool = True) -> jax.Array:
+    """Projects the last two axes of `logits` (..., n, n) towards the doubly stochastic matrices.
+
+    num_iters: t_max column+row normalisations (mHC paper: 20). eps: added to every denominator
+    (DeepSeek-V4: 1e-6; 0 is the paper). log_domain: the same iteration on log values with logsumexp
+    (equal to the standard one in exact arithmetic). softmax_start: DeepSeek-V4's start, in this function's
+    (paper) orientation: the first column normalisation is a softmax followed by + eps. recompute_backward:
+    the custom VJP that stores only the input (False differentiates the loop directly, for comparison).
+    Returns float32 (..., n, n) whose rows sum to 1 (up to eps) after the final row step.
+    """
+    if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn_knopp needs (..., n, n) logits, got shape {logits.shape}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
+    if eps < 0:
+        raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+    x = logits.astype(jnp.float32)
+    args = (int(num_iters), float(eps), bool(log_domain), bool(softmax_start))
+    if recompute_backward:
+        return _sinkhorn_recompute(x, *args)
+    return _sinkhorn_forward(x, *args)
