@@ -7,15 +7,22 @@ logical name lands on, so changing the parallelism is a config change, never a m
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mhc_jax.config import Config, ConfigError, MeshConfig
+
+log = logging.getLogger(__name__)
 
 MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor")
 
@@ -83,10 +90,15 @@ def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> 
     return PartitionSpec(*out)
 
 
+def _shape(x: Any) -> tuple[int, ...]:
+    """Shape of an array or of an abstract value (ShapeDtypeStruct from nnx.eval_shape)."""
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def param_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
     axes = variable.get_metadata().get("axes")
     if axes is None:
-        return (None,) * np.ndim(variable[...])
+        return (None,) * len(_shape(variable.get_value()))
     return tuple(axes)
 
 
@@ -96,7 +108,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
     def one(v: Any) -> NamedSharding:
         if isinstance(v, nnx.Variable):
             spec = logical_to_spec(param_axes(v), rules, mesh)
-            return NamedSharding(mesh, _divisible_spec(spec, np.shape(v[...]), mesh))
+            return NamedSharding(mesh, _divisible_spec(spec, _shape(v.get_value()), mesh))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -125,10 +137,199 @@ def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def make_mesh(mc: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (dcn_data, data, fsdp, tensor), Auto axis types (sharding-constraint semantics)."""
+def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with axes (dcn_data, data, fsdp, tensor), Auto axis types (sharding-constraint semantics).
+
+    `devices` defaults to all devices; it may also be the devices of a TPU topology description (AOT
+    compilation). Devices from several TPU slices (`slice_index`) are laid out with `dcn_data` across
+    slices (data-centre network) and the other axes inside a slice (ICI), so only the data-parallel gradient
+    reduction crosses slices; mesh.dcn_data must then equal the number of slices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mc, len(devices))
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1:
+        if shape[0] != len(slices):
+            raise ConfigError(f"mesh.dcn_data={mc.dcn_data} (resolved {shape[0]}) is not allowed: the devices "
+                              f"span {len(slices)} slices, so mesh.dcn_data must be {len(slices)} (the other "
+                              "axes stay inside one slice)")
+        grid = mesh_utils.create_hybrid_device_mesh((1, *shape[1:]), (shape[0], 1, 1, 1), devices,
+                                                    allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=types)
+    if devices[0].platform == "tpu":
+        # Physical (torus-aware) order, so that the inner axes are ICI neighbours.
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError) as err:
+            log.info("no torus-aware device order for mesh %s (%s); using the device list order", shape, err)
+            grid = np.asarray(devices).reshape(shape)
+        return Mesh(grid, MESH_AXES, axis_types=types)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole train state and the batch
+# --------------------------------------------------------------------------------------------------
+
+
+def param_rules(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | None]:
+    """Rules for the parameters: `rules_for(cfg)`, except that with mesh.zero1 no parameter is split over
+    `fsdp` (ZeRO-1: parameters replicated over fsdp, only the optimiser state is sharded)."""
+    rules = rules_for(cfg)
+    if cfg is None or not cfg.mesh.zero1:
+        return rules
+
+    def drop(target: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        targets = tuple(t for t in ((target,) if isinstance(target, str) else tuple(target or ())) if t != "fsdp")
+        return None if not targets else targets[0] if len(targets) == 1 else targets
+
+    return {name: (target if name == "batch" else drop(target)) for name, target in rules.items()}
+
+
+def train_state_shardings_of(state: Any, mesh: Mesh, cfg: Config | None = None) -> Any:
+    """NamedShardings for `nnx.state((model, optimizer))` (real or abstract).
+
+    Parameters follow their `axes` metadata through `param_rules(cfg)`; optimiser moments are OptVariables
+    that carry a copy of their parameter's metadata (flax.nnx.Optimizer copies it), so they follow the same
+    axes through the full rules (`rules_for(cfg)`: ZeRO-3/FSDP by default, and also under zero1); scalars
+    (step, counts) are replicated. Engram tables go to host memory with engram.placement=host."""
+    p_rules, o_rules = param_rules(cfg), rules_for(cfg)
+
+    def one(v: Any) -> NamedSharding:
+        if not isinstance(v, nnx.Variable):
+            return NamedSharding(mesh, PartitionSpec())
+        rules = o_rules if isinstance(v, nnx.training.optimizer.OptState) else p_rules
+        spec = logical_to_spec(param_axes(v), rules, mesh)
+        return NamedSharding(mesh, _divisible_spec(spec, _shape(v.get_value()), mesh))
+
+    shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "host":
+        from mhc_jax.engram.layer import table_shardings
+        shardings = table_shardings(state, shardings, cfg)
+    return shardings
+
+
+def train_state_shardings(model: nnx.Module, optimizer: nnx.Optimizer, mesh: Mesh, cfg: Config | None = None) -> Any:
+    """Shardings for `nnx.state((model, optimizer))`; see `train_state_shardings_of`."""
+    return train_state_shardings_of(nnx.state((model, optimizer)), mesh, cfg)
+
+
+def undivided_params(state: Any, mesh: Mesh, cfg: Config | None = None) -> list[str]:
+    """Variables whose logical sharding was dropped because a mesh axis does not divide the dimension
+    (they end up replicated: harmless for test shapes, a memory problem for a large model)."""
+    p_rules, o_rules = param_rules(cfg), rules_for(cfg)
+    out = []
+    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for path, v in flat:
+        if not isinstance(v, nnx.Variable):
+            continue
+        spec = logical_to_spec(param_axes(v), o_rules if isinstance(v, nnx.training.optimizer.OptState)
+                               else p_rules, mesh)
+        if _divisible_spec(spec, _shape(v.get_value()), mesh) != spec:
+            out.append(f"{jax.tree_util.keystr(path)} {_shape(v.get_value())} wants {spec}")
+    return out
+
+
+def batch_spec(ndim: int, mesh: Mesh | None = None) -> PartitionSpec:
+    """(batch, length, rest replicated): every batch array is (B, T, ...) and split over the batch axes."""
+    return logical_to_spec(("batch", "length", *([None] * (ndim - 2)))[:ndim], None, mesh)
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways the batch dimension is split: the product of the mesh axes "batch" maps to."""
+    spec = batch_spec(2, mesh)
+    names = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0] or ())
+    return int(np.prod([mesh.shape[n] for n in names])) if names else 1
+
+
+def check_global_batch(rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
+    """Raises a clear error unless every micro-batch of the global batch splits evenly over the batch axes."""
+    ways = batch_ways(mesh)
+    if rows % grad_accum or (rows // grad_accum) % ways:
+        raise ValueError(f"data.batch_size={rows} with training.grad_accum={grad_accum} gives micro-batches of "
+                         f"{rows / grad_accum:g} rows, which do not split over the {ways} ways of the batch mesh "
+                         f"axes {batch_spec(2, mesh)[0]}; make data.batch_size a multiple of {ways * grad_accum}")
+
+
+def batch_shardings(batch_like: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a batch (dict of arrays / ShapeDtypeStructs of shape (B, T, ...), or one such
+    leaf): rows over the batch axes (dcn_data, data, fsdp), everything else replicated. A ShapeDtypeStruct
+    describes the global batch, so its rows are checked to split evenly (`check_global_batch`); concrete
+    arrays may be one host's rows and are not checked."""
+
+    def one(x: Any) -> NamedSharding:
+        shape = _shape(x)
+        if isinstance(x, jax.ShapeDtypeStruct) and shape:
+            check_global_batch(shape[0], mesh)
+        return NamedSharding(mesh, batch_spec(len(shape), mesh))
+
+    return jax.tree.map(one, batch_like)
+
+
+def global_batch(local_batch: Any, shardings: Any) -> Any:
+    """Global arrays from this process's rows of the batch (`jax.make_array_from_process_local_data`); on
+    one process the local batch is the global batch."""
+    return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)), shardings,
+                        local_batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-host start-up
+# --------------------------------------------------------------------------------------------------
+
+# Environment variables that mean "this process is one of several" (JAX's cluster auto-detection reads
+# the same ones): an explicit coordinator, Cloud TPU multi-host / multi-slice, SLURM, Open MPI.
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0") or 0)
+    except ValueError:
+        return 0
+
+
+def multi_process_env() -> str | None:
+    """Why this process looks like one of a multi-process job, or None (plain single-host runs)."""
+    flag = os.environ.get("MHC_JAX_DISTRIBUTED", "").strip().lower()
+    if flag in ("0", "false", "no"):
+        return None
+    if flag in ("1", "true", "yes"):
+        return "MHC_JAX_DISTRIBUTED=1"
+    for name in _MULTI_PROCESS_ENV:
+        if os.environ.get(name):
+            return name
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return "TPU_WORKER_HOSTNAMES lists several hosts"
+    if _env_int("SLURM_NTASKS") > 1:
+        return "SLURM_NTASKS > 1"
+    if _env_int("OMPI_COMM_WORLD_SIZE") > 1:
+        return "OMPI_COMM_WORLD_SIZE > 1"
+    if on_tpu_vm():
+        # Pod hosts learn their peers from the GCE metadata server, not from the environment, so every
+        # TPU VM initialises (a single-host VM becomes a one-process job; MaxText does the same).
+        return "Cloud TPU VM (/dev/accel* or /dev/vfio present and libtpu installed)"
+    return None
+
+
+def on_tpu_vm() -> bool:
+    has_chips = bool(glob.glob("/dev/accel*")) or bool(glob.glob("/dev/vfio/[0-9]*"))
+    return has_chips and importlib.util.find_spec("libtpu") is not None
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize()` (cluster auto-detection) when the environment says this is one
+    process of a multi-process TPU/GPU job (see `multi_process_env`; force with MHC_JAX_DISTRIBUTED=1/0).
+    Never on a plain single-host run. Must run before anything touches jax devices. Returns whether it
+    initialised."""
+    reason = multi_process_env()
+    if reason is None or jax.distributed.is_initialized():
+        return False
+    log.info("multi-process run (%s): jax.distributed.initialize()", reason)
+    jax.distributed.initialize()
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True

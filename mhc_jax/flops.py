@@ -1,0 +1,100 @@
+"""Closed-form model FLOPs per token, for MFU and the AOT fit report.
+
+Convention (the "6N" rule of Kaplan et al. 2020 / PaLM appendix B, extended): every multiply-add of a
+contraction (matmul, einsum) counts 2 FLOPs; the backward pass costs twice the forward, so training is
+3 x forward. Elementwise work (norms, activations, softmax, residual adds, the loss) is not counted, except
+Sinkhorn-Knopp, which is nothing but elementwise arithmetic and is counted explicitly. Model FLOPs exclude
+rematerialisation (recomputation is hardware FLOPs, not model FLOPs) and the embedding / Engram table
+lookups (gathers; their gradients are scatter-adds).
+
+Forward FLOPs per token, with C = d_model, L = n_layers, H / K = query / KV heads of size D, F = d_ff,
+V = padded vocabulary, T = sequence length, n = residual streams:
+
+    dense      2 [L (C H D + 2 C K D + H D C + 3 C F) + C V]           (q, k, v, o; SwiGLU; LM head)
+    attention  L * 2 * 2 H D * ctx      (q k^T and p v; ctx = (T + 1) / 2 attended keys on average with a
+                                          causal mask, or T when counting the full masked matrix as XLA does)
+    mHC        2L sublayers x [2 nC (n^2 + 2n)                          (fused coefficient projection, Eq. 14)
+                               + n^2 + 4 n^2 t_max                       (exp, then t_max column+row passes)
+                               + 2 nC + 2 n^2 C + 2 nC]                  (H_pre x, H_res x, H_post^T F(.))
+    HC         2L x [2 n C (n + 1) + 2 n C + mixing as mHC]             (dynamic tanh projections)
+    mHC-lite   2L x [2 nC (n! + 2n) + 2 n! n^2 + mixing as mHC]         (convex mix of n! permutations)
+    collapse   learned head: 2 nC n + 2 nC; sum: 0
+    Engram     per Engram layer: 2 d_mem C (n + 1) + 2 n C + 2 kernel n C   (n keys + value, gate dot, conv)
+
+`model_flops_per_token(cfg)` = 3 x the sum, causal attention at data.seq_len.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mhc_jax.config import Config
+
+BACKWARD_FACTOR = 3.0  # forward + backward (2x forward): Kaplan et al. 2020, "C = 6N"
+
+
+def _mixing(n: int, C: int) -> float:
+    """H_pre x (n C MACs), H_res x (n^2 C), H_post^T y (n C) for one sublayer and token."""
+    return 2.0 * n * C + 2.0 * n * n * C + 2.0 * n * C
+
+
+def sinkhorn_flops(n: int, iters: int) -> float:
+    """exp of the n x n logits, then per iteration a column and a row normalisation (n^2 sums + n^2
+    divisions each): mHC paper Eq. 9."""
+    return n * n + 4.0 * n * n * iters
+
+
+def residual_flops_per_token(cfg: Config) -> float:
+    """Forward FLOPs of all residual connections (2 per block) and the collapse head, per token."""
+    r, n, C = cfg.residual, cfg.n_streams, cfg.model.d_model
+    subs = 2 * cfg.model.n_layers
+    if r.kind == "plain":
+        per = 0.0
+    elif r.kind == "mhc":
+        per = 2.0 * n * C * (n * n + 2 * n) + sinkhorn_flops(n, r.sinkhorn_iters) + _mixing(n, C)
+    elif r.kind == "hc":
+        per = (2.0 * n * C * (n + 1) + 2.0 * n * C if r.hc_dynamic else 0.0) + _mixing(n, C)
+    elif r.kind == "mhc_lite":
+        perms = math.factorial(n)
+        per = 2.0 * n * C * (perms + 2 * n) + 2.0 * perms * n * n + _mixing(n, C)
+    else:
+        raise ValueError(f"residual.kind={r.kind!r} is not allowed: must be one of plain, hc, mhc, mhc_lite")
+    head = 2.0 * n * C * n + 2.0 * n * C if (r.collapse == "learned" and n > 1) else 0.0
+    return subs * per + head
+
+
+def engram_flops_per_token(cfg: Config) -> float:
+    """Forward FLOPs of the Engram layers per token (key and value projections, gate, conv)."""
+    e, n, C = cfg.engram, cfg.n_streams, cfg.model.d_model
+    if not e.enabled:
+        return 0.0
+    per = 2.0 * e.d_mem * C * (n + 1) + 2.0 * n * C + 2.0 * e.kernel_size * n * C
+    return len(e.layers) * per
+
+
+def dense_flops_per_token(cfg: Config) -> float:
+    """Forward FLOPs of the weight matmuls (attention projections, SwiGLU, LM head) per token."""
+    m = cfg.model
+    C, H, K, D, F, V = m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim, m.d_ff, m.padded_vocab_size
+    per_layer = C * H * D + 2 * C * K * D + H * D * C + 3 * C * F
+    return 2.0 * (m.n_layers * per_layer + C * V)
+
+
+def attention_flops_per_token(cfg: Config, seq_len: int | None = None, causal: bool = True) -> float:
+    """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer."""
+    m = cfg.model
+    T = seq_len or cfg.data.seq_len
+    ctx = (T + 1) / 2.0 if causal else float(T)
+    return m.n_layers * 4.0 * m.n_heads * m.resolved_head_dim * ctx
+
+
+def forward_flops_breakdown(cfg: Config, seq_len: int | None = None, causal: bool = True) -> dict[str, float]:
+    return {"dense": dense_flops_per_token(cfg),
+            "attention": attention_flops_per_token(cfg, seq_len, causal),
+            "residual": residual_flops_per_token(cfg),
+            "engram": engram_flops_per_token(cfg)}
+
+
+def model_flops_per_token(cfg: Config, seq_len: int | None = None, causal: bool = True) -> float:
+    """Training (forward + backward) model FLOPs per token at `seq_len` (default data.seq_len)."""
+    return BACKWARD_FACTOR * sum(forward_flops_breakdown(cfg, seq_len, causal).values())
