@@ -5,6 +5,8 @@ import os
 # Must happen before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (TPU AOT tests) guards against two processes with a lockfile; xdist workers only compile.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("MHC_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mhc_jax", "tfds-tests"))
 
 import jax  # noqa: E402
