@@ -12,7 +12,7 @@ import os
 import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_URL = "https://github.com/OWNER/mhc-jax"  # the lead fills OWNER
+REPO_URL = "https://github.com/mhc-jax/mhc-jax"  # change to your fork to open your own copy in Colab
 
 SETUP = f'''# %%
 # Colab: clone and install the library (nothing happens when run elsewhere, e.g. in CI).
