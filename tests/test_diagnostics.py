@@ -16,19 +16,13 @@ from mhc_jax.residual import expand
 from mhc_jax.residual.hc import HyperConnection
 from mhc_jax.residual.mhc import ManifoldHyperConnection
 
+from references import randomize
+
 
 def make_cfg(kind: str, n: int = 4, **residual) -> Config:
     return Config().replace(
         model={"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32, "max_seq_len": 32},
         residual={"kind": kind, "n_streams": n, **residual}, data={"seq_len": 16, "batch_size": 2})
-
-
-def randomize(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> nnx.Module:
-    rng = np.random.default_rng(seed)
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Param):
-            var[...] = jnp.asarray(scale * rng.standard_normal(np.shape(var[...])), var[...].dtype)
-    return module
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 259, (2, 12)), jnp.int32)

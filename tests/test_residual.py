@@ -19,6 +19,8 @@ from mhc_jax.residual.hc import HyperConnection, hc_param_count
 from mhc_jax.residual.mhc import ManifoldHyperConnection, mhc_param_count
 from mhc_jax.residual.mhc_lite import MHCLite, mhc_lite_param_count
 
+from references import randomize, ref_sinkhorn, ref_v4_comb
+
 C = 16
 NORM_EPS = 1e-6
 
@@ -45,39 +47,12 @@ def branch_np(h: np.ndarray) -> np.ndarray:
     return np.tanh(h @ W_BRANCH.astype(np.float64))
 
 
-def randomize(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> nnx.Module:
-    """Every parameter replaced by a random value, so references are tested away from the init."""
-    rng = np.random.default_rng(seed)
-    for _, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Param):
-            var[...] = jnp.asarray(scale * rng.standard_normal(np.shape(var[...])), var[...].dtype)
-    return module
-
-
 def P(var) -> np.ndarray:
     return np.asarray(var[...], np.float64)
 
 
 def sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
-
-
-def ref_sinkhorn(x: np.ndarray, iters: int, eps: float = 0.0) -> np.ndarray:
-    m = np.exp(x - x.max(axis=(-2, -1), keepdims=True))
-    for _ in range(iters):
-        m = m / (m.sum(-2, keepdims=True) + eps)
-        m = m / (m.sum(-1, keepdims=True) + eps)
-    return m
-
-
-def ref_v4_comb(x: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    m = e / e.sum(-1, keepdims=True) + eps
-    m = m / (m.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(-1, keepdims=True) + eps)
-        m = m / (m.sum(-2, keepdims=True) + eps)
-    return m
 
 
 def ref_mhc_projections(conn: ManifoldHyperConnection, x: np.ndarray):

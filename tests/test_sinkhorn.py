@@ -11,26 +11,7 @@ from jax.test_util import check_grads
 
 from mhc_jax.sinkhorn import sinkhorn_knopp
 
-
-def ref_sinkhorn(x: np.ndarray, iters: int, eps: float = 0.0) -> np.ndarray:
-    """Eq. 9 in float64: M0 = exp(x - max); iters x (column normalise, then row normalise)."""
-    m = np.exp(x - x.max(axis=(-2, -1), keepdims=True))
-    for _ in range(iters):
-        m = m / (m.sum(-2, keepdims=True) + eps)
-        m = m / (m.sum(-1, keepdims=True) + eps)
-    return m
-
-
-def ref_v4_comb(x: np.ndarray, iters: int, eps: float) -> np.ndarray:
-    """DeepSeek-V4 `comb` in its own orientation: row softmax + eps, column step, then
-    (iters - 1) x (row step, column step), every denominator + eps."""
-    e = np.exp(x - x.max(-1, keepdims=True))
-    m = e / e.sum(-1, keepdims=True) + eps
-    m = m / (m.sum(-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        m = m / (m.sum(-1, keepdims=True) + eps)
-        m = m / (m.sum(-2, keepdims=True) + eps)
-    return m
+from references import ref_sinkhorn, ref_v4_comb
 
 
 def unrolled_sinkhorn(x: jax.Array, iters: int) -> jax.Array:

@@ -1,0 +1,37 @@
+"""Float64 numpy references of the mHC equations and test helpers shared by several test files."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def ref_sinkhorn(x: np.ndarray, iters: int, eps: float = 0.0) -> np.ndarray:
+    """Eq. 9 in float64: M0 = exp(x - max); iters x (column normalise, then row normalise)."""
+    m = np.exp(x - x.max(axis=(-2, -1), keepdims=True))
+    for _ in range(iters):
+        m = m / (m.sum(-2, keepdims=True) + eps)
+        m = m / (m.sum(-1, keepdims=True) + eps)
+    return m
+
+
+def ref_v4_comb(x: np.ndarray, iters: int, eps: float) -> np.ndarray:
+    """DeepSeek-V4 `comb` in its own orientation: row softmax + eps, column step, then
+    (iters - 1) x (row step, column step), every denominator + eps."""
+    e = np.exp(x - x.max(-1, keepdims=True))
+    m = e / e.sum(-1, keepdims=True) + eps
+    m = m / (m.sum(-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-1, keepdims=True) + eps)
+        m = m / (m.sum(-2, keepdims=True) + eps)
+    return m
+
+
+def randomize(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> nnx.Module:
+    """Every parameter replaced by a random value, so references are tested away from the init."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param):
+            var[...] = jnp.asarray(scale * rng.standard_normal(np.shape(var[...])), var[...].dtype)
+    return module
