@@ -70,6 +70,8 @@ class FitReport:
     temp_bytes: int = 0
     code_bytes: int = 0
     total_bytes_per_device: int = 0
+    # Host memory per device (engram.placement=host tables and their Adam moments), outside the HBM total.
+    host_bytes_per_device: int = 0
     needed_bytes_per_device: int = 0  # from a RESOURCE_EXHAUSTED message
     compiled_flops_per_device: float = 0.0
     compiled_flops_per_step: float = 0.0
@@ -243,6 +245,8 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
     # Donated outputs reuse their argument buffers (alias), so they are not counted twice.
     report.total_bytes_per_device = (report.argument_bytes + report.output_bytes - report.alias_bytes
                                      + report.temp_bytes + report.code_bytes)
+    report.host_bytes_per_device = int(mem.host_argument_size_in_bytes + mem.host_output_size_in_bytes
+                                       - mem.host_alias_size_in_bytes + mem.host_temp_size_in_bytes)
     report.fits = report.total_bytes_per_device <= hbm_device
     report.verdict = (f"{'fits' if report.fits else 'does not fit'}: "
                       f"{report.total_bytes_per_device / GiB:.2f} GiB per device of {hbm_device / GiB:.2f} GiB "
@@ -267,7 +271,8 @@ def format_report(r: FitReport) -> str:
         f"{r.grad_accum}, remat {r.remat}, dtype {r.dtype}",
         f"HBM per device: arguments {r.argument_bytes / GiB:.2f} GiB, outputs {r.output_bytes / GiB:.2f} GiB "
         f"(aliased {r.alias_bytes / GiB:.2f}), temporaries {r.temp_bytes / GiB:.2f} GiB, code "
-        f"{r.code_bytes / 2**20:.1f} MiB -> total {r.total_bytes_per_device / GiB:.2f} GiB",
+        f"{r.code_bytes / 2**20:.1f} MiB -> total {r.total_bytes_per_device / GiB:.2f} GiB"
+        + (f"; host memory {r.host_bytes_per_device / GiB:.3f} GiB" if r.host_bytes_per_device else ""),
         f"verdict: {r.verdict}",
         f"FLOPs per step: compiled {r.compiled_flops_per_step:.3e} ({r.compiled_flops_per_device:.3e} per device and "
         f"micro-batch, x{r.grad_accum} micro-batches; includes remat recompute), "

@@ -9,6 +9,7 @@ import pytest
 
 from mhc_jax import aot
 from mhc_jax.config import ConfigError, MeshConfig, load_config
+from mhc_jax.engram.layer import table_bytes
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.sharding import make_mesh
 
@@ -49,6 +50,19 @@ def test_model_too_large_for_the_chip_is_reported_as_not_fitting(libtpu):
     assert not r.fits
     assert r.verdict.startswith("does not fit")
     assert max(r.needed_bytes_per_device, r.total_bytes_per_device) > 16 * 2**30
+
+
+def test_host_resident_engram_table_moves_its_bytes_from_hbm_to_host_memory(libtpu):
+    engram = ["engram.enabled=true", "engram.layers=[1]", "engram.heads_per_ngram=4", "engram.head_dim=32",
+              "engram.table_size=30011", "data.batch_size=8"]
+    reports = {place: aot.fit_report(load_config("configs/tiny.yaml", engram + [f"engram.placement={place}"]),
+                                     "v4:2x2x1", config_name=place) for place in ("device", "host")}
+    table = table_bytes(load_config("configs/tiny.yaml", engram), 1)  # rows x dim x 4 bytes
+    assert reports["device"].host_bytes_per_device == 0
+    # Table + Adam moments (3 copies) leave the arguments; the compiled step compiles for TPU unchanged.
+    moved = reports["device"].argument_bytes - reports["host"].argument_bytes
+    assert 3 * table * 0.99 <= moved <= 3 * table * 1.01, (moved, table)
+    assert reports["host"].host_bytes_per_device >= 3 * table
 
 
 def test_needed_bytes_parses_the_compiler_out_of_memory_message():

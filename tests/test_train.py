@@ -107,6 +107,26 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_losses_bitwise(tm
     assert losses(str(tmp_path)) == uninterrupted  # bitwise: the rows of steps 4..6 were rewritten
 
 
+def test_host_resident_engram_table_trains_like_device_placement_and_resumes(tmp_path):
+    engram = ["residual.kind=mhc", "engram.enabled=true", "engram.layers=[1]", "engram.heads_per_ngram=2",
+              "engram.head_dim=8", "training.steps=6", "checkpoint.every=3", "training.eval_every=6"]
+    device_dir, host_dir = str(tmp_path / "device"), str(tmp_path / "host")
+    run(tiny(*engram, "training.sample_tokens=0"), device_dir, progress=False)
+    host_cfg = tiny(*engram, "training.sample_tokens=4", "engram.placement=host")
+    result = run(host_cfg, host_dir, progress=False)
+    host_losses = losses(host_dir)
+    np.testing.assert_allclose(host_losses, losses(device_dir), rtol=1e-6)
+    assert result.sample.startswith(host_cfg.training.sample_prompt)  # generation with the host table
+
+    from mhc_jax.train.state import load_model_from_workdir
+    _, model, step = load_model_from_workdir(host_dir)
+    assert step == 6 and model.blocks[1].engram.table[...].sharding.memory_kind == "pinned_host"
+
+    shutil.rmtree(os.path.join(host_dir, "checkpoints", "6"))  # resume the host run from step 3
+    run(host_cfg.replace(training={"sample_tokens": 0}), host_dir, progress=False)
+    assert losses(host_dir) == host_losses
+
+
 def _train_cmd(workdir, *extra):
     return [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--config", "tiny", "--workdir", str(workdir),
             "--no-progress", *BASE, *extra]

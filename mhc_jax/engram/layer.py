@@ -21,7 +21,8 @@ Table placement (`engram.placement`):
   the lookup is a plain gather that XLA partitions (masked local gather + all-reduce), correct on any mesh.
 - `host`: the table lives in host memory (`memory_kind="pinned_host"`, see `table_shardings`); the gather
   runs on the host (`compute_on("device_host")`) and only the gathered rows move to the device; the
-  backward pass scatter-adds the row gradients into a host-resident gradient.
+  backward pass scatter-adds the row gradients into a host-resident gradient. The train step
+  (mhc_jax.train.step.step_fn) runs the optimiser update on the device and writes table and moments back.
 """
 
 from __future__ import annotations

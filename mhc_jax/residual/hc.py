@@ -24,7 +24,7 @@ from flax import nnx
 from mhc_jax.config import Config
 from mhc_jax.model.norms import RMSNorm
 from mhc_jax.model.params import param
-from mhc_jax.residual.mhc import Branch, Mappings, ablate, apply_mappings
+from mhc_jax.residual.mhc import Mappings, StreamConnection, ablate
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -37,18 +37,14 @@ def _const(value: np.ndarray):
     return init
 
 
-class HyperConnection(nnx.Module):
+class HyperConnection(StreamConnection):
     """Dynamic (or static) HC around one sublayer; `conn(x_BTnC, branch) -> x_BTnC`."""
 
     def __init__(self, cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs):
         r = cfg.residual
-        n, C = cfg.n_streams, cfg.model.d_model
-        self.cfg = cfg
-        self.n = n
-        self.sublayer_index = sublayer_index
+        super().__init__(cfg, sublayer_index)
+        n, C = self.n, cfg.model.d_model
         self.dynamic = r.hc_dynamic
-        self.transposed = False
-        self.capture_mappings = False
         static_alpha = np.zeros((n, n + 1), np.float32)
         static_alpha[sublayer_index % n, 0] = 1.0  # A_m0: one-hot on stream k mod n
         static_alpha[:, 1:] = np.eye(n)  # A_r0 = identity
@@ -84,12 +80,6 @@ class HyperConnection(nnx.Module):
         h_pre = alpha[..., 0]
         h_res = jnp.swapaxes(alpha[..., 1:], -1, -2)  # A_r^T: HC mixes as A_r^T H
         return ablate(self.cfg, h_pre, beta, h_res)
-
-    def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        h_pre, h_post, h_res = self.mappings(x_BTnC)
-        if self.capture_mappings:
-            self.sow(nnx.Intermediate, "h_res", h_res)
-        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res)
 
 
 def hc_param_count(cfg: Config) -> int:

@@ -70,18 +70,35 @@ def acting_h_res(h_res: jax.Array, transposed: bool) -> jax.Array:
     return jnp.swapaxes(h_res, -1, -2) if transposed else h_res
 
 
-class ManifoldHyperConnection(nnx.Module):
+class StreamConnection(nnx.Module):
+    """What HC, mHC and mHC-lite share: per-token `mappings(x)`, then x_{l+1} = H_res x + H_post^T F(H_pre x);
+    with `capture_mappings` (set by diagnostics.collect_h_res) the acting H_res is sown."""
+
+    def __init__(self, cfg: Config, sublayer_index: int, transposed: bool = False):
+        self.cfg = cfg
+        self.n = cfg.n_streams
+        self.sublayer_index = sublayer_index
+        self.transposed = transposed
+        self.capture_mappings = False
+
+    def mappings(self, x_BTnC: jax.Array) -> Mappings:
+        raise NotImplementedError
+
+    def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
+        h_pre, h_post, h_res = self.mappings(x_BTnC)
+        if self.capture_mappings:
+            self.sow(nnx.Intermediate, "h_res", acting_h_res(h_res, self.transposed))
+        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
+
+
+class ManifoldHyperConnection(StreamConnection):
     """mHC around one sublayer; `conn(x_BTnC, branch) -> x_BTnC`. See the module docstring."""
 
     def __init__(self, cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs):
         r = cfg.residual
-        n, C = cfg.n_streams, cfg.model.d_model
-        self.cfg = cfg
-        self.n = n
-        self.sublayer_index = sublayer_index
+        super().__init__(cfg, sublayer_index, transposed=r.variant == "deepseek_v4")
+        n, C = self.n, cfg.model.d_model
         self.norm_eps = cfg.model.norm_eps
-        self.transposed = r.variant == "deepseek_v4"
-        self.capture_mappings = False  # set by diagnostics.collect_h_res to sow the acting H_res
         k = self.res_dim + 2 * n
         self.phi = param(rngs, nnx.initializers.lecun_normal(), (n * C, k), ("embed", "mhc"))
         self.bias = param(rngs, nnx.initializers.zeros, (k,), ("mhc",))
@@ -126,12 +143,6 @@ class ManifoldHyperConnection(nnx.Module):
         h_post = 2.0 * jax.nn.sigmoid(self.alpha_post[...] * post + b[self.n:2 * self.n])  # Eq. 8: factor 2
         h_res = self.res_mapping(self.alpha_res[...] * res + b[2 * self.n:])
         return ablate(self.cfg, h_pre, h_post, h_res)
-
-    def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        h_pre, h_post, h_res = self.mappings(x_BTnC)
-        if self.capture_mappings:
-            self.sow(nnx.Intermediate, "h_res", acting_h_res(h_res, self.transposed))
-        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
 
 
 def mhc_param_count(cfg: Config) -> int:

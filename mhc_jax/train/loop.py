@@ -105,10 +105,6 @@ class _Preemption:
 
 def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
     """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final step's summary."""
-    if cfg.engram.enabled and cfg.engram.placement == "host":
-        raise ConfigError("engram.placement='host' is not supported for training yet (optimiser moments of a "
-                          "pinned-host table fail to build); train with engram.placement=device, then use "
-                          "host tables for inference via mhc_jax.engram.layer.table_shardings")
     maybe_initialize_distributed()
     _ensure_workdir(workdir)
     _check_resumable(workdir, cfg)

@@ -59,9 +59,30 @@ def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tupl
     return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
 
 
+def _in_host_memory(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
+def to_device_memory(tree: Any) -> Any:
+    """`tree` with its host-memory leaves (Engram tables and their Adam moments with
+    engram.placement=host) copied to device memory; other leaves unchanged."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device) if _in_host_memory(x) else x, tree)
+
+
 def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metrics:
-    """One optimisation step in place on `model` and `optimizer`; returns scalar metrics."""
+    """One optimisation step in place on `model` and `optimizer`; returns scalar metrics.
+
+    Host-resident Engram tables (engram.placement=host) stay in host memory for the forward and backward
+    passes (rows are gathered on the host). The optimiser update (global-norm clipping, Adam, the
+    non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
+    the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
+    JAX's optimizer-state offloading pattern."""
     loss, grads, count = loss_and_grads(model, batch, model.cfg.training.grad_accum)
+    grads = to_device_memory(grads)
+    for node in (model, optimizer):
+        state = nnx.state(node)
+        if any(_in_host_memory(x) for x in jax.tree.leaves(state)):
+            nnx.update(node, to_device_memory(state))
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
