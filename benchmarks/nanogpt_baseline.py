@@ -28,11 +28,10 @@ import tempfile
 import time
 
 import jax
-from flax import nnx
 
 from mhc_jax.config import Config, load_config
 from mhc_jax.flops import model_flops_per_token
-from mhc_jax.model import Transformer, count_params
+from mhc_jax.model import expected_param_count
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import measure_peak_flops, read_metrics
 
@@ -67,7 +66,7 @@ def train_one(cfg: Config, workdir: str) -> dict:
         "train_loss": result.train_loss, "wall_s": wall, "median_step_s": step_time,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
         "mfu": statistics.median(r["mfu"] for r in train),
-        "params": count_params(Transformer(cfg, rngs=nnx.Rngs(0))),
+        "params": expected_param_count(cfg),
         "flops_per_token": model_flops_per_token(cfg),
         "eval_curve": [(r["step"], r["loss"]) for r in evals], "sample": result.sample}
 

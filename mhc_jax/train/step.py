@@ -79,10 +79,8 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metric
     JAX's optimizer-state offloading pattern."""
     loss, grads, count = loss_and_grads(model, batch, model.cfg.training.grad_accum)
     grads = to_device_memory(grads)
-    for node in (model, optimizer):
-        state = nnx.state(node)
-        if any(_in_host_memory(x) for x in jax.tree.leaves(state)):
-            nnx.update(node, to_device_memory(state))
+    for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
+        nnx.update(node, to_device_memory(nnx.state(node)))
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
