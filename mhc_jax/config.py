@@ -21,9 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key, type or value that is not allowed; the message says which and what is allowed."""
+from mhc_jax.errors import ConfigError  # re-exported: `from mhc_jax.config import ConfigError`
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from mhc_jax.errors import DataError  # re-exported for the data package
+
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "MHC_JAX_DATA_DIR"
@@ -44,10 +46,6 @@ DEFAULT_DATA_DIR = "~/.cache/mhc_jax/tfds"
 VALIDATION_PERCENT = 2  # sha1(key) % 100 < 2 -> validation
 _SKIPPED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages",
                                   "__pycache__"})
-
-
-class DataError(ValueError):
-    """A dataset, file or split that cannot be read; the message names it and says what to do."""
 
 
 def resolve_data_dir(data_dir: str = "") -> str:

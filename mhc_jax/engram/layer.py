@@ -42,8 +42,7 @@ from jax.sharding import NamedSharding
 
 from mhc_jax.config import Config, ConfigError
 from mhc_jax.engram.hashing import engram_primes
-from mhc_jax.model.norms import RMSNorm, rms_norm
-from mhc_jax.model.params import compute_dtype, param
+from mhc_jax.layers import RMSNorm, compute_dtype, param, rms_norm
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ModelConfig
-from mhc_jax.model.params import param
-from mhc_jax.model.rope import apply_rope
+from mhc_jax.layers import apply_rope, param
 from mhc_jax.sharding import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": (B, S, K, D), "v": (B, S, K, D)}

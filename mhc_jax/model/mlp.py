@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ModelConfig
-from mhc_jax.model.params import param
+from mhc_jax.layers import param
 from mhc_jax.sharding import constrain
 
 

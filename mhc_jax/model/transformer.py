@@ -17,8 +17,7 @@ from flax import nnx
 from mhc_jax.config import Config
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.mlp import MLP
-from mhc_jax.model.norms import RMSNorm
-from mhc_jax.model.params import compute_dtype, param
+from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
 from mhc_jax.sharding import constrain
 

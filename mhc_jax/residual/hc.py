@@ -22,8 +22,7 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.config import Config
-from mhc_jax.model.norms import RMSNorm
-from mhc_jax.model.params import param
+from mhc_jax.layers import RMSNorm, param
 from mhc_jax.residual.mhc import Mappings, StreamConnection, ablate
 
 _HI = jax.lax.Precision.HIGHEST

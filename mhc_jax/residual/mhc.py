@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import Config
-from mhc_jax.model.norms import rms_norm
-from mhc_jax.model.params import param
+from mhc_jax.layers import param, rms_norm
 from mhc_jax.sinkhorn import sinkhorn_knopp
 
 Branch = Callable[[jax.Array], jax.Array]

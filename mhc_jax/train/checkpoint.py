@@ -17,12 +17,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mhc_jax.config import CheckpointConfig
+from mhc_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 class Checkpointer:

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mhc_jax.config import Config, ConfigError, load_config, save_config, to_dict
+from mhc_jax.config import Config, load_config, save_config, to_dict
+from mhc_jax.errors import ConfigError, TrainingError
 from mhc_jax.data import load_tokenizer, make_eval_iterator, make_train_iterator
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.sharding import batch_shardings, make_mesh, maybe_initialize_distributed
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 # Sections that must match between a checkpoint and the config resuming from it (the rest, e.g. steps
 # or logging intervals, may change between runs).
 _SHAPE_SECTIONS = ("model", "residual", "engram")
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclass

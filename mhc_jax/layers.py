@@ -1,0 +1,57 @@
+"""Leaf layers and helpers shared by every model piece (the Flax gemma example's layers.py): parameters with
+logical axis names, the compute dtype, RMSNorm (float32 whatever the activation dtype) and rotary position
+embeddings (half-split layout, angles in float32). Imports nothing from the package."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype: jnp.dtype = jnp.float32) -> nnx.Param:
+    """An nnx.Param whose `axes` metadata names one logical axis per dimension."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {tuple(axes)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """'auto' is bfloat16 on accelerators and float32 on CPU (bf16 matmuls are slow on CPU)."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def rms_norm(x: jax.Array, eps: float, axis: int | tuple[int, ...] = -1) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over `axis`, in float32, returned in float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=axis, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned scale initialised to 1; output in `dtype`."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return (rms_norm(x, self.eps) * self.scale[...]).astype(self.dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotates pairs (x[..., i], x[..., i + D/2]) by positions * theta^(-2i/D)."""
+    d = x_BTHD.shape[-1]
+    inv_freq_F = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
+    cos_BT1F, sin_BT1F = jnp.cos(angles_BTF)[:, :, None, :], jnp.sin(angles_BTF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+    return out.astype(x_BTHD.dtype)
