@@ -179,7 +179,7 @@ def compile_train_step(cfg: Any, devices: Any) -> tuple[Any, Any, dict[str, floa
     state_sh = train_state_shardings_of(state, mesh, cfg)
     batch = abstract_batch(cfg)
     batch_sh = batch_shardings(batch, mesh)
-    step = make_sharded_step(graphdef, state_sh, batch_sh)
+    step = make_sharded_step(graphdef, state_sh, batch_sh, cfg.training.grad_accum)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = step.lower(with_shardings(state, state_sh), with_shardings(batch, batch_sh))

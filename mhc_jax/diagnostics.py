@@ -20,17 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.residual.hc import HyperConnection
-from mhc_jax.residual.mhc import ManifoldHyperConnection  # MHCLite is a subclass
+from mhc_jax.residual.base import StreamConnection
 from mhc_jax.residual.plain import PlainResidual
 
-Connection = HyperConnection | ManifoldHyperConnection
+Connection = StreamConnection  # HC, mHC, mHC-lite
 
 
 def connections(model: nnx.Module) -> list[Connection]:
     """The model's HC / mHC / mHC-lite connections, in sublayer order."""
-    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, (HyperConnection,
-                                                                             ManifoldHyperConnection))]
+    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, StreamConnection)]
     return sorted(found, key=lambda c: c.sublayer_index)
 
 
@@ -56,18 +54,13 @@ def collect_h_res(model: nnx.Module, tokens_BT: jax.Array, **model_kwargs: Any) 
         if n_plain == 0:
             raise ValueError(f"{type(model).__name__} has no residual connections to inspect")
         return jnp.ones((n_plain, B, T, 1, 1), jnp.float32)
-    remat = getattr(model, "remat", None)
     try:
         for c in conns:
             c.capture_mappings = True
-        if remat is not None:
-            model.remat = "none"  # sowing inside a rematerialised block is not needed for diagnostics
-        return _forward_capture(model, tokens_BT, model_kwargs)
+        return _forward_capture(model, tokens_BT, model_kwargs)  # sowing works inside nnx.remat too
     finally:
         for c in conns:
             c.capture_mappings = False
-        if remat is not None:
-            model.remat = remat
 
 
 def _fwd_gain(m: np.ndarray) -> np.ndarray:

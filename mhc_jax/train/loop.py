@@ -197,7 +197,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             for step in range(start, t.steps):
                 batch = next(train_iter)
                 if step_fn is None:
-                    step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh))
+                    step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh), t.grad_accum)
                 state, metrics = step_fn(state, batch)
                 pending.append((step, metrics))
                 done = step + 1
