@@ -12,8 +12,14 @@ and `load_config("configs/tiny.yaml", ["model.n_layers=2", "residual.kind=plain"
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,24 +40,24 @@ class ModelConfig:
     """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE) and a SwiGLU MLP."""
 
     vocab_size: int = 259  # byte tokenizer: 256 bytes + BOS/EOS/PAD
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
+    d_model: int = 128  # C: residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # H: query heads
+    n_kv_heads: int = 4  # K: key/value heads (grouped-query attention); divides n_heads
     head_dim: int = 0  # 0 means d_model // n_heads
     d_ff: int = 512  # SwiGLU hidden width
     max_seq_len: int = 256  # RoPE / KV-cache capacity
     rope_theta: float = 10000.0  # mHC paper Table 5 (RoPE theta 10000)
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head = embedding matrix transposed
+    init_std: float = 0.02  # normal init std of weights; output projections get init_std / sqrt(2 n_layers)
     # Embedding rows are padded to a multiple of this so the vocab axis divides large mesh axes
     # (vocab 129280 does not divide 1024 devices). Padded rows are masked out of the softmax.
     vocab_pad_multiple: int = 1
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimiser state
     # "auto": bfloat16 on GPU/TPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    attention_impl: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
 
     @property
     def resolved_head_dim(self) -> int:
@@ -67,19 +73,21 @@ class ModelConfig:
 class ResidualConfig:
     """How each sublayer is wrapped: plain residual, Hyper-Connections, mHC or mHC-lite (mhc.md)."""
 
+    # The connection around each sublayer (one entry of mhc_jax.residual.RESIDUAL_KINDS).
     kind: Literal["plain", "hc", "mhc", "mhc_lite"] = "plain"
     n_streams: int = 4  # n in the papers; forced to 1 for `plain`
     sinkhorn_iters: int = 20  # t_max, mHC paper Eq. 9
-    sinkhorn_eps: float = 0.0
-    sinkhorn_log_domain: bool = False
+    sinkhorn_eps: float = 0.0  # added to every Sinkhorn denominator (DeepSeek-V4: 1e-6; 0 = paper)
+    sinkhorn_log_domain: bool = False  # Sinkhorn on log values with logsumexp (same result, other rounding)
     # "paper": Eq. 7-9. "deepseek_v4": sigmoid + 1e-6, softmax start + eps, transposed mixing.
     variant: Literal["paper", "deepseek_v4"] = "paper"
+    # n streams -> 1 before the final norm: their sum, or DeepSeek-V4's learned head.
     collapse: Literal["sum", "learned"] = "sum"
     alpha_init: float = 0.01  # a_pre, a_post, a_res init, mHC paper Table 5
     # Ablation switches (mHC paper Table 1): a disabled mapping becomes 1/n, ones, or identity.
     use_pre: bool = True
-    use_post: bool = True
-    use_res: bool = True
+    use_post: bool = True  # False: H_post = ones
+    use_res: bool = True  # False: H_res = identity
     hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
 
 
@@ -87,18 +95,18 @@ class ResidualConfig:
 class EngramConfig:
     """Engram conditional memory (engram.md)."""
 
-    enabled: bool = False
+    enabled: bool = False  # add Engram memory at the blocks in `layers`
     layers: tuple[int, ...] = (1,)  # 0-based block indices; the demo uses [1, 15] of 30
     max_ngram: int = 3  # orders 2..max_ngram
-    heads_per_ngram: int = 8  # K
-    head_dim: int = 32  # D_h: rows are concatenated to d_mem = (max_ngram - 1) * K * D_h
+    heads_per_ngram: int = 8  # hash heads per n-gram order: G = (max_ngram - 1) * heads_per_ngram ids per position
+    head_dim: int = 32  # W: width of one table row; a position's G rows concatenate to d_mem = G * W
     table_size: int = 4093  # base size per head; per-head primes start above it (demo: 5 * vocab)
     kernel_size: int = 4  # short conv kernel (paper)
     seed: int = 0  # hash seed (demo)
-    placement: Literal["device", "host"] = "device"
+    placement: Literal["device", "host"] = "device"  # tables in device memory (sharded rows) or pinned host memory
     shard_axis: str = "tensor"  # mesh axis the table rows are split over with placement=device
     lr_multiplier: float = 5.0  # Engram tables: 5x base LR, no weight decay (engram.md)
-    compress_tokenizer: bool = True
+    compress_tokenizer: bool = True  # hash normalised token classes (engram.md); False hashes raw ids
     # Table rows (sum of the per-head primes) are padded up to a multiple of this so the row axis divides
     # the mesh axis it is sharded over (primes divide nothing). Padded rows are never looked up.
     row_pad_multiple: int = 128
@@ -114,15 +122,15 @@ class DataConfig:
     """Where tokens come from. `dataset` is `pystdlib` (embedded default corpus), `text:PATH` (a local
     file or folder), or `tfds:NAME` (a prepared TFDS text dataset under `data_dir`)."""
 
-    dataset: str = "pystdlib"
+    dataset: str = "pystdlib"  # pystdlib, text:PATH or tfds:NAME
     data_dir: str = ""  # "" means ~/.cache/mhc_jax/tfds
-    text_key: str = "text"
-    train_split: str = "train"
-    eval_split: str = "validation"
+    text_key: str = "text"  # feature holding the text (tfds: datasets)
+    train_split: str = "train"  # split the trainer reads
+    eval_split: str = "validation"  # split evaluation reads
     tokenizer: str = "byte"  # "byte" or a path to a SentencePiece .model file
-    seq_len: int = 128
+    seq_len: int = 128  # T: tokens per row; <= model.max_seq_len
     batch_size: int = 16  # global batch, in rows of seq_len tokens
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0  # seed of the document shuffle (reseeded every epoch)
     worker_count: int = 0  # Grain worker processes; 0 = in-process
     prefetch: int = 2  # batches prefetched in a background thread
     read_threads: int = 2  # threads that read and tokenize documents (Grain ReadOptions.num_threads)
@@ -134,30 +142,32 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW with warmup then cosine or the mHC paper's step decay (x0.316 at 80%, x0.1 at 90%)."""
 
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     b1: float = 0.9  # mHC paper Table 5
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # AdamW decay of weight matrices (norms, mHC/HC coefficients, Engram tables: none)
+    warmup_steps: int = 100  # linear warmup from 0
+    # After warmup: cosine to min_lr_ratio * lr, the mHC paper's step decay, or constant.
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     clip_norm: float = 1.0  # 0 disables clipping
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    steps: int = 1000
-    seed: int = 0
+    steps: int = 1000  # optimiser steps in total
+    seed: int = 0  # parameter init seed
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    # Recompute each block in the backward pass: nothing, everything, or all but the matmul outputs.
     remat: Literal["none", "full", "save_matmuls"] = "none"
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 8
+    log_every: int = 10  # steps between metric rows (and host syncs)
+    eval_every: int = 200  # steps between evaluations
+    eval_batches: int = 8  # batches per evaluation
     diagnostics_every: int = 100  # mHC composite gains; 0 disables
-    max_nonfinite_in_row: int = 5
+    max_nonfinite_in_row: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
     sample_tokens: int = 200  # generated at the end of train.py
-    sample_prompt: str = "def "
+    sample_prompt: str = "def "  # prompt of the sample generated at the end
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
 
 
@@ -165,18 +175,18 @@ class TrainingConfig:
 class MeshConfig:
     """Device mesh. -1 takes the devices that the other axes leave."""
 
-    dcn_data: int = 1
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    dcn_data: int = 1  # data parallelism across slices (data-centre network)
+    data: int = -1  # data parallelism inside a slice
+    fsdp: int = 1  # FSDP / ZeRO-3: parameters and optimiser state sharded, batch split
+    tensor: int = 1  # tensor parallelism: heads, MLP width, vocabulary
     zero1: bool = False  # params replicated over fsdp, optimiser state sharded
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 200
-    keep: int = 3
-    async_save: bool = True
+    every: int = 200  # steps between checkpoints (and one at the end)
+    keep: int = 3  # newest checkpoints kept
+    async_save: bool = True  # write checkpoints in the background
 
 
 @dataclass(frozen=True)
@@ -456,24 +466,47 @@ def save_config(cfg: Config, path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: description} of a schema dataclass, read from this file: the comment lines right above
+    a field, then the comment on its line (the comment is the doc; a field without one has "")."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line >= 1 and lines[line - 1].strip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            trailing = [comments[node.end_lineno]] if node.end_lineno in comments and \
+                not lines[node.end_lineno - 1].strip().startswith("#") else []
+            docs[node.target.id] = " ".join(above + trailing)
+    return docs
+
+
 def reference_markdown() -> str:
-    """A markdown table per section: key, type, default. `python -m mhc_jax.config` prints it."""
+    """A markdown table per section: key, type, default, description. `python -m mhc_jax.config` prints it."""
     out = []
     hints = typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
         cls = hints[section.name]
         doc = " ".join((cls.__doc__ or "").split())
         out.append(f"**`{section.name}`**: {doc}\n")
-        out.append("| key | type | default |\n|---|---|---|")
+        out.append("| key | type | default | description |\n|---|---|---|---|")
         section_hints = typing.get_type_hints(cls)
         default = cls()
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             tp = section_hints[f.name]
             type_name = " \\| ".join(repr(a) for a in get_args(tp)) if get_origin(tp) is Literal \
                 else ("list of " + _type_name(get_args(tp)[0]) if get_origin(tp) is tuple else _type_name(tp))
             value = getattr(default, f.name)
             value = list(value) if isinstance(value, tuple) else value
-            out.append(f"| `{section.name}.{f.name}` | {type_name} | `{value!r}` |")
+            out.append(f"| `{section.name}.{f.name}` | {type_name} | `{value!r}` | "
+                       f"{docs[f.name].replace('|', chr(92) + '|')} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

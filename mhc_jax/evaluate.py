@@ -11,14 +11,14 @@ import sys
 
 import jax
 
+from mhc_jax.config import ConfigError
+from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator
+from mhc_jax.sharding import make_mesh
+from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
+from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
+
 
 def main(argv: list[str] | None = None) -> int:
-    from mhc_jax.config import ConfigError
-    from mhc_jax.data import load_tokenizer, make_eval_iterator
-    from mhc_jax.sharding import make_mesh
-    from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
-    from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
     p.add_argument("--batches", type=int, default=0, help="eval batches (default: training.eval_batches)")

@@ -7,7 +7,7 @@ import pytest
 from mhc_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from mhc_jax.engram.compression import compress_tokenizer, identity_vocab, normalize_token_text
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+from conftest import SHAKESPEARE  # ../shared beside the checkout
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,10 @@ from flax import nnx
 
 from mhc_jax.config import Config, load_config, save_config, to_dict
 from mhc_jax.errors import ConfigError, TrainingError
-from mhc_jax.data import load_tokenizer, make_eval_iterator, make_train_iterator
+from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator, make_train_iterator
+from mhc_jax.diagnostics import amax_gains, collect_h_res
 from mhc_jax.flops import model_flops_per_token
+from mhc_jax.sampling import generate_text
 from mhc_jax.sharding import batch_shardings, make_mesh, maybe_initialize_distributed
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
@@ -180,10 +182,9 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
         def run_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
             if cfg.residual.kind == "plain":
                 return
-            from mhc_jax.diagnostics import amax_gains, collect_h_res
             model, _ = nnx.merge(graphdef, state)
             tokens = batch["inputs"][:1]
-            h_res = collect_h_res(model, tokens, engram_ids_BTLk=None if "engram_ids" not in batch
+            h_res = collect_h_res(model, tokens, engram_ids_BTEG=None if "engram_ids" not in batch
                                   else batch["engram_ids"][:1])
             gains = {k: np.asarray(v) for k, v in amax_gains(h_res).items()}
             writer.write(step, "diagnostics", {
@@ -222,7 +223,6 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 bar.close()
 
         if result.status == "finished" and is_main and t.sample_tokens > 0 and start < t.steps:
-            from mhc_jax.generate import generate_text
             model, _ = nnx.merge(graphdef, state)
             budget = cfg.model.max_seq_len - 2 - len(tokenizer.encode(t.sample_prompt))
             result.sample = t.sample_prompt + generate_text(

@@ -6,6 +6,7 @@ same parameters, shardings and checkpoint layout.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -15,9 +16,11 @@ from jax.sharding import Mesh
 
 from mhc_jax.config import Config, ConfigError, load_config
 from mhc_jax.model import Transformer
-from mhc_jax.sharding import make_mesh, train_state_shardings
+from mhc_jax.sharding import make_mesh, train_state_shardings, undivided_params
 from mhc_jax.train.checkpoint import Checkpointer, abstract_like
 from mhc_jax.train.optimizer import make_optimizer
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
@@ -29,9 +32,12 @@ def build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
 
 
 def abstract_train_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, Any, Any]:
-    """(graphdef, abstract state, state shardings) without allocating any parameter."""
+    """(graphdef, abstract state, state shardings) without allocating any parameter. Logs a warning for
+    every parameter dimension that its mesh axis does not divide (it is replicated over that axis)."""
     model, optimizer = nnx.eval_shape(lambda: build(cfg))
     graphdef, state = nnx.split((model, optimizer))
+    for line in undivided_params(nnx.state(model), mesh, cfg):
+        log.warning("parameter not sharded as its logical axes ask: %s", line)
     return graphdef, state, train_state_shardings(model, optimizer, mesh, cfg)
 
 

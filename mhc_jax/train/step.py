@@ -22,7 +22,7 @@ Metrics = dict[str, jax.Array]
 def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the loss mask, and the number of tokens counted."""
     logits_BTV = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                       engram_ids_BTLk=batch.get("engram_ids"))
+                       engram_ids_BTEG=batch.get("engram_ids"))
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
