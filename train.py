@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * 71)
     print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
     print(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
+    if result.plots:
+        print(f"plots:       {', '.join(result.plots)}")
     print(f"generate:    python -m mhc_jax.generate --workdir {workdir} --prompt \"def \"")
     return 0
 

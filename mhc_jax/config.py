@@ -169,6 +169,8 @@ class TrainingConfig:
     sample_tokens: int = 200  # generated at the end of train.py
     sample_prompt: str = "def "  # prompt of the sample generated at the end
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
+    plots: bool = True  # PNGs of loss, lr, grad norm, tokens/s and mHC gains in workdir/plots at the end of a run
+    profile_steps: tuple[int, ...] = ()  # [first, last] (1-based, inclusive): jax.profiler trace into workdir/profile
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,8 @@ def validate(cfg: Config) -> Config:
         _require(getattr(t, key) >= 1, f"training.{key}", getattr(t, key), "must be >= 1")
     _require(t.diagnostics_every >= 0, "training.diagnostics_every", t.diagnostics_every, "must be >= 0")
     _require(t.peak_flops >= 0, "training.peak_flops", t.peak_flops, "must be >= 0 (0 = measure)")
+    _require(t.profile_steps == () or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+             "training.profile_steps", t.profile_steps, "must be [] (off) or [first, last] with 1 <= first <= last")
 
     for key in ("dcn_data", "data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)

@@ -30,6 +30,7 @@ from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
 from mhc_jax.train.metrics import MetricsWriter, measure_peak_flops
 from mhc_jax.train.optimizer import lr_schedule
+from mhc_jax.train.profile import StepProfiler, finish_run
 from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
 from mhc_jax.train.step import make_sharded_step
 
@@ -48,6 +49,7 @@ class RunResult:
     eval: dict[str, float] = field(default_factory=dict)
     sample: str = ""
     workdir: str = ""
+    plots: list[str] = field(default_factory=list)  # PNGs written at the end of the run (mhc_jax.plot)
 
 
 def _ensure_workdir(workdir: str) -> None:
@@ -194,8 +196,10 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 "layer_bwd_max": float(gains["per_layer_bwd"].max())})
 
         step = start
+        profiler = StepProfiler(t.profile_steps, workdir, enabled=is_main and "://" not in workdir)
         try:
             for step in range(start, t.steps):
+                profiler.before(step, state)
                 batch = next(train_iter)
                 if step_fn is None:
                     step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh), t.grad_accum)
@@ -218,6 +222,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                     break
             flush()
         finally:
+            profiler.stop(state)
             ckpt.close()
             if bar is not None:
                 bar.close()
@@ -229,6 +234,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 model, tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
                 temperature=0.8, top_k=40, seed=t.seed)
     writer.close()
+    result.plots = finish_run(workdir, t.plots)
     if preempt.signal is not None:
         print(f"\nstopped by signal {preempt.signal} at step {result.step}; checkpoint saved in "
               f"{ckpt.directory}. Re-run the same command to resume.", flush=True)
