@@ -24,6 +24,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mhc_jax.cli import entry_point
+from mhc_jax.errors import ConfigError
+
 GiB = 2**30
 
 # HBM per chip and JAX devices per chip, by the device_kind libtpu reports. Sources (Cloud TPU docs,
@@ -93,7 +96,11 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    return topologies.get_topology_desc(name, "tpu", **kwargs)
+    try:
+        return topologies.get_topology_desc(name, "tpu", **kwargs)
+    except Exception as err:  # noqa: BLE001 - libtpu rejects unknown names with assorted error types
+        raise ConfigError(f"--topology {name!r} is not a TPU topology libtpu knows ({' '.join(str(err).split())[:200]}); "
+                          f"use e.g. v4:2x2x1, v5e:4x4, v5p:2x2x1") from err
 
 
 def chip_info(device_kind: str) -> tuple[str, float]:
@@ -286,6 +293,7 @@ def format_report(r: FitReport) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
