@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(cfg, workdir, progress=not args.no_progress)
     if result.status == "preempted":
         return 143
-    if result.status == "nothing_to_train":
-        print(f"nothing to train: {workdir} already holds step {result.step} >= training.steps="
-              f"{cfg.training.steps}; raise training.steps to train further")
+    if result.status == "nothing_to_train":  # run() said so in one line
         return 0
     print()
     print(f"finished at step {result.step}: train loss {result.train_loss:.4f}", end="")

@@ -31,6 +31,7 @@ from flax import nnx
 
 from mhc_jax.config import CheckpointConfig
 from mhc_jax.errors import CheckpointError, MhcJaxError, disk_full
+from mhc_jax.train.step import to_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ _tree_sums = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
 def tree_checksums(tree: Any) -> dict[str, str]:
     """{array path: 16 hex digits} for every array of `tree` (one jitted reduction, 8 bytes per array
     copied to the host)."""
-    sums = jax.device_get(_tree_sums(tree))
+    sums = jax.device_get(_tree_sums(to_device_memory(tree)))  # host-resident Engram tables: on the device
     return {jax.tree_util.keystr(path): "%08x%08x" % tuple(int(v) for v in s)
             for path, s in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
@@ -157,7 +158,7 @@ class Checkpointer:
     def close(self) -> None:
         with self._disk_errors(None):
             self.manager.wait_until_finished()
-        self.manager.close()
+            self.manager.close()
 
     def _disk_errors(self, step: int | None):
         return _DiskErrors(self, step)
