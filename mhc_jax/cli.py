@@ -8,6 +8,7 @@ disk prints the path and what to free, Ctrl-C returns 130; anything else is a bu
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -28,11 +29,24 @@ def error_line(err: BaseException) -> str | None:
     return None
 
 
+class _ExpectedFailureFilter(logging.Filter):
+    """Drops log records that carry an expected failure's traceback (e.g. Orbax's background save thread
+    logging a full disk): the main thread reports the same failure once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or error_line(exc) is None
+
+
 def entry_point(main: Main) -> Main:
     """Decorates a CLI `main(argv) -> int` so that expected failures end as one line and exit 2."""
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str] | None = None) -> int:
+        quiet = _ExpectedFailureFilter()
+        loggers = [logging.getLogger(), logging.getLogger("absl")]
+        for logger in loggers:
+            logger.addFilter(quiet)
         try:
             return main(argv)
         except KeyboardInterrupt:
@@ -44,5 +58,8 @@ def entry_point(main: Main) -> Main:
                 raise
             print(line, file=sys.stderr)
             return 2
+        finally:
+            for logger in loggers:
+                logger.removeFilter(quiet)
 
     return wrapped

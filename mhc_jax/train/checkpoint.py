@@ -114,6 +114,7 @@ class Checkpointer:
         self.heal = heal
         self.skipped: list[dict[str, Any]] = []
         self._bytes = 0  # size of the last saved state (for the full-disk message)
+        self._in_flight: int | None = None  # step of an async save not yet known to be committed
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=cfg.async_save,
                                                cleanup_tmp_directories=not read_only)
@@ -139,9 +140,12 @@ class Checkpointer:
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
         self._bytes = _state_bytes(state)
+        self.wait()  # a failed previous async save is reported as its own step
         self._clear_unlisted(step)
         with self._disk_errors(step):
-            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._in_flight = step if saved else None
+        return saved
 
     def _clear_unlisted(self, step: int) -> None:
         """A directory of `step` that Orbax does not list (an unfinished or damaged write) would block
@@ -152,28 +156,33 @@ class Checkpointer:
             self._move_aside(step, "its directory exists but is not a complete checkpoint")
 
     def wait(self) -> None:
-        with self._disk_errors(None):
+        with self._disk_errors(self._in_flight):
             self.manager.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
-        with self._disk_errors(None):
+        with self._disk_errors(self._in_flight):
             self.manager.wait_until_finished()
             self.manager.close()
+        self._in_flight = None
 
     def _disk_errors(self, step: int | None):
         return _DiskErrors(self, step)
 
     def _disk_full_error(self, step: int | None, err: BaseException) -> CheckpointError:
+        free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
         for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
             shutil.rmtree(tmp, ignore_errors=True)  # the half-written step (never listed): free its space
-        free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
         last = self.latest_step()
+        # What one checkpoint takes on this disk: the last good one's size, else the arrays' bytes.
+        needed = _du(os.path.join(self.directory, str(last))) if last is not None else self._bytes
         what = f"checkpoint step {step}" if step is not None else "a checkpoint"
         kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was kept"
         return CheckpointError(
-            f"no space left on device writing {what} to {self.directory}: a checkpoint of this run needs about "
-            f"{self._bytes / 2**20:,.1f} MiB and the disk has {free / 2**20:,.1f} MiB free; free space there "
-            f"(or use another --workdir) and re-run the same command: {kept}")
+            f"no space left on device writing {what} to {self.directory}: a checkpoint of this run takes about "
+            f"{needed / 2**20:,.1f} MiB (plus as much again while it is written) and the disk had "
+            f"{free / 2**20:,.1f} MiB free; free space there (or use another --workdir) and re-run the same "
+            f"command: {kept}")
 
     # -- restoring ---------------------------------------------------------------------------------
 
@@ -277,6 +286,10 @@ class _DiskErrors:
         if err is not None and not isinstance(err, MhcJaxError) and disk_full(err) is not None:
             raise self.ckpt._disk_full_error(self.step, err) from err
         return False
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def _reason(err: BaseException) -> str:
