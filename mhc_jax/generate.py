@@ -65,7 +65,9 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (e.g. the tokenizer's BOS id)")
     total = len(prompt_ids) + max_new_tokens
-    if total > cfg.model.max_seq_len:
+    # With every block windowed, each KV cache is a ring of `attention_window` slots: any length fits.
+    unbounded = cfg.model.attention_window > 0 and cfg.model.global_every == 0
+    if total > cfg.model.max_seq_len and not unbounded:
         raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
                          f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.engram.enabled and engram_ids is None:

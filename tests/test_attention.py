@@ -274,10 +274,11 @@ def test_ring_buffer_generation_equals_full_recompute(position):
     cache = model.init_cache(2, 32)
     # Windowed blocks keep only their last 4 tokens; the global block (index 1) keeps all 32.
     assert [c["attn"]["k"].shape[1] for c in cache] == [4, 32, 4]
-    logits, cache = model.decode(t[:, :9], jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)  # prompt > window
+    decode = nnx.jit(lambda m, tokens, positions, cache: m.decode(tokens, positions, cache))
+    logits, cache = decode(model, t[:, :9], jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)  # prompt > window
     steps = [logits]
     for i in range(9, 20):  # the ring wraps several times
-        step_logits, cache = model.decode(t[:, i:i + 1], jnp.full((2, 1), i), cache)
+        step_logits, cache = decode(model, t[:, i:i + 1], jnp.full((2, 1), i), cache)
         steps.append(step_logits)
     chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), model(t), atol=1e-5, rtol=1e-5)
 
@@ -292,3 +293,15 @@ def test_window_changes_what_a_token_sees():
     l1, l2 = model(t), model(t2)
     chex.assert_trees_all_close(l1[:, 4:], l2[:, 4:], atol=1e-6)
     assert float(jnp.abs(l1[:, :4] - l2[:, :4]).max()) > 1e-4
+
+
+def test_all_windowed_model_generates_past_max_seq_len_like_full_recompute():
+    from mhc_jax.generate import generate
+
+    cfg = load_config(None, TINY + ["model.attention_window=4", "model.max_seq_len=16"])
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert [c["attn"]["k"].shape[1] for c in model.init_cache(1, 16)] == [4, 4]
+    cached = generate(model, [1, 2, 3], 22, temperature=0.0)  # 25 tokens > max_seq_len 16
+    assert cached == generate(model, [1, 2, 3], 22, temperature=0.0, use_cache=False)
+    with pytest.raises(ValueError, match="exceeds model.max_seq_len=16"):
+        generate(Transformer(load_config(None, TINY + ["model.max_seq_len=16"]), rngs=nnx.Rngs(0)), [1, 2, 3], 22)

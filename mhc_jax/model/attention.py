@@ -34,7 +34,7 @@ KVCache = dict[str, jax.Array]  # {"k": (B, S, K, D), "v": (B, S, K, D), "pos": 
 
 # On CPU, dense attention is faster while its T^2 scores stay small (benchmarks/attention.py); from this
 # length on `auto` uses the chunked kernel, whose memory is linear in T.
-CPU_CHUNKED_FROM = 2048
+CPU_CHUNKED_FROM = 1024
 _logged: set[tuple[str, ...]] = set()
 
 
