@@ -305,3 +305,12 @@ def test_all_windowed_model_generates_past_max_seq_len_like_full_recompute():
     assert cached == generate(model, [1, 2, 3], 22, temperature=0.0, use_cache=False)
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=16"):
         generate(Transformer(load_config(None, TINY + ["model.max_seq_len=16"]), rngs=nnx.Rngs(0)), [1, 2, 3], 22)
+
+
+def test_model_flops_count_the_keys_a_window_leaves():
+    from mhc_jax.flops import attention_flops_per_token
+
+    cfg = load_config(None, TINY + WINDOWED + ["data.seq_len=12"])  # windows (4, 0, 4)
+    keys = sum(reference_mask(np.ones((1, 12), np.int32), w)[0].sum() for w in layer_windows(3, 4, 2)) / 12
+    H, D = cfg.model.n_heads, cfg.model.resolved_head_dim
+    assert attention_flops_per_token(cfg) == pytest.approx(4 * H * D * keys)

@@ -71,13 +71,16 @@ def _block_logits(q_blk, k_blk, seg_q, seg_k, pos_q, pos_k, i, j, window, slopes
     return s, ok[:, None, None]  # mask (B, 1, 1, b, b)
 
 
-def _slices(q, k, v, seg, pos, i, j, b):
+def _pair(q, k, v, seg, pos, ij, window, slopes_KG, b):
+    """Block indices, the query block, key / value blocks, and the logits and mask of one block pair."""
+    i, j = ij[0], ij[1]
     qs = jax.lax.dynamic_slice_in_dim(q, i * b, b, axis=3)
     ks = jax.lax.dynamic_slice_in_dim(k, j * b, b, axis=2)
     vs = jax.lax.dynamic_slice_in_dim(v, j * b, b, axis=2)
     sq, sk = (jax.lax.dynamic_slice_in_dim(seg, n * b, b, axis=1) for n in (i, j))
     pq, pk = (jax.lax.dynamic_slice_in_dim(pos, n * b, b, axis=1) for n in (i, j))
-    return qs, ks, vs, sq, sk, pq, pk
+    s, ok = _block_logits(qs, ks, sq, sk, pq, pk, i, j, window, slopes_KG, b)
+    return i, j, qs, ks, vs, s, ok
 
 
 def _forward(q, k, v, seg, pos, window, slopes_KG, b):
@@ -86,9 +89,7 @@ def _forward(q, k, v, seg, pos, window, slopes_KG, b):
 
     def step(carry, ij):
         acc, m, l = carry
-        i, j = ij[0], ij[1]
-        qs, ks, vs, sq, sk, pq, pk = _slices(q, k, v, seg, pos, i, j, b)
-        s, ok = _block_logits(qs, ks, sq, sk, pq, pk, i, j, window, slopes_KG, b)
+        i, _, _, _, vs, s, ok = _pair(q, k, v, seg, pos, ij, window, slopes_KG, b)
         m_old = jax.lax.dynamic_slice_in_dim(m, i * b, b, axis=3)
         l_old = jax.lax.dynamic_slice_in_dim(l, i * b, b, axis=3)
         a_old = jax.lax.dynamic_slice_in_dim(acc, i * b, b, axis=3)
@@ -129,9 +130,7 @@ def _attention_bwd(window, slopes_KG, b, residuals, dout):
 
     def step(carry, ij):
         dq, dk, dv = carry
-        i, j = ij[0], ij[1]
-        qs, ks, vs, sq, sk, pq, pk = _slices(q, k, v, seg, pos, i, j, b)
-        s, ok = _block_logits(qs, ks, sq, sk, pq, pk, i, j, window, slopes_KG, b)
+        i, j, qs, ks, vs, s, ok = _pair(q, k, v, seg, pos, ij, window, slopes_KG, b)
         lse_i = jax.lax.dynamic_slice_in_dim(lse, i * b, b, axis=3)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, i * b, b, axis=3)
         do_i = jax.lax.dynamic_slice_in_dim(dout, i * b, b, axis=3).astype(jnp.float32)
