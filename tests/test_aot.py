@@ -98,8 +98,9 @@ def test_splash_attention_compiles_for_tpu_v4_megacore_with_windows_and_segments
 
     devices = topologies.get_topology_desc("v4:2x2x1", "tpu", chip_config_name="megacore").devices
     assert len(devices) == 4  # megacore: one device per v4 chip
+    # attention_impl=auto: traced on this CPU host, it must still pick splash for the TPU mesh's devices.
     cfg = aot.for_tpu(load_config("configs/tiny.yaml", [
-        "model.attention_impl=splash", "model.attention_window=128", "model.global_every=2", "model.d_model=256",
+        "model.attention_impl=auto", "model.attention_window=128", "model.global_every=2", "model.d_model=256",
         "data.seq_len=256", "model.max_seq_len=256", "data.batch_size=8", "mesh.tensor=2"]))
     compiled, mesh, _ = aot.compile_train_step(cfg, devices)
     assert dict(mesh.shape) == {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 2}
