@@ -314,3 +314,37 @@ def test_model_flops_count_the_keys_a_window_leaves():
     keys = sum(reference_mask(np.ones((1, 12), np.int32), w)[0].sum() for w in layer_windows(3, 4, 2)) / 12
     H, D = cfg.model.n_heads, cfg.model.resolved_head_dim
     assert attention_flops_per_token(cfg) == pytest.approx(4 * H * D * keys)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("impl, T", [("chunked", 16), ("splash", 128)])
+def test_sharded_loss_and_grads_equal_single_device(impl, T):
+    from mhc_jax import sharding
+    from mhc_jax.config import MeshConfig
+    from mhc_jax.train.step import loss_and_grads
+
+    cfg = load_config(None, TINY + WINDOWED + [
+        f"model.attention_impl={impl}", "model.attention_block=4" if impl == "chunked" else "model.attention_block=128",
+        "model.n_heads=8", "model.n_kv_heads=4", "model.d_model=64", "model.n_layers=2", f"data.seq_len={T}",
+        f"model.max_seq_len={T}", "data.batch_size=4", "model.dtype=float32"])
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(5), (4, T + 1), 0, cfg.model.vocab_size)
+    seg = jnp.asarray(np.repeat([[1] * (T // 3) + [2] * (T - T // 3)], 4, axis=0), jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
+             "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (4, T)),
+             "loss_mask": jnp.ones((4, T), jnp.float32)}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(p, r, b):
+        loss, grads, _ = loss_and_grads(nnx.merge(graphdef, p, r), b)
+        return loss, grads
+
+    ref_loss, ref_grads = jax.jit(run)(params, rest, batch)
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    p_sh = sharding.train_state_shardings_of(params, mesh, cfg)
+    b_sh = sharding.batch_shardings(batch, mesh)
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(run, out_shardings=(None, p_sh))(
+            jax.device_put(params, p_sh), rest, jax.device_put(batch, b_sh))
+    chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)

@@ -32,8 +32,8 @@ REMAT_POLICIES = {
 
 class Block(nnx.Module):
     def __init__(self, cfg: Config, index: int, *, rngs: nnx.Rngs, window: int = 0):
-        """`window`: this block's attention window (0 = full causal), from masks.layer_windows. Blocks with
-        equal windows are structurally identical (so runs of them can be scanned)."""
+        """`window`: this block's attention window (0 = full causal), from masks.layer_windows: the one
+        attention setting that differs between blocks, passed in so runs of equal blocks can be grouped."""
         m = cfg.model
         dtype = compute_dtype(m.dtype)
         # GPT-2 style: output projections scaled by 1/sqrt(2 * n_layers) so the residual variance
