@@ -348,3 +348,15 @@ def test_sharded_loss_and_grads_equal_single_device(impl, T):
             jax.device_put(params, p_sh), rest, jax.device_put(batch, b_sh))
     chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", ["none", "rope"])
+def test_position_none_makes_one_layer_blind_to_prefix_order(position):
+    # With no positions, a single causal layer's output at the last token is a function of the set of
+    # earlier tokens: permuting them changes nothing. RoPE (the control) does see the order.
+    cfg = load_config(None, TINY + ["model.n_layers=1", f"model.position={position}"])
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    t = jax.random.randint(jax.random.key(6), (1, 10), 0, cfg.model.vocab_size)
+    shuffled = jnp.concatenate([t[:, :9][:, ::-1], t[:, 9:]], axis=1)
+    same = np.allclose(model(t)[:, -1], model(shuffled)[:, -1], atol=1e-5)
+    assert same == (position == "none")
