@@ -55,7 +55,7 @@ class ModelConfig:
     position: Literal["rope", "alibi", "none"] = "rope"
     attention_window: int = 0  # sliding window: a token sees itself and the window-1 tokens before it; 0 = full causal
     global_every: int = 0  # with a window, every k-th block (k-1, 2k-1, ...) attends fully (Gemma); 0 = none do
-    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), chunked on CPU from 1024 tokens, else xla (dense).
+    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), else chunked (CPU: from 1024 tokens) or xla (dense).
     attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
     attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
 

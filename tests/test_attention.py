@@ -204,7 +204,10 @@ def test_auto_picks_per_backend_and_logs_the_choice_once(caplog, monkeypatch):
     pick = lambda platform, T=4096, dtype=jnp.bfloat16, position="rope": resolve_impl(  # noqa: E731
         "auto", platform, seq_len=T, dtype=dtype, position=position, block=512)
     assert pick("tpu") == "splash" and pick("tpu", position="alibi") == "chunked" and pick("tpu", T=100) == "xla"
-    assert pick("gpu") == "cudnn" and pick("gpu", dtype=jnp.float32) == "xla"
+    assert pick("gpu") == "cudnn" and pick("gpu", dtype=jnp.float32) == "chunked" and pick("gpu", T=256,
+                                                                                       dtype=jnp.float32) == "xla"
+    assert resolve_impl("auto", "gpu", seq_len=4096, dtype=jnp.bfloat16, position="rope", block=512,
+                        head_dim=256) == "chunked"  # beyond cuDNN's head sizes
     assert pick("cpu", T=256) == "xla" and pick("cpu", T=4096) == "chunked"
     assert resolve_impl("chunked", "tpu", seq_len=8, dtype=jnp.float32, position="rope", block=8) == "chunked"
     cfg = load_config(None, TINY)

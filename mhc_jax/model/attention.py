@@ -47,16 +47,18 @@ def target_platform() -> str:
     return jax.default_backend()
 
 
-def resolve_impl(impl: str, platform: str, *, seq_len: int, dtype: jnp.dtype, position: str, block: int) -> str:
+def resolve_impl(impl: str, platform: str, *, seq_len: int, dtype: jnp.dtype, position: str, block: int,
+                 head_dim: int = 64) -> str:
     """`auto` -> the best implementation for `platform` and these shapes; other choices pass through."""
     if impl != "auto":
         return impl
+    blockwise = "xla" if seq_len <= block else "chunked"  # where no fused kernel applies
     if platform == "tpu":
-        if position != "alibi" and seq_len % LANES == 0:
-            return "splash"
-        return "xla" if seq_len <= block else "chunked"
+        return "splash" if position != "alibi" and seq_len % LANES == 0 else blockwise
     if platform == "gpu":
-        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+        # cuDNN flash attention: half precision, head dims that are multiples of 8 up to 128.
+        fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+        return "cudnn" if fits else blockwise
     return "chunked" if seq_len >= CPU_CHUNKED_FROM else "xla"
 
 
@@ -87,6 +89,7 @@ def attend(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_
         if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
             raise ConfigError(f"model.attention_impl='cudnn' needs bfloat16 or float16 activations, got "
                               f"{q_BTHD.dtype}; set model.dtype=bfloat16")
+        # cuDNN takes no segment ids: the same-document mask goes in as a (B, 1, T, T) bias.
         same_segment_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         return jax.nn.dot_product_attention(
             q_BTHD, k_BTKD, v_BTKD, bias=None if bias is None else bias.astype(q_BTHD.dtype),
@@ -137,7 +140,8 @@ class Attention(nnx.Module):
 
         if cache is None:
             platform, T = target_platform(), q_BTHD.shape[1]
-            impl = resolve_impl(self.impl, platform, seq_len=T, dtype=dt, position=self.position, block=self.block)
+            impl = resolve_impl(self.impl, platform, seq_len=T, dtype=dt, position=self.position, block=self.block,
+                                head_dim=q_BTHD.shape[-1])
             _log_choice_once(self.impl, impl, platform, T)
             out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, positions_BT, impl=impl,
                               window=self.window, slopes=self.slopes, block=self.block)
