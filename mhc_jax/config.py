@@ -81,6 +81,9 @@ class ResidualConfig:
     use_post: bool = True
     use_res: bool = True
     hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
+    # Selective recomputation (mHC paper Sec. 4.3) in HC / mHC / mHC-lite connections: keep only the input
+    # streams, coefficients and sublayer output; recompute norm, projection, Sinkhorn and mixing in backward.
+    recompute: bool = True
 
 
 @dataclass(frozen=True)

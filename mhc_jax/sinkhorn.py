@@ -11,6 +11,11 @@ The backward pass is exact for the truncated iteration (the same gradient as dif
 loop) but stores only the input between forward and backward: `jax.custom_vjp` recomputes the iterates in
 the backward pass, as the paper's kernels do on-chip. An implicit-function backward would be exact only
 at convergence, and a backward from the final output alone is an approximation (mhc.md).
+
+Layout (speed): the iteration runs on (n, n, ...) with the token axes last, and a line sum is the sum of
+the n slices along a leading axis (elementwise adds), so XLA fuses each normalisation with its sums
+into loop fusions over contiguous token vectors: 3 small fusions per iteration instead of reductions over
+an axis of 4 strided floats. Measured on 2 CPU cores for (768, 4, 4) logits: the forward ~20x faster.
 """
 
 from __future__ import annotations
@@ -33,13 +38,22 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 _LOG_FLOOR = 40.0
 
 
+def _line_sum(m: jax.Array, axis: int) -> jax.Array:
+    """Sum over a short leading `axis` as n - 1 elementwise adds of slices (fusible, unlike a reduce)."""
+    s = jax.lax.index_in_dim(m, 0, axis, keepdims=True)
+    for i in range(1, m.shape[axis]):
+        s = s + jax.lax.index_in_dim(m, i, axis, keepdims=True)
+    return s
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _normalize(m: jax.Array, axis: int, eps: float) -> jax.Array:
+    """m / (sum of m along `axis` + eps) for the (n, n, ...) layout (axis 0: columns, 1: rows)."""
     return _normalize_fwd(m, axis, eps)[0]
 
 
 def _normalize_fwd(m, axis, eps):
-    s = jnp.sum(m, axis=axis, keepdims=True) + eps
+    s = _line_sum(m, axis) + eps
     s = jnp.where(s < _TINY, 1.0, s)
     out = m / s
     return out, (out, s)
@@ -49,7 +63,7 @@ def _normalize_bwd(axis, eps, res, g):
     # d(m_i / s)/dm_k = (delta_ik - out_i) / s. Written with 1/s only: autodiff's -m/s^2 overflows
     # float32 once a line sums below ~1e-19 and then gives 0 * inf = NaN.
     out, s = res
-    return ((g - jnp.sum(g * out, axis=axis, keepdims=True)) / s,)
+    return ((g - _line_sum(g * out, axis)) / s,)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -63,17 +77,18 @@ def _log_normalize(l: jax.Array, axis: int, log_eps: float | None) -> jax.Array:
 
 
 def _sinkhorn_linear(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:
-    m = jnp.exp(jnp.maximum(x - jnp.max(x, axis=(-2, -1), keepdims=True), -_LOG_FLOOR))
+    m = jnp.moveaxis(x, (-2, -1), (0, 1))  # (n, n, ...): entry (i, j) of every matrix is one token vector
+    m = jnp.exp(jnp.maximum(m - jnp.max(m, axis=(0, 1), keepdims=True), -_LOG_FLOOR))
     if softmax_start:
         # DeepSeek-V4 (paper orientation): the first column step is a plain softmax, then + eps.
-        m = _normalize(m, -2, 0.0) + eps
-        m = _normalize(m, -1, eps)
+        m = _normalize(m, 0, 0.0) + eps
+        m = _normalize(m, 1, eps)
         num_iters -= 1
 
     def body(_: int, m: jax.Array) -> jax.Array:
-        return _normalize(_normalize(m, -2, eps), -1, eps)  # columns, then rows (Eq. 9)
+        return _normalize(_normalize(m, 0, eps), 1, eps)  # columns, then rows (Eq. 9)
 
-    return jax.lax.fori_loop(0, num_iters, body, m)
+    return jnp.moveaxis(jax.lax.fori_loop(0, num_iters, body, m), (0, 1), (-2, -1))
 
 
 def _sinkhorn_log(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:

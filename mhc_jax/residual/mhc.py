@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import Config
-from mhc_jax.layers import param, rms_norm
+from mhc_jax.layers import param
 from mhc_jax.sinkhorn import sinkhorn_knopp
 
 Branch = Callable[[jax.Array], jax.Array]
@@ -52,16 +52,44 @@ def ablate(cfg: Config, h_pre: jax.Array, h_post: jax.Array, h_res: jax.Array) -
     return h_pre, h_post, h_res
 
 
+def pre_mix(x_BTnC: jax.Array, h_pre: jax.Array) -> jax.Array:
+    """The sublayer input H_pre x (..., C), mixed in float32 and returned in the stream dtype."""
+    h_in_BTC = jnp.einsum("...n,...nc->...c", h_pre, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
+    return h_in_BTC.astype(x_BTnC.dtype)
+
+
+def res_post_mix(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, h_res: jax.Array,
+                 transposed: bool = False) -> jax.Array:
+    """H_res x + H_post^T y in one contraction over the n streams plus the sublayer output:
+    new_i = sum_j h_res[i, j] x_j + h_post_i y (transposed: sum_j h_res[j, i] x_j + h_post_i y).
+    Float32 accumulation, result in the stream dtype."""
+    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
+    res_BTnC = jnp.einsum(mix, h_res, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
+    return (res_BTnC + h_post[..., :, None] * y_BTC.astype(jnp.float32)[..., None, :]).astype(x_BTnC.dtype)
+
+
 def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: jax.Array,
                    h_res: jax.Array, *, transposed: bool = False) -> jax.Array:
-    """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_j.
+    """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_i.
     Mixing runs in float32 (the coefficients stay float32); the result has the stream dtype."""
-    x32 = x_BTnC.astype(jnp.float32)
-    h_in_BTC = jnp.einsum("...n,...nc->...c", h_pre, x32, precision=_HI).astype(x_BTnC.dtype)
-    y32_BTC = branch(h_in_BTC).astype(jnp.float32)
-    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
-    res_BTnC = jnp.einsum(mix, h_res, x32, precision=_HI)
-    return (res_BTnC + h_post[..., :, None] * y32_BTC[..., None, :]).astype(x_BTnC.dtype)
+    y_BTC = branch(pre_mix(x_BTnC, h_pre))
+    return res_post_mix(x_BTnC, y_BTC, h_post, h_res, transposed)
+
+
+def rms_projection(x_BTnC: jax.Array, phi: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm(vec(x)) phi in the paper's kernel form (Eq. 14-16): the matmul reads the raw streams and
+    the norm's division comes after it, c = (vec(x) phi) / r with r = sqrt(mean(vec(x)^2) + eps), so the
+    normalised nC-vector is never materialised. Float32 whatever the stream dtype."""
+    v = x_BTnC.reshape(*x_BTnC.shape[:-2], -1)
+    c = jnp.einsum("...d,dk->...k", v, phi.astype(jnp.float32), precision=_HI, preferred_element_type=jnp.float32)
+    v32 = v.astype(jnp.float32)
+    return c * jax.lax.rsqrt(jnp.mean(jnp.square(v32), axis=-1, keepdims=True) + eps)
+
+
+# Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
+# inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
+# the per-token coefficients (n^2 + 2n floats) and the sublayer output, never the float32 intermediates.
+RECOMPUTE_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 def acting_h_res(h_res: jax.Array, transposed: bool) -> jax.Array:
@@ -84,10 +112,19 @@ class StreamConnection(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        h_pre, h_post, h_res = self.mappings(x_BTnC)
+        if not self.cfg.residual.recompute:
+            h_pre, h_post, h_res = self.mappings(x_BTnC)
+            self._capture(h_res)
+            return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
+        h_pre, h_post, h_res = nnx.remat(type(self).mappings, policy=RECOMPUTE_POLICY)(self, x_BTnC)
+        self._capture(h_res)
+        y_BTC = branch(jax.checkpoint(pre_mix, policy=RECOMPUTE_POLICY)(x_BTnC, h_pre))
+        post = jax.checkpoint(res_post_mix, policy=RECOMPUTE_POLICY, static_argnums=(4,))
+        return post(x_BTnC, y_BTC, h_post, h_res, self.transposed)
+
+    def _capture(self, h_res: jax.Array) -> None:
         if self.capture_mappings:
             self.sow(nnx.Intermediate, "h_res", acting_h_res(h_res, self.transposed))
-        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
 
 
 class ManifoldHyperConnection(StreamConnection):
@@ -114,20 +151,23 @@ class ManifoldHyperConnection(StreamConnection):
     def projections(self, x_BTnC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The fused projection RMSNorm(vec(x)) phi split in the documented order [pre | post | res]."""
         n = self.n
-        v = rms_norm(x_BTnC.reshape(*x_BTnC.shape[:-2], -1), self.norm_eps)  # over all nC values
-        c = jnp.einsum("...d,dk->...k", v, self.phi[...].astype(jnp.float32), precision=_HI)
+        c = rms_projection(x_BTnC, self.phi[...], self.norm_eps)  # RMSNorm over all nC values, Eq. 14-16
         return c[..., :n], c[..., n:2 * n], c[..., 2 * n:]
 
     def res_mapping(self, res_logits: jax.Array) -> jax.Array:
         """(..., n^2) gated logits -> native h_res (..., n, n) by Sinkhorn-Knopp (paper Eq. 9)."""
         r, n = self.cfg.residual, self.n
         logits = res_logits.reshape(*res_logits.shape[:-1], n, n)
+        # Under selective recomputation the whole coefficient function is rematerialised, so Sinkhorn's
+        # own input-only custom VJP would run the iterations a third time: differentiate the loop instead.
+        rb = not r.recompute
         if not self.transposed:
-            return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain)
+            return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain,
+                                  recompute_backward=rb)
         # DeepSeek-V4 `comb`: row softmax + eps, then column/row steps ending on columns. sinkhorn_knopp
         # works in paper orientation (rows last), so it runs on the transpose and hands back comb.
         acting = sinkhorn_knopp(jnp.swapaxes(logits, -1, -2), r.sinkhorn_iters, r.sinkhorn_eps or V4_EPS,
-                                r.sinkhorn_log_domain, softmax_start=True)
+                                r.sinkhorn_log_domain, softmax_start=True, recompute_backward=rb)
         return jnp.swapaxes(acting, -1, -2)
 
     def mappings(self, x_BTnC: jax.Array) -> Mappings:
