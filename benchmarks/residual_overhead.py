@@ -1,17 +1,20 @@
-"""Training-step time of HC / mHC / mHC-lite relative to the plain residual, and Sinkhorn VJP memory.
+"""Training-step time, MFU and activation memory of HC / mHC / mHC-lite relative to the plain residual.
 
-    python benchmarks/residual_overhead.py [--quick]
+    python benchmarks/residual_overhead.py [--quick] [--d-model 128 512 1024 --seq 64 256 128 --batch 12 4 2]
 
-Times the shared jitted train step (mhc_jax.train.step.train_step) at one config (default d=256,
-4 layers, seq 256, batch 4, n=4) on the default backend, interleaving the kinds over several rounds and
-reporting median step-time ratios to `plain` measured in this one run. Paper reference: mHC costs 6.7%
-extra training time at n = 4 with fused kernels, selective recomputation and pipeline overlap; these are
-unfused XLA ops, so expect more.
+One table for the three shapes of issue 15 (d = 128 / 512 / 1024; the first is nanoGPT's CPU shape): for
+each shape, times the shared jitted train step (mhc_jax.train.step.train_step) of every kind on the default
+backend, interleaving the kinds over several rounds, and reports median step-time ratios to `plain`
+measured in this one run, MFU (closed-form model FLOPs, mhc_jax.flops, over a matmul peak measured at
+start-up), and the compiled activation memory: bytes one block keeps from forward to backward per token
+(outputs of the jitted jax.vjp closure of a block, compiled memory analysis; with residual.recompute, the
+paper's selective recomputation, on and off). Paper reference: mHC costs 6.7% extra training time at n = 4
+with fused kernels, selective recomputation and pipeline overlap (GPUs).
 
-Then the compiled memory analysis of the Sinkhorn backward: bytes kept from forward to backward for the
-batch's (B*T, n, n) logits (custom VJP: only the input; unrolled: every iterate), and the temporary memory
-of a gradient through 2 * n_layers stacked projections (like the model's sublayers).
-Writes benchmarks/results/residual_overhead.json.
+Absolute times on a shared machine are noisy: quote the ratios, which come from interleaved rounds. The
+machine's load average is recorded in the JSON. Then, as before, the compiled memory analysis of the
+Sinkhorn backward (custom VJP keeps only the input; unrolled autodiff keeps every iterate).
+Writes benchmarks/results/residual_overhead.json; `step_time` is the first shape's (the key earlier runs used).
 """
 
 from __future__ import annotations
@@ -28,19 +31,23 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.config import Config
+from mhc_jax.flops import model_flops_per_token
 from mhc_jax.model import Transformer, count_params
+from mhc_jax.model.transformer import Block
 from mhc_jax.sinkhorn import sinkhorn_knopp
+from mhc_jax.train.metrics import measure_peak_flops
 from mhc_jax.train.optimizer import make_optimizer
 from mhc_jax.train.step import loss_sum_and_count, train_step
 
 KINDS = ("plain", "hc", "mhc", "mhc_lite")
 
 
-def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int) -> Config:
+def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int, recompute: bool = True) -> Config:
+    heads = 4 if d <= 256 else d // 64  # nanoGPT's CPU shape has 4 heads of 32 at d = 128
     return Config().replace(
-        model={"d_model": d, "n_layers": layers, "n_heads": max(1, d // 64), "n_kv_heads": max(1, d // 64),
+        model={"d_model": d, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads,
                "d_ff": 4 * d, "max_seq_len": seq},
-        residual={"kind": kind, "n_streams": n},
+        residual={"kind": kind, "n_streams": n, "recompute": recompute},
         data={"seq_len": seq, "batch_size": batch},
         optimizer={"warmup_steps": 0})
 
@@ -73,31 +80,63 @@ def time_steps(step, model, optimizer, batch, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def step_time_ratios(args) -> dict:
+def step_time_ratios(args, d: int, seq: int, batch: int, peak: float) -> dict:
     states, per_kind = {}, {k: [] for k in KINDS}
     step = train_step if args.mode == "train_step" else fwd_bwd_step
     for kind in KINDS:
-        cfg = make_cfg(kind, args.d_model, args.layers, args.seq, args.batch, args.n_streams)
+        cfg = make_cfg(kind, d, args.layers, seq, batch, args.n_streams)
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         optimizer = make_optimizer(cfg, model) if args.mode == "train_step" else None
-        batch = make_batch(cfg)
+        batch_ = make_batch(cfg)
         t0 = time.perf_counter()
-        jax.block_until_ready(step(model, optimizer, batch)["loss"])  # compile
+        jax.block_until_ready(step(model, optimizer, batch_)["loss"])  # compile
         compile_s = time.perf_counter() - t0
-        time_steps(step, model, optimizer, batch, 1)
-        states[kind] = (model, optimizer, batch, compile_s, count_params(model))
+        time_steps(step, model, optimizer, batch_, 1)
+        states[kind] = (model, optimizer, batch_, compile_s, count_params(model), model_flops_per_token(cfg))
     for _ in range(args.rounds):  # interleaved so machine-load drift hits every kind alike
         for kind in KINDS:
-            model, optimizer, batch, _, _ = states[kind]
-            per_kind[kind].append(time_steps(step, model, optimizer, batch, args.steps))
+            model, optimizer, batch_ = states[kind][:3]
+            per_kind[kind].append(time_steps(step, model, optimizer, batch_, args.steps))
     base = statistics.median(per_kind["plain"])
-    return {kind: {"step_time_ratio": statistics.median(per_kind[kind]) / base,
-                   "params": states[kind][4], "compile_s": states[kind][3]} for kind in KINDS}
+    out = {}
+    for kind in KINDS:
+        t = statistics.median(per_kind[kind])
+        _, _, _, compile_s, params, flops = states[kind]
+        out[kind] = {"step_time_ratio": t / base, "step_s": t, "mfu": flops * batch * seq / t / peak,
+                     "params": params, "compile_s": compile_s}
+    return out
 
 
-def sinkhorn_memory(args) -> dict:
+def block_activation_bytes(kind: str, d: int, seq: int, n: int, recompute: bool) -> float:
+    """Bytes one block keeps from its forward pass for its backward pass, per token: the outputs of the
+    jitted jax.vjp closure (compiled memory analysis) at batch 2 minus batch 1, so the parameters cancel."""
+    cfg = make_cfg(kind, d, 2, seq, 1, n, recompute)
+    graphdef, params = nnx.split(Block(cfg, 0, rngs=nnx.Rngs(0)))
+    sizes = []
+    for b in (1, 2):
+        pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
+        seg = jnp.ones((b, seq), jnp.int32)
+        f = lambda p, x: nnx.merge(graphdef, p)(x, pos, seg, None, None)[0]
+        x = jax.ShapeDtypeStruct((b, seq, cfg.n_streams, d), jnp.float32)
+        compiled = jax.jit(lambda p, x_: jax.vjp(f, p, x_)[1]).lower(params, x).compile()
+        sizes.append(compiled.memory_analysis().output_size_in_bytes)
+    return float(sizes[1] - sizes[0]) / seq
+
+
+def activation_memory(d: int, seq: int, n: int) -> dict:
+    plain = block_activation_bytes("plain", d, seq, n, True)
+    out = {"plain": {"bytes_per_token": plain, "ratio": 1.0}}
+    for kind in KINDS[1:]:
+        on = block_activation_bytes(kind, d, seq, n, True)
+        off = block_activation_bytes(kind, d, seq, n, False)
+        out[kind] = {"bytes_per_token": on, "ratio": on / plain,
+                     "no_recompute_bytes_per_token": off, "no_recompute_ratio": off / plain}
+    return out
+
+
+def sinkhorn_memory(args, seq: int, batch: int) -> dict:
     n, iters = args.n_streams, 20
-    x = jnp.zeros((args.batch * args.seq, n, n), jnp.float32)
+    x = jnp.zeros((batch * seq, n, n), jnp.float32)
 
     def residual_bytes(recompute: bool) -> int:
         f = lambda y: sinkhorn_knopp(y, iters, recompute_backward=recompute)
@@ -129,11 +168,11 @@ def sinkhorn_memory(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller timing run (same config, fewer steps)")
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--quick", action="store_true", help="fewer timing steps and rounds (same shapes)")
+    p.add_argument("--d-model", type=int, nargs="+", default=[128, 512, 1024], help="one or more widths")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, nargs="+", default=[64, 256, 128], help="per width (or one for all)")
+    p.add_argument("--batch", type=int, nargs="+", default=[12, 4, 2], help="per width (or one for all)")
     p.add_argument("--n-streams", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="steps per timing round")
     p.add_argument("--rounds", type=int, default=5)
@@ -142,26 +181,55 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "residual_overhead.json"))
     args = p.parse_args()
     if args.quick:
-        args.steps, args.rounds = 3, 3
+        args.steps, args.rounds = 2, 3
+    widths = args.d_model
+    per = lambda v: v * len(widths) if len(v) == 1 else v
+    seqs, batches = per(args.seq), per(args.batch)
+    if not len(seqs) == len(batches) == len(widths):
+        raise SystemExit(f"--seq {args.seq} and --batch {args.batch} need one value or one per --d-model {widths}")
 
-    timing = step_time_ratios(args)
-    memory = sinkhorn_memory(args)
-    print(f"mode={args.mode} backend={jax.default_backend()} d={args.d_model} layers={args.layers} seq={args.seq} "
-          f"batch={args.batch} n={args.n_streams}; ratios are medians over {args.rounds} interleaved rounds")
-    print(f"{'kind':10s} {'step time / plain':>18s} {'params':>10s}")
-    for kind, r in timing.items():
-        print(f"{kind:10s} {r['step_time_ratio']:18.3f} {r['params']:10d}")
-    print("paper reference: mHC +6.7% step time at n=4 with fused kernels")
+    load_before = _loadavg()
+    peak = measure_peak_flops()
+    shapes = []
+    for d, seq, batch in zip(widths, seqs, batches):
+        print(f"d={d} seq={seq} batch={batch}: timing {', '.join(KINDS)} ...", flush=True)
+        shapes.append({"d_model": d, "seq": seq, "batch": batch, "layers": args.layers,
+                       "step_time": step_time_ratios(args, d, seq, batch, peak),
+                       "activation_memory": activation_memory(d, seq, args.n_streams)})
+    load_after = _loadavg()
+    memory = sinkhorn_memory(args, seqs[0], batches[0])
+
+    print(f"\nmode={args.mode} backend={jax.default_backend()} layers={args.layers} n={args.n_streams}; step-time "
+          f"ratios are medians over {args.rounds} interleaved rounds of {args.steps} steps; load average "
+          f"{load_before} -> {load_after}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'shape':>18s} {'kind':9s} {'time/plain':>10s} {'MFU':>6s} {'act. mem/plain':>14s} "
+          f"{'(no recompute)':>14s} {'act. KiB/token':>14s}")
+    for s_ in shapes:
+        name = f"d{s_['d_model']} T{s_['seq']} B{s_['batch']}"
+        for kind in KINDS:
+            t, m = s_["step_time"][kind], s_["activation_memory"][kind]
+            print(f"{name:>18s} {kind:9s} {t['step_time_ratio']:10.3f} {100 * t['mfu']:5.1f}% {m['ratio']:14.2f} "
+                  f"{m.get('no_recompute_ratio', 1.0):14.2f} {m['bytes_per_token'] / 1024:14.1f}")
+    print("paper reference: mHC +6.7% step time at n=4 with fused kernels (GPU); activation memory is per block")
     print("\nSinkhorn backward memory (compiled memory analysis)")
     for key, value in memory.items():
         print(f"  {key:36s} {value if not isinstance(value, float) else round(value, 1)}")
-    print("  (residual bytes: what reverse mode keeps from forward to backward per call. The stacked temp\n"
-          "   figure is whole-program scratch; XLA:CPU keeps every sublayer's recomputed iterates there.)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "backend": jax.default_backend(), "step_time": timing,
-                   "sinkhorn_memory": memory}, f, indent=2)
+        json.dump({"config": config, "backend": jax.default_backend(), "peak_flops": peak,
+                   "loadavg": {"before": load_before, "after": load_after},
+                   "step_time": shapes[0]["step_time"], "shapes": shapes, "sinkhorn_memory": memory}, f, indent=2)
     print(f"\nwrote {args.out}")
+
+
+def _loadavg() -> str:
+    """`cat /proc/loadavg` (1, 5, 15 minute load averages; '' where the file does not exist)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

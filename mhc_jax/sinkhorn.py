@@ -107,8 +107,9 @@ def _sinkhorn_log(x: jax.Array, num_iters: int, eps: float, softmax_start: bool)
     return jnp.exp(jax.lax.fori_loop(0, num_iters, body, l))
 
 
-def _sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
-                      softmax_start: bool) -> jax.Array:
+def sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
+                     softmax_start: bool) -> jax.Array:
+    """The float32 iteration itself (no custom VJP): what every backward differentiates."""
     fn = _sinkhorn_log if log_domain else _sinkhorn_linear
     return fn(x, num_iters, eps, softmax_start)
 
@@ -116,12 +117,12 @@ def _sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _sinkhorn_recompute(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
                         softmax_start: bool) -> jax.Array:
-    return _sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start)
+    return sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start)
 
 
 def _fwd(x, num_iters, eps, log_domain, softmax_start):
     # The only residual is the float32 input: (..., n, n) instead of ~2 * num_iters iterates.
-    return _sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start), x
+    return sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start), x
 
 
 def _bwd(num_iters, eps, log_domain, softmax_start, x, g):
@@ -129,7 +130,7 @@ def _bwd(num_iters, eps, log_domain, softmax_start, x, g):
     # The barrier ties the recomputation to the arriving cotangent, so XLA cannot hoist every layer's
     # recomputation to the start of the backward pass (which would hold all iterates at once again).
     x, g = jax.lax.optimization_barrier((x, g))
-    _, vjp = jax.vjp(lambda y: _sinkhorn_forward(y, num_iters, eps, log_domain, softmax_start), x)
+    _, vjp = jax.vjp(lambda y: sinkhorn_forward(y, num_iters, eps, log_domain, softmax_start), x)
     return vjp(g)
 
 
@@ -137,7 +138,7 @@ _sinkhorn_recompute.defvjp(_fwd, _bwd)
 
 
 def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log_domain: bool = False,
-                   softmax_start: bool = False, recompute_backward: bool = True) -> jax.Array:
+                   softmax_start: bool = False, recompute_backward: bool = True, impl: str = "xla") -> jax.Array:
     """Projects the last two axes of `logits` (..., n, n) towards the doubly stochastic matrices.
 
     num_iters: t_max column+row normalisations (mHC paper: 20). eps: added to every denominator
@@ -145,6 +146,8 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
     (equal to the standard one in exact arithmetic). softmax_start: DeepSeek-V4's start, in this function's
     (paper) orientation: the first column normalisation is a softmax followed by + eps. recompute_backward:
     the custom VJP that stores only the input (False differentiates the loop directly, for comparison).
+    impl: "xla" or "pallas" (mhc_jax.sinkhorn_pallas: one kernel for all iterations, linear domain only,
+    always with the recomputing backward).
     Returns float32 (..., n, n) whose rows sum to 1 (up to eps) after the final row step.
     """
     if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
@@ -153,8 +156,16 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
         raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
     if eps < 0:
         raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl={impl!r} is not allowed: must be 'xla' or 'pallas'")
     x = logits.astype(jnp.float32)
+    if impl == "pallas":
+        if log_domain:
+            raise ValueError("impl='pallas' runs the linear-domain iteration only: set log_domain=False "
+                             "(residual.sinkhorn_log_domain: false) or impl='xla'")
+        from mhc_jax.sinkhorn_pallas import sinkhorn_pallas
+        return sinkhorn_pallas(x, int(num_iters), float(eps), bool(softmax_start))
     args = (int(num_iters), float(eps), bool(log_domain), bool(softmax_start))
     if recompute_backward:
         return _sinkhorn_recompute(x, *args)
-    return _sinkhorn_forward(x, *args)
+    return sinkhorn_forward(x, *args)

@@ -163,11 +163,12 @@ class ManifoldHyperConnection(StreamConnection):
         rb = not r.recompute
         if not self.transposed:
             return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain,
-                                  recompute_backward=rb)
+                                  recompute_backward=rb, impl=r.impl)
         # DeepSeek-V4 `comb`: row softmax + eps, then column/row steps ending on columns. sinkhorn_knopp
         # works in paper orientation (rows last), so it runs on the transpose and hands back comb.
         acting = sinkhorn_knopp(jnp.swapaxes(logits, -1, -2), r.sinkhorn_iters, r.sinkhorn_eps or V4_EPS,
-                                r.sinkhorn_log_domain, softmax_start=True, recompute_backward=rb)
+                                r.sinkhorn_log_domain, softmax_start=True, recompute_backward=rb,
+                                impl=r.impl)
         return jnp.swapaxes(acting, -1, -2)
 
     def mappings(self, x_BTnC: jax.Array) -> Mappings:
