@@ -85,10 +85,42 @@ def _sinkhorn_linear(x: jax.Array, num_iters: int, eps: float, softmax_start: bo
         m = _normalize(m, 1, eps)
         num_iters -= 1
 
-    def body(_: int, m: jax.Array) -> jax.Array:
-        return _normalize(_normalize(m, 0, eps), 1, eps)  # columns, then rows (Eq. 9)
+    return jnp.moveaxis(_iterate(m, num_iters, eps), (0, 1), (-2, -1))
 
-    return jnp.moveaxis(jax.lax.fori_loop(0, num_iters, body, m), (0, 1), (-2, -1))
+
+def _col_row(m: jax.Array, eps: float) -> jax.Array:
+    return _normalize(_normalize(m, 0, eps), 1, eps)  # columns, then rows (Eq. 9)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _iterate(m: jax.Array, num_iters: int, eps: float) -> jax.Array:
+    """num_iters column + row normalisations of the (n, n, ...) matrices m, in one fori_loop."""
+    return jax.lax.fori_loop(0, num_iters, lambda _, m_: _col_row(m_, eps), m)
+
+
+def _iterate_fwd(m, num_iters, eps):
+    # Keeps one array per iteration (its input) instead of autodiff's four (two outputs, two line sums).
+    out, history = jax.lax.scan(lambda m_, _: (_col_row(m_, eps), m_), m, None, length=num_iters)
+    return out, history
+
+
+def _iterate_bwd(num_iters, eps, history, g):
+    def step(g_, m_prev):
+        # One iteration's backward from its input: recompute a = colnorm(m), b = rownorm(a), then
+        # d(m / s) = (g - sum(g * out)) / s along each line (the 1/s-only form of _normalize_bwd).
+        s_c = _line_sum(m_prev, 0) + eps
+        s_c = jnp.where(s_c < _TINY, 1.0, s_c)
+        a = m_prev / s_c
+        s_r = _line_sum(a, 1) + eps
+        s_r = jnp.where(s_r < _TINY, 1.0, s_r)
+        g_a = (g_ - _line_sum(g_ * (a / s_r), 1)) / s_r
+        return (g_a - _line_sum(g_a * a, 0)) / s_c, None
+
+    g_m, _ = jax.lax.scan(step, g, history, reverse=True)
+    return (g_m,)
+
+
+_iterate.defvjp(_iterate_fwd, _iterate_bwd)
 
 
 def _sinkhorn_log(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:
