@@ -33,7 +33,7 @@ from flax import nnx
 from mhc_jax.config import Config
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.model import Transformer, count_params
-from mhc_jax.model.transformer import Block
+from mhc_jax.model.memory import block_activation_bytes_per_token
 from mhc_jax.sinkhorn import sinkhorn_knopp
 from mhc_jax.train.metrics import measure_peak_flops
 from mhc_jax.train.optimizer import make_optimizer
@@ -108,19 +108,8 @@ def step_time_ratios(args, d: int, seq: int, batch: int, peak: float) -> dict:
 
 
 def block_activation_bytes(kind: str, d: int, seq: int, n: int, recompute: bool) -> float:
-    """Bytes one block keeps from its forward pass for its backward pass, per token: the outputs of the
-    jitted jax.vjp closure (compiled memory analysis) at batch 2 minus batch 1, so the parameters cancel."""
-    cfg = make_cfg(kind, d, 2, seq, 1, n, recompute)
-    graphdef, params = nnx.split(Block(cfg, 0, rngs=nnx.Rngs(0)))
-    sizes = []
-    for b in (1, 2):
-        pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (b, seq))
-        seg = jnp.ones((b, seq), jnp.int32)
-        f = lambda p, x: nnx.merge(graphdef, p)(x, pos, seg, None, None)[0]
-        x = jax.ShapeDtypeStruct((b, seq, cfg.n_streams, d), jnp.float32)
-        compiled = jax.jit(lambda p, x_: jax.vjp(f, p, x_)[1]).lower(params, x).compile()
-        sizes.append(compiled.memory_analysis().output_size_in_bytes)
-    return float(sizes[1] - sizes[0]) / seq
+    """Bytes one block keeps from forward to backward per token (mhc_jax.model.memory)."""
+    return block_activation_bytes_per_token(make_cfg(kind, d, 2, seq, 1, n, recompute))
 
 
 def activation_memory(d: int, seq: int, n: int) -> dict:

@@ -416,23 +416,10 @@ def test_recompute_changes_neither_values_nor_gradients(kind):
 
 
 def block_saved_bytes_per_token(kind: str, recompute: bool, d: int = 64, seq: int = 32) -> float:
-    """Bytes one block keeps from its forward pass for the backward pass (the outputs of the jitted
-    jax.vjp closure: compiled memory analysis), per token: the difference between two batch sizes, so
-    the parameters (also held by the closure) cancel."""
-    from mhc_jax.model.transformer import Block
-    cfg = Config().replace(
+    from mhc_jax.model.memory import block_activation_bytes_per_token
+    return block_activation_bytes_per_token(Config().replace(
         model={"d_model": d, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 4 * d, "max_seq_len": seq},
-        residual={"kind": kind, "n_streams": 4, "recompute": recompute}, data={"seq_len": seq})
-    graphdef, params = nnx.split(Block(cfg, 0, rngs=nnx.Rngs(0)))
-    sizes = []
-    for batch in (2, 4):
-        pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        seg = jnp.ones((batch, seq), jnp.int32)
-        f = lambda p, x: nnx.merge(graphdef, p)(x, pos, seg, None, None)[0]
-        x = jax.ShapeDtypeStruct((batch, seq, cfg.n_streams, d), jnp.float32)
-        compiled = jax.jit(lambda p, x_: jax.vjp(f, p, x_)[1]).lower(params, x).compile()
-        sizes.append(compiled.memory_analysis().output_size_in_bytes)
-    return (sizes[1] - sizes[0]) / (2 * seq)
+        residual={"kind": kind, "n_streams": 4, "recompute": recompute}, data={"seq_len": seq}))
 
 
 def test_selective_recomputation_keeps_mhc_block_activations_within_1_3x_plain():
