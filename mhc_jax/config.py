@@ -96,6 +96,12 @@ class ResidualConfig:
     use_post: bool = True  # False: H_post = ones
     use_res: bool = True  # False: H_res = identity
     hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
+    # Selective recomputation (mHC paper Sec. 4.3) in HC / mHC / mHC-lite connections: keep only the input
+    # streams, coefficients and sublayer output; recompute norm, projection, Sinkhorn and mixing in backward.
+    recompute: bool = True
+    # mHC Sinkhorn: "xla" (fused XLA loop) or "pallas" (one kernel per token block, mhc_jax.sinkhorn_pallas;
+    # Mosaic on TPU, interpret mode on CPU; linear domain only).
+    impl: Literal["xla", "pallas"] = "xla"
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,9 @@ def validate(cfg: Config) -> Config:
     _require(r.n_streams >= 1, "residual.n_streams", r.n_streams, "must be >= 1")
     _require(r.sinkhorn_iters >= 1, "residual.sinkhorn_iters", r.sinkhorn_iters, "must be >= 1")
     _require(r.sinkhorn_eps >= 0, "residual.sinkhorn_eps", r.sinkhorn_eps, "must be >= 0")
+    if r.impl == "pallas":
+        _require(not r.sinkhorn_log_domain, "residual.sinkhorn_log_domain", r.sinkhorn_log_domain,
+                 "must be false with residual.impl=pallas (the kernel runs the linear-domain iteration)")
     if r.kind == "mhc_lite":
         _require(r.n_streams <= 6, "residual.n_streams", r.n_streams,
                  "mhc_lite mixes all n! permutations; use n_streams <= 6")
