@@ -34,6 +34,8 @@ from mhc_jax.sharding import (MESH_AXES, batch_shardings, check_global_batch, ma
                               undivided_params)
 from mhc_jax.train.state import abstract_train_state
 from mhc_jax.train.step import make_sharded_step
+from mhc_jax.cli import entry_point
+from mhc_jax.errors import ConfigError
 
 GiB = 2**30
 
@@ -104,7 +106,11 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    return topologies.get_topology_desc(name, "tpu", **kwargs)
+    try:
+        return topologies.get_topology_desc(name, "tpu", **kwargs)
+    except Exception as err:  # noqa: BLE001 - libtpu rejects unknown names with assorted error types
+        raise ConfigError(f"--topology {name!r} is not a TPU topology libtpu knows ({' '.join(str(err).split())[:200]}); "
+                          f"use e.g. v4:2x2x1, v5e:4x4, v5p:2x2x1") from err
 
 
 def chip_info(device_kind: str) -> tuple[str, float]:
@@ -255,6 +261,7 @@ def format_report(r: FitReport) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

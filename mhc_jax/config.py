@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
 import os
 import textwrap
 import tokenize
@@ -37,7 +38,7 @@ from mhc_jax.errors import ConfigError  # re-exported: `from mhc_jax.config impo
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE) and a SwiGLU MLP."""
+    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE or ALiBi, optionally windowed) and a SwiGLU MLP."""
 
     vocab_size: int = 259  # byte tokenizer: 256 bytes + BOS/EOS/PAD
     d_model: int = 128  # C: residual stream width
@@ -57,7 +58,13 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimiser state
     # "auto": bfloat16 on GPU/TPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    attention_impl: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # Token positions: rotary (RoPE), ALiBi logit biases (Press et al. 2021, arXiv 2108.12409) or none (NoPE).
+    position: Literal["rope", "alibi", "none"] = "rope"
+    attention_window: int = 0  # sliding window: a token sees itself and the window-1 tokens before it; 0 = full causal
+    global_every: int = 0  # with a window, every k-th block (k-1, 2k-1, ...) attends fully (Gemma); 0 = none do
+    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), else chunked (CPU: from 1024 tokens) or xla (dense).
+    attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+    attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -169,6 +176,11 @@ class TrainingConfig:
     sample_tokens: int = 200  # generated at the end of train.py
     sample_prompt: str = "def "  # prompt of the sample generated at the end
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
+    plots: bool = True  # PNGs of loss, lr, grad norm, tokens/s and mHC gains in workdir/plots at the end of a run
+    profile_steps: tuple[int, ...] = ()  # [first, last] (1-based, inclusive): jax.profiler trace into workdir/profile
+
+
+MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor")  # MeshConfig's axes, in mesh order
 
 
 @dataclass(frozen=True)
@@ -231,7 +243,20 @@ def validate(cfg: Config) -> Config:
                  f"must divide model.d_model={m.d_model} (or set model.head_dim)")
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    if m.position == "rope":
+        _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    _require(m.attention_window >= 0, "model.attention_window", m.attention_window, "must be >= 0 (0 = full causal)")
+    _require(m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0 = no global blocks)")
+    _require(m.global_every == 0 or m.attention_window > 0, "model.global_every", m.global_every,
+             "interleaves full blocks among windowed ones, so it needs model.attention_window > 0")
+    _require(m.attention_block >= 1, "model.attention_block", m.attention_block, "must be >= 1")
+    if m.attention_impl == "splash":
+        _require(m.position != "alibi", "model.position", m.position,
+                 "the splash kernel takes no logit bias: use rope or none, or attention_impl chunked/xla/cudnn")
+        _require(m.attention_block % 128 == 0, "model.attention_block", m.attention_block,
+                 "must be a multiple of 128 (TPU lanes) with attention_impl=splash")
+        _require(cfg.data.seq_len % 128 == 0, "data.seq_len", cfg.data.seq_len,
+                 "must be a multiple of 128 with model.attention_impl=splash (its blocks are 128-lane tiles)")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
@@ -254,6 +279,7 @@ def validate(cfg: Config) -> Config:
             _require(getattr(e, key) >= 1, f"engram.{key}", getattr(e, key), "must be >= 1")
         _require(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
         _require(e.table_init_std > 0, "engram.table_init_std", e.table_init_std, "must be > 0")
+    _require(e.shard_axis in MESH_AXES, "engram.shard_axis", e.shard_axis, f"must be one of {MESH_AXES}")
 
     _require(bool(d.dataset), "data.dataset", d.dataset, "name a dataset: pystdlib, text:PATH or tfds:NAME")
     _require(d.dataset == "pystdlib" or d.dataset.startswith(("text:", "tfds:")), "data.dataset",
@@ -284,11 +310,13 @@ def validate(cfg: Config) -> Config:
         _require(getattr(t, key) >= 1, f"training.{key}", getattr(t, key), "must be >= 1")
     _require(t.diagnostics_every >= 0, "training.diagnostics_every", t.diagnostics_every, "must be >= 0")
     _require(t.peak_flops >= 0, "training.peak_flops", t.peak_flops, "must be >= 0 (0 = measure)")
+    _require(t.profile_steps == () or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+             "training.profile_steps", t.profile_steps, "must be [] (off) or [first, last] with 1 <= first <= last")
 
-    for key in ("dcn_data", "data", "fsdp", "tensor"):
+    for key in MESH_AXES:
         v = getattr(cfg.mesh, key)
         _require(v == -1 or v >= 1, f"mesh.{key}", v, "must be >= 1, or -1 for the remaining devices")
-    _require([getattr(cfg.mesh, k) for k in ("dcn_data", "data", "fsdp", "tensor")].count(-1) <= 1,
+    _require([getattr(cfg.mesh, k) for k in MESH_AXES].count(-1) <= 1,
              "mesh", cfg.mesh, "at most one axis may be -1")
 
     _require(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
@@ -351,7 +379,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be a finite number")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
@@ -372,7 +406,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}={data!r} has the wrong type: expected a mapping of keys")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the config"
         raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
@@ -410,20 +444,43 @@ def resolve_config_path(path: str) -> str:
     raise ConfigError(f"config file {path!r} does not exist; give a path or one of: {', '.join(available)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line} "
+                                      f"of {key_node.start_mark.name}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
     path = os.path.abspath(resolve_config_path(path))
     if path in seen:
         raise ConfigError(f"config {path} extends itself through 'base' ({' -> '.join(seen + (path,))})")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base={base!r} in {path} is not allowed: must be the path (or configs/ name) of "
+                          "another YAML config, e.g. base: tiny.yaml")
     base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
     if not os.path.isfile(base_path):
         base_path = base  # fall back to a name under configs/
@@ -441,7 +498,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override key {key!r} must be section.key (e.g. model.n_layers=2)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     if value is None or not isinstance(value, (int, float, bool, str, list)):
         value = raw
@@ -450,15 +507,22 @@ def parse_override(text: str) -> dict:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Loads `path` (following `base:`) or the defaults, applies `section.key=value` overrides, validates."""
-    data = _load_yaml_tree(path) if path else {}
+    return config_from_dict(_load_yaml_tree(path) if path else {}, overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config from a (possibly partial) dict, e.g. the one stored in a checkpoint, plus overrides."""
     for item in overrides:
         data = merge_dicts(data, parse_override(item))
     return from_dict(data)
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    """Writes `path` atomically (a temporary file renamed over it), so a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------

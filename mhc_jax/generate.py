@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mhc_jax.cli import entry_point
 from mhc_jax.data.tokenizer import load_tokenizer
 # Re-exported: the sampling library used to live here.
-from mhc_jax.sampling import EngramIdFn, filter_logits, generate, generate_text, sample_token  # noqa: F401
+from mhc_jax.sampling import (EngramIdFn, check_sampling, filter_logits, fit_prompt, generate,  # noqa: F401
+                              generate_text, sample_token, unbounded_context)
 from mhc_jax.train.state import load_model_from_workdir
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
@@ -28,13 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = p.parse_args(argv)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading anything
     cfg, model, step = load_model_from_workdir(args.workdir, step=args.step)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    max_new = min(args.max_new_tokens, cfg.model.max_seq_len - 1 - len(tokenizer.encode(args.prompt)))
-    text = generate_text(model, tokenizer, args.prompt, max_new, temperature=args.temperature,
+    if not unbounded_context(cfg):  # max_new_tokens fits the context at all
+        fit_prompt([tokenizer.bos_id], args.max_new_tokens, cfg.model.max_seq_len)
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(f"[checkpoint step {step}]")
     print(args.prompt + text)
+    n_new = len(tokenizer.encode(text))
+    if n_new < args.max_new_tokens:
+        print(f"[stopped at the end-of-text token after {n_new} of {args.max_new_tokens} tokens]", file=sys.stderr)
     return 0
 
 

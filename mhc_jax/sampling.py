@@ -8,6 +8,8 @@ uses, from the whole token history, so generation sees exactly the ids training 
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
 
 import jax
@@ -15,10 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax.config import Config, ConfigError
 from mhc_jax.engram.ids import EngramIds
 
 EngramIdFn = Callable[[np.ndarray], np.ndarray]  # tokens (B, T) -> int32 (B, T, E, G)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+    """ConfigError naming the value and what is allowed, for sampling settings that would not sample."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature={temperature!r} is not allowed: must be a finite number >= 0 (0 = greedy)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p={top_p!r} is not allowed: must be in (0, 1] (1 = no nucleus filtering)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ConfigError(f"top_k={top_k!r} is not allowed: must be an integer >= 0 (0 = no top-k filtering)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens!r} is not allowed: must be an integer >= 0")
+
+
+def unbounded_context(cfg: Config) -> bool:
+    """True when every block is windowed: each KV cache is then a ring of `attention_window` slots and any
+    generation length fits (positions beyond max_seq_len are fine for RoPE and ALiBi)."""
+    return cfg.model.attention_window > 0 and cfg.model.global_every == 0
 
 
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -61,12 +81,14 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
     """Continues `prompt_ids` by up to `max_new_tokens` tokens (stops early at `eos_id`). With
     `use_cache=False` every step recomputes the whole sequence (a reference for the cached path)."""
     cfg: Config = model.cfg
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompt_ids:
-        raise ValueError("the prompt must hold at least one token (e.g. the tokenizer's BOS id)")
+        raise ConfigError("the prompt must hold at least one token (e.g. the tokenizer's BOS id)")
     total = len(prompt_ids) + max_new_tokens
-    if total > cfg.model.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if total > cfg.model.max_seq_len and not unbounded_context(cfg):
+        raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                          f"exceeds model.max_seq_len={cfg.model.max_seq_len}; shorten the prompt or ask for "
+                          f"fewer tokens")
     if cfg.engram.enabled and engram_ids is None:
         raise ValueError("this model has Engram layers: pass engram_ids=EngramIds(cfg, tokenizer)")
     key = jax.random.key(seed)
@@ -112,10 +134,29 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
     return tokens[len(prompt_ids):]
 
 
+def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[list[int], int]:
+    """(ids, dropped): `ids` (BOS first) cut from the left, after its BOS, so that the prompt and
+    `max_new_tokens` new tokens fit the context; ConfigError when even one prompt token would not fit."""
+    room = max_seq_len - max_new_tokens
+    if room < 2:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} is not allowed: with the BOS token and at least one "
+                          f"prompt token it must be <= model.max_seq_len - 2 = {max_seq_len - 2}")
+    dropped = max(0, len(ids) - room)
+    return (ids[:1] + ids[1 + dropped:] if dropped else ids), dropped
+
+
 def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
-    """Prompt text -> generated continuation text (BOS first, as in training)."""
+    """Prompt text -> generated continuation text (BOS first, as in training). A prompt longer than the
+    context leaves for `max_new_tokens` keeps its last tokens, with a warning on stderr."""
     cfg: Config = model.cfg
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    dropped = 0
+    if not unbounded_context(cfg):
+        ids, dropped = fit_prompt(ids, max_new_tokens, cfg.model.max_seq_len)
+    if dropped:
+        print(f"warning: the prompt is {len(ids) - 1 + dropped} tokens; its first {dropped} were dropped so that "
+              f"it and max_new_tokens={max_new_tokens} fit model.max_seq_len={cfg.model.max_seq_len}",
+              file=sys.stderr)
     engram_fn = EngramIds(cfg, tokenizer) if cfg.engram.enabled else None
     new = generate(model, ids, max_new_tokens, engram_ids=engram_fn, eos_id=tokenizer.eos_id, **kwargs)
     return tokenizer.decode(new)

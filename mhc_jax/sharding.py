@@ -22,12 +22,10 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mhc_jax.config import Config, ConfigError, MeshConfig
+from mhc_jax.config import MESH_AXES, Config, ConfigError, MeshConfig
 from mhc_jax.engram.layer import table_shardings
 
 log = logging.getLogger(__name__)
-
-MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor")
 
 # Logical name -> mesh axis (or axes, or None for replicated). FSDP shards the "embed" dimension of
 # every weight (ZeRO-3); tensor parallelism splits heads, MLP width and the vocabulary.
@@ -62,10 +60,7 @@ def rules_for(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | No
     """The rule table with the config's choices applied (where Engram rows go)."""
     rules = dict(LOGICAL_AXIS_RULES)
     if cfg is not None:
-        axis = cfg.engram.shard_axis
-        if axis not in MESH_AXES:
-            raise ConfigError(f"engram.shard_axis={axis!r} is not allowed: must be one of {MESH_AXES}")
-        rules["engram_rows"] = axis
+        rules["engram_rows"] = cfg.engram.shard_axis  # one of MESH_AXES (checked by config.validate)
     return rules
 
 
@@ -268,7 +263,7 @@ def check_global_batch(rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
     """Raises a clear error unless every micro-batch of the global batch splits evenly over the batch axes."""
     ways = batch_ways(mesh)
     if rows % grad_accum or (rows // grad_accum) % ways:
-        raise ValueError(f"data.batch_size={rows} with training.grad_accum={grad_accum} gives micro-batches of "
+        raise ConfigError(f"data.batch_size={rows} with training.grad_accum={grad_accum} gives micro-batches of "
                          f"{rows / grad_accum:g} rows, which do not split over the {ways} ways of the batch mesh "
                          f"axes {batch_spec(2, mesh)[0]}; make data.batch_size a multiple of {ways * grad_accum}")
 

@@ -21,22 +21,23 @@ from mhc_jax.data.pipeline import (load_tokenizer, make_eval_iterator, make_trai
 from mhc_jax.data.tokenizer import train_sentencepiece
 from mhc_jax.sharding import make_mesh
 
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+from conftest import stdlib_prose
+
 B, T = 4, 32
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """~300 real-text documents of 10..100 characters: many shorter and many longer than a row."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare_head.txt"
-    path.write_text(SHAKESPEARE.read_text()[:20_000])
+    path = tmp_path_factory.mktemp("corpus") / "prose_head.txt"
+    path.write_text(stdlib_prose(20_000))
     return path
 
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("spm") / "ts.model"
-    train_sentencepiece(SHAKESPEARE.read_text()[:300_000].split("\n\n"), 400, out)
+    train_sentencepiece(stdlib_prose(300_000).split("\n\n"), 400, out)
     return str(out)
 
 

@@ -26,9 +26,9 @@ from mhc_jax.train.metrics import read_metrics
 from mhc_jax.train.optimizer import group_table, make_optimizer
 from mhc_jax.train.step import loss_and_grads, train_step
 
-from conftest import REPO_ROOT, SHAKESPEARE
+from conftest import PROSE_FILE, REPO_ROOT
 
-BASE = ["data.batch_size=8", "training.sample_tokens=8", "training.diagnostics_every=0", f"data.dataset=text:{SHAKESPEARE}"]
+BASE = ["data.batch_size=8", "training.sample_tokens=8", "training.diagnostics_every=0", f"data.dataset=text:{PROSE_FILE}"]
 
 
 def tiny(*overrides):

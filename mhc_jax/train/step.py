@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.train.optimizer import nonfinite_in_row
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -84,7 +86,8 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
-            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))}
+            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+            "nonfinite_in_row": nonfinite_in_row(optimizer)}
 
 
 train_step = nnx.jit(step_fn, donate_argnums=(0, 1), static_argnames=("grad_accum",))
