@@ -27,6 +27,7 @@ V = padded vocabulary, T = sequence length, n = residual streams:
 from __future__ import annotations
 
 from mhc_jax.config import Config
+from mhc_jax.model.masks import layer_windows
 from mhc_jax.residual import learned_collapse, residual_kind
 from mhc_jax.residual.collapse import collapse_flops
 from mhc_jax.sinkhorn import sinkhorn_flops  # noqa: F401 (re-exported)
@@ -63,8 +64,6 @@ def dense_flops_per_token(cfg: Config) -> float:
 def attention_flops_per_token(cfg: Config, seq_len: int | None = None, causal: bool = True) -> float:
     """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer. In a block with a
     sliding window W (model.attention_window) token t attends to min(t + 1, W) keys."""
-    from mhc_jax.model.masks import layer_windows
-
     m = cfg.model
     T = seq_len or cfg.data.seq_len
     keys = 0.0

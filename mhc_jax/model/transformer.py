@@ -103,7 +103,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
                  engram_ids_BTEG: jax.Array | None = None) -> jax.Array:
-        """engram_ids_BTEG: (batch, time, engram layers in config order, (max_ngram-1) * heads) table ids."""
+        """engram_ids_BTEG: table ids per Engram layer (config order) and hash head (the batch layout, mhc_jax.data)."""
         logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None)
         return logits
 
