@@ -170,7 +170,7 @@ _sinkhorn_recompute.defvjp(_fwd, _bwd)
 
 
 def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log_domain: bool = False,
-                   softmax_start: bool = False, recompute_backward: bool = True, impl: str = "xla") -> jax.Array:
+                   softmax_start: bool = False, recompute_backward: bool = True) -> jax.Array:
     """Projects the last two axes of `logits` (..., n, n) towards the doubly stochastic matrices.
 
     num_iters: t_max column+row normalisations (mHC paper: 20). eps: added to every denominator
@@ -178,8 +178,7 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
     (equal to the standard one in exact arithmetic). softmax_start: DeepSeek-V4's start, in this function's
     (paper) orientation: the first column normalisation is a softmax followed by + eps. recompute_backward:
     the custom VJP that stores only the input (False differentiates the loop directly, for comparison).
-    impl: "xla" or "pallas" (mhc_jax.sinkhorn_pallas: one kernel for all iterations, linear domain only,
-    always with the recomputing backward).
+    (mhc_jax.sinkhorn_pallas.sinkhorn_knopp_pallas is the same iteration as one Pallas kernel.)
     Returns float32 (..., n, n) whose rows sum to 1 (up to eps) after the final row step.
     """
     if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
@@ -188,15 +187,7 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
         raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
     if eps < 0:
         raise ValueError(f"eps={eps} is not allowed: must be >= 0")
-    if impl not in ("xla", "pallas"):
-        raise ValueError(f"impl={impl!r} is not allowed: must be 'xla' or 'pallas'")
     x = logits.astype(jnp.float32)
-    if impl == "pallas":
-        if log_domain:
-            raise ValueError("impl='pallas' runs the linear-domain iteration only: set log_domain=False "
-                             "(residual.sinkhorn_log_domain: false) or impl='xla'")
-        from mhc_jax.sinkhorn_pallas import sinkhorn_pallas
-        return sinkhorn_pallas(x, int(num_iters), float(eps), bool(softmax_start))
     args = (int(num_iters), float(eps), bool(log_domain), bool(softmax_start))
     if recompute_backward:
         return _sinkhorn_recompute(x, *args)

@@ -112,3 +112,19 @@ def _bwd(num_iters, eps, softmax_start, x, g):
 
 
 sinkhorn_pallas.defvjp(_fwd, _bwd)
+
+
+def sinkhorn_knopp_pallas(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log_domain: bool = False,
+                          softmax_start: bool = False) -> jax.Array:
+    """`mhc_jax.sinkhorn.sinkhorn_knopp` as one Pallas kernel for all iterations (linear domain only, always
+    with the recomputing backward); the same arguments and result."""
+    if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn_knopp_pallas needs (..., n, n) logits, got shape {logits.shape}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
+    if eps < 0:
+        raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+    if log_domain:
+        raise ValueError("the Pallas kernel runs the linear-domain iteration only: set log_domain=False "
+                         "(residual.sinkhorn_log_domain: false) or residual.impl=xla")
+    return sinkhorn_pallas(logits.astype(jnp.float32), int(num_iters), float(eps), bool(softmax_start))

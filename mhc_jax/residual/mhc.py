@@ -23,6 +23,8 @@ with a_pre = a_post = a_res = residual.alpha_init (0.01, paper Table 5), b = 0 a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -33,6 +35,7 @@ from mhc_jax.layers import param
 from mhc_jax.residual.base import (_HI, RECOMPUTE_POLICY, Branch, Mappings, StreamConnection,  # noqa: F401
                                   ablate, acting_h_res, apply_mappings, mixing_flops, pre_mix, res_post_mix)
 from mhc_jax.sinkhorn import sinkhorn_flops, sinkhorn_knopp
+from mhc_jax.sinkhorn_pallas import sinkhorn_knopp_pallas
 
 V4_EPS = 1e-6  # DeepSeek-V4 kernels: H_pre = sigmoid + 1e-6 and the Sinkhorn eps
 
@@ -81,15 +84,14 @@ class ManifoldHyperConnection(StreamConnection):
         logits = res_logits.reshape(*res_logits.shape[:-1], n, n)
         # Under selective recomputation the whole coefficient function is rematerialised, so Sinkhorn's
         # own input-only custom VJP would run the iterations a third time: differentiate the loop instead.
-        rb = not r.recompute
+        sinkhorn = (sinkhorn_knopp_pallas if r.impl == "pallas"
+                    else functools.partial(sinkhorn_knopp, recompute_backward=not r.recompute))
         if not self.transposed:
-            return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain,
-                                  recompute_backward=rb, impl=r.impl)
+            return sinkhorn(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain)
         # DeepSeek-V4 `comb`: row softmax + eps, then column/row steps ending on columns. sinkhorn_knopp
         # works in paper orientation (rows last), so it runs on the transpose and hands back comb.
-        acting = sinkhorn_knopp(jnp.swapaxes(logits, -1, -2), r.sinkhorn_iters, r.sinkhorn_eps or V4_EPS,
-                                r.sinkhorn_log_domain, softmax_start=True, recompute_backward=rb,
-                                impl=r.impl)
+        acting = sinkhorn(jnp.swapaxes(logits, -1, -2), r.sinkhorn_iters, r.sinkhorn_eps or V4_EPS,
+                          r.sinkhorn_log_domain, softmax_start=True)
         return jnp.swapaxes(acting, -1, -2)
 
     def mappings(self, x_BTnC: jax.Array) -> Mappings:
