@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.errors import ConfigError
 
 GiB = 2**30
@@ -92,7 +92,7 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     try:
         import libtpu  # noqa: F401
     except ImportError as err:
-        raise RuntimeError("the AOT report needs libtpu: pip install -e \".[tpu]\"") from err
+        raise ConfigError("the AOT report needs libtpu: pip install -e \".[tpu]\"") from err
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
@@ -323,4 +323,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

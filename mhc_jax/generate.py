@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.config import Config, ConfigError
 
 EngramIdFn = Callable[[np.ndarray], np.ndarray]  # tokens (B, T) -> int32 (B, T, L, k)
@@ -187,4 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
