@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 
 
 @entry_point
@@ -58,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -34,7 +34,7 @@ from mhc_jax.sharding import (MESH_AXES, batch_shardings, check_global_batch, ma
                               undivided_params)
 from mhc_jax.train.state import abstract_train_state
 from mhc_jax.train.step import make_sharded_step
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.errors import ConfigError
 
 GiB = 2**30
@@ -102,7 +102,7 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     try:
         import libtpu  # noqa: F401
     except ImportError as err:
-        raise RuntimeError("the AOT report needs libtpu: pip install -e \".[tpu]\"") from err
+        raise ConfigError("the AOT report needs libtpu: pip install -e \".[tpu]\"") from err
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
@@ -288,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,6 +1,7 @@
 """The one place where command-line entry points turn expected failures into one line.
 
-Every CLI's `main(argv) -> int` is decorated with `@entry_point`: an `MhcJaxError` (bad config, bad data,
+Every CLI's `main(argv) -> int` is decorated with `@entry_point` (and its `__main__` calls
+`exit_process(main())`): an `MhcJaxError` (bad config, bad data,
 unreadable checkpoint, a run that cannot go on) prints `error: <message>` on stderr and returns 2, a full
 disk prints the path and what to free, Ctrl-C returns 130; anything else is a bug and keeps its traceback.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -63,3 +65,14 @@ def entry_point(main: Main) -> Main:
                 logger.removeFilter(quiet)
 
     return wrapped
+
+
+def exit_process(code: int) -> None:
+    """`sys.exit` for a CLI's `__main__`. After an expected failure (exit 2) the process ends at once, so
+    background threads the failure interrupted (Orbax's async save, TensorStore, Grain) add no shutdown
+    tracebacks after the one error line; what they wrote is already committed or already reported."""
+    if code == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

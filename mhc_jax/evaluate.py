@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax
 
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator
 from mhc_jax.errors import ConfigError
 from mhc_jax.sharding import make_mesh
@@ -44,4 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

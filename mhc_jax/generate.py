@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.data.tokenizer import load_tokenizer
 # Re-exported: the sampling library used to live here.
 from mhc_jax.sampling import (EngramIdFn, check_sampling, filter_logits, fit_prompt, generate,  # noqa: F401
@@ -47,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -55,6 +55,9 @@ def test_every_shipped_config_loads():
     (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis may be -1"),
     (["data.dataset=imagenet"], "data.dataset='imagenet' is not allowed"),
     (["model.n_layers"], "must look like section.key=value"),
+    (["optimizer.lr=1e400"], "optimizer.lr=inf is not allowed: must be a finite number"),
+    (["optimizer.lr=.nan"], "optimizer.lr=nan is not allowed: must be a finite number"),
+    (["engram.shard_axis=rows"], "engram.shard_axis='rows' is not allowed: must be one of ('dcn_data'"),
 ])
 def test_bad_config_fails_at_load_with_a_message_naming_key_and_value(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -80,3 +83,15 @@ def test_replace_returns_a_validated_copy():
     assert to_dict(cfg)["model"]["n_layers"] == cfg.model.n_layers
     with pytest.raises(ConfigError):
         cfg.replace(model={"n_layers": 0})
+
+
+def test_duplicate_keys_and_a_base_that_is_not_a_path_are_refused(tmp_path):
+    (tmp_path / "dup.yaml").write_text("model: {d_model: 64}\ntraining:\n  steps: 2\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice in one mapping \(lines 3 and 4"):
+        load_config(str(tmp_path / "dup.yaml"))
+    (tmp_path / "base.yaml").write_text("base: 3\n")
+    with pytest.raises(ConfigError, match="base=3 in .* is not allowed: must be the path"):
+        load_config(str(tmp_path / "base.yaml"))
+    (tmp_path / "bytes.yaml").write_bytes(b"model: {d_model: \xff}\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(tmp_path / "bytes.yaml"))

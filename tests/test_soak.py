@@ -3,7 +3,8 @@ damaged at random between runs (truncated, metadata deleted, bytes flipped), and
 until it finishes; its final parameters must equal an uninterrupted run's bitwise, or the test names the
 first step where the two runs' losses diverged.
 
-The CI version kills twice and damages once; `-m slow` runs the long version (SOAK_KILLS, default 20).
+The CI version kills twice and damages once; `pytest -m slow tests/test_soak.py` runs the long version
+(SOAK_KILLS kills, default 20; SOAK_JSON=path writes its figures).
 """
 
 import json
@@ -105,7 +106,9 @@ def test_soak_short(tmp_path):
 
 
 @pytest.mark.slow
-def test_soak_long(tmp_path):
+def test_soak_long(tmp_path, request):
+    if "slow" not in (request.config.option.markexpr or "") and "SOAK_KILLS" not in os.environ:
+        pytest.skip("the long soak runs only when asked for: pytest -m slow tests/test_soak.py (or SOAK_KILLS=N)")
     kills = int(os.environ.get("SOAK_KILLS", "20"))
     figures = soak(str(tmp_path), steps=10 * kills, kills=kills, damage_prob=0.5, seed=int(os.environ.get("SOAK_SEED", "1")))
     print("soak:", json.dumps(figures))

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
-from mhc_jax.cli import entry_point
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.errors import ConfigError, DataError
 
 BYTE_VOCAB_SIZE = 259
@@ -263,4 +262,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
