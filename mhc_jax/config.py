@@ -103,10 +103,24 @@ class EngramConfig:
     # the mesh axis it is sharded over (primes divide nothing). Padded rows are never looked up.
     row_pad_multiple: int = 128
     table_init_std: float = 1.0  # demo: torch nn.Embedding default N(0, 1)
+    # How tables learn. "dense": a table-sized gradient and Adam update in the jitted step (any placement).
+    # "sparse": tables and Adam moments live in host RAM (numpy); the step gets only the batch's unique rows
+    # and returns their gradients; a lazy row-wise Adam updates them (mhc_jax.engram.host_tables). "auto":
+    # sparse with placement=host, dense with placement=device.
+    update: Literal["auto", "dense", "sparse"] = "auto"
+    # Rows per layer the sparse step receives (static shape). 0 = B * T * ids per position, the most a batch
+    # can touch (never exceeded); a smaller bucket saves device memory and fails clearly when exceeded.
+    row_bucket: int = 0
+    rows_prefetch: bool = True  # sparse: gather step t+1's rows in a background thread while step t runs
 
     @property
     def d_mem(self) -> int:
         return (self.max_ngram - 1) * self.heads_per_ngram * self.head_dim
+
+    @property
+    def sparse(self) -> bool:
+        """Whether tables are host-resident numpy arrays updated row-wise (engram.update, resolved)."""
+        return self.enabled and (self.update == "sparse" or (self.update == "auto" and self.placement == "host"))
 
 
 @dataclass(frozen=True)
@@ -244,6 +258,9 @@ def validate(cfg: Config) -> Config:
             _require(getattr(e, key) >= 1, f"engram.{key}", getattr(e, key), "must be >= 1")
         _require(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
         _require(e.table_init_std > 0, "engram.table_init_std", e.table_init_std, "must be > 0")
+        _require(e.update != "sparse" or e.placement == "host", "engram.update", e.update,
+                 "'sparse' keeps tables in host RAM: set engram.placement=host (or update=dense)")
+        _require(e.row_bucket >= 0, "engram.row_bucket", e.row_bucket, "must be >= 0 (0 = B * T * ids per position)")
 
     _require(bool(d.dataset), "data.dataset", d.dataset, "name a dataset: pystdlib, text:PATH or tfds:NAME")
     _require(d.dataset == "pystdlib" or d.dataset.startswith(("text:", "tfds:")), "data.dataset",

@@ -152,7 +152,7 @@ def table_shardings(state: Any, shardings: Any, cfg: Config) -> Any:
     """`shardings` (from mhc_jax.sharding.state_shardings(state, ...)) with every Engram table (the params
     whose axes include "engram_rows") moved to host memory when engram.placement=host; unchanged for
     device. Use the result for `jax.device_put(state, ...)` and as the jit in/out shardings."""
-    if not cfg.engram.enabled or cfg.engram.placement != "host":
+    if not cfg.engram.enabled or cfg.engram.placement != "host" or cfg.engram.sparse:
         return shardings
     if not host_memory_supported():
         raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
@@ -192,21 +192,27 @@ class Engram(nnx.Module):
         self.kernel_size = e.kernel_size
         self.dilation = e.max_ngram  # demo: dilation = max_ngram_size
         self.placement = e.placement
+        self.sparse = e.sparse  # no table here: the step passes the batch's rows (mhc_jax.engram.host_tables)
         self.eps = m.norm_eps
         self.dtype = compute_dtype(m.dtype)
         self.offsets = tuple(int(o) for o in head_offsets(cfg, layer_id))
         rows = table_rows(cfg, layer_id)
-        if e.placement == "host" and not host_memory_supported():
+        if e.placement == "host" and not e.sparse and not host_memory_supported():
             raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
                               f"{jax.default_backend()!r} does not offer; use placement=device")
         log.info("Engram layer %d: table %d rows x %d = %.1f MB, placement=%s%s", layer_id, rows, e.head_dim,
                  table_bytes(cfg, layer_id) / 2**20, e.placement,
                  f" (rows sharded over mesh axis {e.shard_axis!r})" if e.placement == "device"
+                 else " (host RAM, sparse row updates)" if e.sparse
                  else f" (memory kind {HOST_MEMORY_KIND}, gather on the host)")
 
         pdt = jnp.dtype(m.param_dtype)
-        self.table = param(rngs, nnx.initializers.normal(e.table_init_std), (rows, e.head_dim),
-                           ("engram_rows", "engram_mem"), pdt)
+        if e.sparse:
+            rngs.params()  # the table's key, unused: every other parameter gets the key it has with dense tables
+            self.table = nnx.data(None)
+        else:
+            self.table = param(rngs, nnx.initializers.normal(e.table_init_std), (rows, e.head_dim),
+                               ("engram_rows", "engram_mem"), pdt)
         key_init = nnx.initializers.normal(1.0 / math.sqrt(M))  # keys are RMS-normed, scale only sets init
         out_std = m.init_std / math.sqrt(2 * m.n_layers)  # like the other projections writing the residual
         self.key_projs = nnx.List([param(rngs, key_init, (M, C), ("engram_mem", "embed"), pdt)
@@ -228,24 +234,31 @@ class Engram(nnx.Module):
     def init_cache(self, batch: int) -> EngramState:
         return {"conv": jnp.zeros((batch, self.context, self.n_streams, self.d_model), self.dtype)}
 
-    def lookup(self, ids_BTk: jax.Array) -> jax.Array:
-        """Table ids (B, T, k) -> concatenated rows e (B, T, d_mem)."""
+    def lookup(self, ids_BTk: jax.Array, rows_RD: jax.Array | None = None) -> jax.Array:
+        """Table ids (B, T, k) -> concatenated rows e (B, T, d_mem). With sparse updates `ids_BTk` are slots
+        into `rows_RD`, the batch's unique rows gathered on the host (their gradient is the rows' gradient)."""
         B, T, k = ids_BTk.shape
         if k != self.n_ids:
             raise ValueError(f"Engram layer {self.layer_id} expects {self.n_ids} ids per position "
                              f"((max_ngram - 1) * heads_per_ngram), got shape {ids_BTk.shape}")
+        if self.sparse:
+            if rows_RD is None:
+                raise ValueError(f"Engram layer {self.layer_id} has engram.update=sparse and holds no table: pass "
+                                 "the batch's rows (engram_rows_LRD from mhc_jax.engram.host_tables.HostTables.feed)")
+            return jnp.take(rows_RD, ids_BTk.reshape(-1), axis=0, mode="clip").reshape(B, T, k * self.head_dim)
         rows_N = (ids_BTk.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)).reshape(-1)
         lookup = host_lookup if self.placement == "host" else device_lookup
         rows_ND = lookup(self.table[...], rows_N)
         return rows_ND.reshape(B, T, k * self.head_dim)
 
     def __call__(self, x_BTnC: jax.Array, ids_BTk: jax.Array, segment_ids_BT: jax.Array | None = None,
-                 state: EngramState | None = None) -> tuple[jax.Array, EngramState | None]:
+                 state: EngramState | None = None, rows_RD: jax.Array | None = None
+                 ) -> tuple[jax.Array, EngramState | None]:
         B, T, n, C = x_BTnC.shape
         if n != self.n_streams:
             raise ValueError(f"Engram layer {self.layer_id} was built for {self.n_streams} streams, got {n}")
         dt = self.dtype
-        e_BTM = self.lookup(ids_BTk).astype(dt)
+        e_BTM = self.lookup(ids_BTk, rows_RD).astype(dt)
         v_BTC = jnp.einsum("btm,mc->btc", e_BTM, self.value_proj[...].astype(dt))
         u_BTnC = self.gate(x_BTnC, e_BTM)[..., None] * v_BTC[:, :, None, :].astype(jnp.float32)
         normed_BTnC = (rms_norm(u_BTnC, self.eps) * _scales(self.conv_norms)).astype(dt)

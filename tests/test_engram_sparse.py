@@ -1,0 +1,191 @@
+"""Sparse host-resident Engram tables (engram.update=sparse): the row path equals dense Adam exactly when
+every row is touched, follows lazy Adam otherwise, and equals device placement in forward, gradients and
+generation; the compiled step does not grow with the table."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mhc_jax.config import Config
+from mhc_jax.engram.host_tables import HostTables, host_tables_from_model, row_bucket
+from mhc_jax.engram.layer import head_offsets, layer_primes
+from mhc_jax.errors import DataError
+from mhc_jax.generate import generate
+from mhc_jax.model.transformer import Transformer
+from mhc_jax.train.optimizer import engram_adam, lr_schedule, make_optimizer
+from mhc_jax.train.step import loss_and_grads, train_step
+
+B, T = 4, 16
+
+
+def make_cfg(update: str = "sparse", **engram) -> Config:
+    """Two Engram layers, one head per order: small prime tables that a batch can cover completely."""
+    e = dict(enabled=True, layers=[0, 1], max_ngram=3, heads_per_ngram=1, head_dim=4, table_size=23,
+             row_pad_multiple=1, placement="host" if update == "sparse" else "device", update=update)
+    e.update(engram)
+    return Config().replace(
+        model=dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, dtype="float32"),
+        residual=dict(kind="plain"), data=dict(seq_len=T, batch_size=B), engram=e,
+        optimizer=dict(warmup_steps=2, lr=1e-2), training=dict(steps=10))
+
+
+def covering_ids(cfg: Config, seed: int, cover: bool = True) -> np.ndarray:
+    """(B, T, L, k) hashed-style ids; with `cover`, every row of every head appears at least once."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((B, T, len(cfg.engram.layers), 2), np.int32)
+    for l, layer in enumerate(cfg.engram.layers):
+        for j, p in enumerate(layer_primes(cfg, layer).reshape(-1)):
+            if cover:
+                col = np.concatenate([rng.permutation(p), rng.integers(0, p, B * T - p)])
+            else:
+                col = rng.integers(0, p // 3, B * T)  # a third of the rows
+            out[:, :, l, j] = rng.permutation(col).reshape(B, T)
+    return out
+
+
+def random_batch(cfg: Config, seed: int, cover: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(100 + seed)
+    toks = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
+    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((B, T), np.int32),
+            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), "loss_mask": np.ones((B, T), np.float32),
+            "engram_ids": covering_ids(cfg, seed, cover)}
+
+
+def dense_and_sparse(clip_norm: float = 1e9) -> tuple:
+    dense_cfg = make_cfg("dense").replace(optimizer=dict(clip_norm=clip_norm))
+    sparse_cfg = make_cfg("sparse").replace(optimizer=dict(clip_norm=clip_norm))
+    dense = Transformer(dense_cfg, rngs=nnx.Rngs(0))
+    sparse = Transformer(sparse_cfg, rngs=nnx.Rngs(0))
+    tables = host_tables_from_model(sparse_cfg, dense, engram_adam(sparse_cfg))
+    return dense_cfg, dense, sparse_cfg, sparse, tables
+
+
+def sparse_step(model, optimizer, tables: HostTables, batch: dict, bucket: int):
+    feed = tables.feed(batch["engram_ids"], bucket)
+    metrics = train_step(model, optimizer, {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTLk,
+                                            "engram_rows": feed.rows_LRD})
+    grads = metrics.pop("engram_row_grads")
+    tables.apply(feed, grads, finite=bool(np.isfinite(metrics["grad_norm"])))
+    return feed, np.asarray(grads), metrics
+
+
+def dense_tables(model) -> list[np.ndarray]:
+    return [np.asarray(b.engram.table[...]) for b in model.blocks if b.engram is not None]
+
+
+def test_sparse_model_holds_no_table_and_keeps_every_other_parameter():
+    _, dense, _, sparse, _ = dense_and_sparse()
+    assert all(b.engram.table is None for b in sparse.blocks)
+    d = {k: v for k, v in nnx.to_flat_state(nnx.state(dense, nnx.Param)) if k[-1] != "table"}
+    s = dict(nnx.to_flat_state(nnx.state(sparse, nnx.Param)))
+    assert set(d) == set(s)
+    for k in d:  # same random keys for every other parameter
+        np.testing.assert_array_equal(np.asarray(d[k][...]), np.asarray(s[k][...]))
+
+
+def test_forward_and_gradients_equal_device_placement():
+    _, dense, cfg, sparse, tables = dense_and_sparse()
+    for block in list(dense.blocks) + list(sparse.blocks):  # a live conv so every path matters
+        block.engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(1), block.engram.conv[...].shape)
+    batch = random_batch(cfg, 0, cover=False)
+    feed = tables.feed(batch["engram_ids"], row_bucket(cfg))
+    dense_logits = dense(jnp.asarray(batch["inputs"]), engram_ids_BTLk=jnp.asarray(batch["engram_ids"]))
+    sparse_logits = sparse(jnp.asarray(batch["inputs"]), engram_ids_BTLk=jnp.asarray(feed.slots_BTLk),
+                           engram_rows_LRD=jnp.asarray(feed.rows_LRD))
+    np.testing.assert_array_equal(np.asarray(sparse_logits), np.asarray(dense_logits))
+
+    from mhc_jax.train.step import _loss_and_grads
+    sbatch = {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTLk, "engram_rows": feed.rows_LRD}
+    loss_s, (g_s, rows_g), _ = _loss_and_grads(sparse, sbatch, 1)
+    loss_d, g_d, _ = loss_and_grads(dense, jax.tree.map(jnp.asarray, batch))
+    np.testing.assert_array_equal(np.asarray(loss_s), np.asarray(loss_d))
+    for l, block in enumerate(b for b in dense.blocks if b.engram is not None):
+        g_table = np.asarray(g_d["blocks"][block.index]["engram"]["table"][...])
+        u = feed.unique[l]
+        np.testing.assert_array_equal(np.asarray(rows_g[l, :u.size]), g_table[u])
+        assert np.all(np.asarray(rows_g[l, u.size:]) == 0)  # the padded bucket gets no gradient
+        untouched = np.ones(len(g_table), bool)
+        untouched[u] = False
+        assert np.all(g_table[untouched] == 0)
+    flat_d = {k: v for k, v in nnx.to_flat_state(g_d) if k[-1] != "table"}
+    for k, v in nnx.to_flat_state(g_s):
+        np.testing.assert_array_equal(np.asarray(v[...]), np.asarray(flat_d[k][...]))
+
+
+@pytest.mark.parametrize("clip_norm", [1e9, 1.0])
+def test_sparse_equals_dense_adam_when_every_row_is_touched_each_step(clip_norm: float):
+    dense_cfg, dense, cfg, sparse, tables = dense_and_sparse(clip_norm)
+    opt_d, opt_s = make_optimizer(dense_cfg, dense), make_optimizer(cfg, sparse)
+    for step in range(3):
+        batch = random_batch(cfg, step, cover=True)
+        feed, _, m_s = sparse_step(sparse, opt_s, tables, batch, row_bucket(cfg))
+        assert all(u.size == n for u, n in zip(feed.unique, tables.n_rows))  # every row touched
+        m_d = train_step(dense, opt_d, jax.tree.map(jnp.asarray, batch))
+    assert tables.count == 3
+    if clip_norm > 1e8:  # no clipping: the same gradients and the same optax Adam
+        for got, want in zip(tables.tables, dense_tables(dense)):
+            # XLA fuses the dense table's update into the whole step and the rows' update alone, so a
+            # multiply-add may be contracted in one and not the other: about one ulp of the O(1) entries.
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=3e-7)
+        chex.assert_trees_all_equal(float(m_s["loss"]), float(m_d["loss"]))
+    else:  # the one global norm sums the same squares in another order: equal to float rounding
+        for got, want in zip(tables.tables, dense_tables(dense)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=3e-6)
+        np.testing.assert_allclose(float(m_s["grad_norm"]), float(m_d["grad_norm"]), rtol=1e-6)
+    flat_d = {k: v for k, v in nnx.to_flat_state(nnx.state(dense, nnx.Param)) if k[-1] != "table"}
+    for k, v in nnx.to_flat_state(nnx.state(sparse, nnx.Param)):
+        # equal up to the float rounding above, which later steps' forward passes carry into every parameter
+        np.testing.assert_allclose(np.asarray(v[...]), np.asarray(flat_d[k][...]), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_not_touched_follow_lazy_adam():
+    """A float64 reference of lazy Adam: global step count, rows and moments move only when looked up."""
+    _, _, cfg, sparse, tables = dense_and_sparse()
+    opt = make_optimizer(cfg, sparse)
+    oc, schedule = cfg.optimizer, lr_schedule(cfg.optimizer, cfg.training.steps)
+    ref = [t.astype(np.float64) for t in tables.tables]
+    mu = [np.zeros_like(r) for r in ref]
+    nu = [np.zeros_like(r) for r in ref]
+    touched_once = [np.zeros(len(r), bool) for r in ref]
+    for step in range(4):
+        before, before_mu = [t.copy() for t in tables.tables], [m.copy() for m in tables.mu]
+        feed, grads, _ = sparse_step(sparse, opt, tables, random_batch(cfg, step, cover=False), row_bucket(cfg))
+        lr = float(schedule(step)) * cfg.engram.lr_multiplier
+        for l, u in enumerate(feed.unique):
+            g = grads[l, :u.size].astype(np.float64)
+            mu[l][u] = oc.b1 * mu[l][u] + (1 - oc.b1) * g
+            nu[l][u] = oc.b2 * nu[l][u] + (1 - oc.b2) * g * g
+            m_hat, v_hat = mu[l][u] / (1 - oc.b1 ** (step + 1)), nu[l][u] / (1 - oc.b2 ** (step + 1))
+            ref[l][u] -= lr * m_hat / (np.sqrt(v_hat) + oc.eps)
+            untouched = np.setdiff1d(np.arange(len(ref[l])), u)
+            np.testing.assert_array_equal(tables.tables[l][untouched], before[l][untouched])
+            np.testing.assert_array_equal(tables.mu[l][untouched], before_mu[l][untouched])
+            touched_once[l][u] = True
+    for l in range(len(ref)):
+        assert 0 < touched_once[l].mean() < 1  # some rows never looked up: lazy and dense differ there
+        np.testing.assert_allclose(tables.tables[l], ref[l], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(tables.mu[l], mu[l], rtol=1e-5, atol=1e-7)
+
+
+def test_bucket_too_small_for_a_batch_fails_naming_the_setting():
+    _, _, cfg, _, tables = dense_and_sparse()
+    with pytest.raises(DataError, match="engram.row_bucket=5"):
+        tables.feed(random_batch(cfg, 0)["engram_ids"], 5)
+
+
+def test_generation_equals_device_placement():
+    _, dense, cfg, sparse, tables = dense_and_sparse()
+    for block in list(dense.blocks) + list(sparse.blocks):
+        block.engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(2), block.engram.conv[...].shape)
+    from mhc_jax.data.tokenizer import ByteTokenizer
+    from mhc_jax.engram.ids import EngramIds
+    ids = EngramIds(cfg, ByteTokenizer())
+    prompt = [256] + list(b"def f(x):")
+    want = generate(dense, prompt, 12, engram_ids=ids)
+    assert generate(sparse, prompt, 12, engram_ids=ids, engram_tables=tables) == want
+    assert generate(sparse, prompt, 12, engram_ids=ids, engram_tables=tables, use_cache=False) == want
