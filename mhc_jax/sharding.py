@@ -253,11 +253,19 @@ def check_global_batch(rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
                          f"axes {batch_spec(2, mesh)[0]}; make data.batch_size a multiple of {ways * grad_accum}")
 
 
+# Batch entries that are not (B, T, ...) rows: sparse Engram rows (L, R, D), which every device needs whole.
+REPLICATED_BATCH_KEYS = ("engram_rows",)
+
+
 def batch_shardings(batch_like: Any, mesh: Mesh) -> Any:
     """NamedShardings for a batch (dict of arrays / ShapeDtypeStructs of shape (B, T, ...), or one such
     leaf): rows over the batch axes (dcn_data, data, fsdp), everything else replicated. A ShapeDtypeStruct
     describes the global batch, so its rows are checked to split evenly (`check_global_batch`); concrete
-    arrays may be one host's rows and are not checked."""
+    arrays may be one host's rows and are not checked. Entries named in REPLICATED_BATCH_KEYS are replicated."""
+    if isinstance(batch_like, dict) and any(k in batch_like for k in REPLICATED_BATCH_KEYS):
+        rows = {k: v for k, v in batch_like.items() if k not in REPLICATED_BATCH_KEYS}
+        return {**batch_shardings(rows, mesh), **{k: NamedSharding(mesh, PartitionSpec())
+                                                  for k in batch_like if k in REPLICATED_BATCH_KEYS}}
 
     def one(x: Any) -> NamedSharding:
         shape = _shape(x)

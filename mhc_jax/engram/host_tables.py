@@ -95,6 +95,7 @@ class HostTables:
                     out=table, dtype=np.float32)
                 table *= np.float32(e.table_init_std)
         self._cpu = jax.devices("cpu")[0]
+        self._cpu_mesh = jax.sharding.Mesh(np.asarray([self._cpu]), ("host",))  # not the trainer's mesh
         # Wrapped as the dense chain wraps it (optax.apply_if_finite, a lax.cond), so XLA fuses the row update
         # as it fuses the dense one and the results agree bitwise (no FMA contraction across the cond).
         self._tx = optax.apply_if_finite(tx, max_consecutive_errors=10**9)
@@ -157,6 +158,12 @@ class HostTables:
         if not finite:
             return [np.zeros(0, np.int64) for _ in self.layers]
         grads = np.asarray(row_grads_LRD, np.float32)
+        with jax.set_mesh(self._cpu_mesh):
+            self._apply(feed, grads)
+        self.count += 1
+        return list(feed.unique)
+
+    def _apply(self, feed: RowFeed, grads: np.ndarray) -> None:
         R = grads.shape[1]
         count = jax.device_put(np.int32(self.count), self._cpu)
         for l, u in enumerate(feed.unique):
@@ -171,17 +178,18 @@ class HostTables:
             self.mu[l][u] = new_mu[:n]
             self.nu[l][u] = new_nu[:n]
             self.touched[l][u] = True
-        self.count += 1
-        return list(feed.unique)
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints and statistics
     # ---------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Numpy tree of tables, moments and step count (an Orbax item; restore with `load_state_dict`)."""
+    def state_dict(self, copy: bool = False) -> dict[str, Any]:
+        """Numpy tree of tables, moments and step count (an Orbax item; restore with `load_state_dict`).
+        `copy`: a snapshot, for an asynchronous save that must not see the next steps' updates (3x the
+        tables' memory for the duration of the save)."""
+        c = np.copy if copy else (lambda a: a)
         return {"count": np.asarray(self.count, np.int64),
-                **{f"layer_{layer}": {"table": t, "mu": m, "nu": v}
+                **{f"layer_{layer}": {"table": c(t), "mu": c(m), "nu": c(v)}
                    for layer, t, m, v in zip(self.layers, self.tables, self.mu, self.nu)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

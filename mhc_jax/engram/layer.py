@@ -193,6 +193,7 @@ class Engram(nnx.Module):
         self.dilation = e.max_ngram  # demo: dilation = max_ngram_size
         self.placement = e.placement
         self.sparse = e.sparse  # no table here: the step passes the batch's rows (mhc_jax.engram.host_tables)
+        self.capture_gates = False  # set by mhc_jax.diagnostics.engram_gate_stats: sow the gates
         self.eps = m.norm_eps
         self.dtype = compute_dtype(m.dtype)
         self.offsets = tuple(int(o) for o in head_offsets(cfg, layer_id))
@@ -260,7 +261,10 @@ class Engram(nnx.Module):
         dt = self.dtype
         e_BTM = self.lookup(ids_BTk, rows_RD).astype(dt)
         v_BTC = jnp.einsum("btm,mc->btc", e_BTM, self.value_proj[...].astype(dt))
-        u_BTnC = self.gate(x_BTnC, e_BTM)[..., None] * v_BTC[:, :, None, :].astype(jnp.float32)
+        gate_BTn = self.gate(x_BTnC, e_BTM)
+        if self.capture_gates:
+            self.sow(nnx.Intermediate, "gate", gate_BTn)
+        u_BTnC = gate_BTn[..., None] * v_BTC[:, :, None, :].astype(jnp.float32)
         normed_BTnC = (rms_norm(u_BTnC, self.eps) * _scales(self.conv_norms)).astype(dt)
         conv_BTnC, new_state = self._causal_conv(normed_BTnC, segment_ids_BT, state)
         y_BTnC = jax.nn.silu(conv_BTnC) + u_BTnC

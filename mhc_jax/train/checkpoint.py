@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -20,6 +21,8 @@ from mhc_jax.config import CheckpointConfig
 from mhc_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
+
+HOST_ITEM = "engram_tables"  # sparse Engram tables + row moments (numpy, host RAM), see mhc_jax.engram.host_tables
 
 
 class Checkpointer:
@@ -44,10 +47,13 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def save(self, step: int, state: Any, data_state: dict | None = None, meta: dict | None = None,
-             force: bool = False) -> bool:
+             force: bool = False, host_state: Any = None) -> bool:
+        """`host_state`: a numpy tree kept in host RAM (sparse Engram tables and moments), item HOST_ITEM."""
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
+        if host_state is not None:
+            items[HOST_ITEM] = ocp.args.StandardSave(host_state)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
@@ -71,6 +77,15 @@ class Checkpointer:
                 log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
                             s, self.directory, type(err).__name__)
         raise CheckpointError(f"no readable checkpoint in {self.directory}:\n" + "\n".join(errors))
+
+    def restore_host_state(self, target: Any, step: int) -> Any:
+        """The HOST_ITEM of `step` as numpy arrays shaped like `target` (raises CheckpointError if absent)."""
+        if "://" not in self.directory and not os.path.isdir(os.path.join(self.directory, str(step), HOST_ITEM)):
+            raise CheckpointError(f"checkpoint {self.directory}/{step} holds no {HOST_ITEM!r} (sparse Engram "
+                                  "tables): it was written with engram.update=dense")
+        out = self.manager.restore(step, args=ocp.args.Composite(  # numpy leaves restore as numpy
+            **{HOST_ITEM: ocp.args.StandardRestore(target)}))
+        return jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else np.asarray(x), out[HOST_ITEM])
 
     def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, dict | None, dict, int]:
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}

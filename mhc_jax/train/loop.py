@@ -29,6 +29,7 @@ from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
 from mhc_jax.train.metrics import MetricsWriter, measure_peak_flops
 from mhc_jax.train.optimizer import lr_schedule
 from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
+from mhc_jax.train import sparse_rows
 from mhc_jax.train.step import make_sharded_step
 
 log = logging.getLogger(__name__)
@@ -121,10 +122,17 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
 
     with jax.set_mesh(mesh), _Preemption() as preempt:
         graphdef, state, shardings = init_train_state(cfg, mesh)
-        train_iter = make_train_iterator(cfg, mesh=mesh)
+        rows = tables = None  # sparse Engram: host tables and the prefetcher of their rows (train/sparse_rows)
+        if cfg.engram.sparse:
+            tables = sparse_rows.host_tables(cfg)
+            rows = train_iter = sparse_rows.row_prefetcher(cfg, mesh, make_train_iterator(cfg), tables)
+        else:
+            train_iter = make_train_iterator(cfg, mesh=mesh)
         start = 0
         if ckpt.latest_step() is not None:
             state, data_state, meta, start = restore_train_state(ckpt, graphdef, state, shardings)
+            if tables is not None:
+                sparse_rows.restore_tables(ckpt, tables, start)
             if data_state is not None:
                 train_iter.set_state(data_state)
             print(f"resumed from {ckpt.directory}/{start} (step {start})", flush=True)
@@ -170,7 +178,9 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
 
         def run_eval(step: int) -> dict[str, float]:
             model, _ = nnx.merge(graphdef, state)
-            out = evaluate_model(model, make_eval_iterator(cfg, mesh=mesh), t.eval_batches, byte_lengths)
+            batches = (make_eval_iterator(cfg, mesh=mesh) if rows is None
+                       else sparse_rows.with_rows(rows, make_eval_iterator(cfg)))
+            out = evaluate_model(model, batches, t.eval_batches, byte_lengths)
             writer.write(step, "eval", out)
             if is_main:
                 print(f"\nstep {step}: eval loss {out['loss']:.4f}  ppl {out['perplexity']:.2f}  "
@@ -178,6 +188,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             return out
 
         def run_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
+            if cfg.engram.enabled:
+                engram_diagnostics(step, batch)
             if cfg.residual.kind == "plain":
                 return
             from mhc_jax.diagnostics import amax_gains, collect_h_res
@@ -192,6 +204,13 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 "layer_fwd_max": float(gains["per_layer_fwd"].max()),
                 "layer_bwd_max": float(gains["per_layer_bwd"].max())})
 
+        def engram_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
+            from mhc_jax.diagnostics import engram_gate_stats
+            model, _ = nnx.merge(graphdef, state)
+            out = engram_gate_stats(model, batch)
+            out.update(sparse_rows.stats(rows) if rows is not None else {})
+            writer.write(step, "diagnostics", out)
+
         step = start
         try:
             for step in range(start, t.steps):
@@ -199,6 +218,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 if step_fn is None:
                     step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh))
                 state, metrics = step_fn(state, batch)
+                if rows is not None:
+                    rows.apply(metrics)  # row-wise Adam of the batch's rows in host memory
                 pending.append((step, metrics))
                 done = step + 1
                 last = done == t.steps
@@ -210,7 +231,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                     result.eval = run_eval(done)
                 if done % cfg.checkpoint.every == 0 or last or preempt.signal is not None:
                     ckpt.save(done, nnx.to_pure_dict(state), train_iter.get_state(),
-                              {"step": done, "config": to_dict(cfg)}, force=True)
+                              {"step": done, "config": to_dict(cfg)}, force=True,
+                              host_state=None if tables is None else tables.state_dict(copy=cfg.checkpoint.async_save))
                 result.step = done
                 if preempt.signal is not None:
                     result.status = "preempted"
@@ -218,6 +240,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             flush()
         finally:
             ckpt.close()
+            if rows is not None:
+                rows.close()
             if bar is not None:
                 bar.close()
 
@@ -227,7 +251,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             budget = cfg.model.max_seq_len - 2 - len(tokenizer.encode(t.sample_prompt))
             result.sample = t.sample_prompt + generate_text(
                 model, tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
-                temperature=0.8, top_k=40, seed=t.seed)
+                temperature=0.8, top_k=40, seed=t.seed, engram_tables=tables)
     writer.close()
     if preempt.signal is not None:
         print(f"\nstopped by signal {preempt.signal} at step {result.step}; checkpoint saved in "

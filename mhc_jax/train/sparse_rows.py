@@ -1,0 +1,57 @@
+"""The trainer's glue for sparse Engram tables (engram.update=sparse): host tables, their row prefetcher,
+evaluation batches with rows, and their checkpoint item. See mhc_jax.engram.host_tables for the method."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from mhc_jax.config import Config
+from mhc_jax.engram.host_tables import HostTables, row_bucket
+from mhc_jax.engram.row_prefetch import RowPrefetcher
+from mhc_jax.errors import ConfigError
+from mhc_jax.sharding import batch_shardings, global_batch
+from mhc_jax.train.checkpoint import Checkpointer
+from mhc_jax.train.optimizer import engram_adam
+
+
+def host_tables(cfg: Config, initialise: bool = True) -> HostTables:
+    if jax.process_count() > 1:
+        raise ConfigError(f"engram.update=sparse runs on one process for now ({jax.process_count()} here; the "
+                          "multi-host plan is in the README's Engram section); use engram.update=dense")
+    return HostTables(cfg, engram_adam(cfg), initialise=initialise)
+
+
+def row_prefetcher(cfg: Config, mesh: Mesh, batches: Iterator[dict], tables: HostTables) -> RowPrefetcher:
+    """Wraps the host-side train iterator (`make_train_iterator(cfg)` without a mesh)."""
+    return RowPrefetcher(batches, tables, row_bucket(cfg), lambda b: global_batch(b, batch_shardings(b, mesh)),
+                         prefetch=cfg.engram.rows_prefetch)
+
+
+def with_rows(rows: RowPrefetcher, batches: Iterable[dict]) -> Iterator[dict]:
+    """Host batches (evaluation) -> device batches with their rows; no update follows."""
+    for batch in batches:
+        yield rows.with_rows(batch)
+
+
+def restore_tables(ckpt: Checkpointer, tables: HostTables, step: int) -> None:
+    tables.load_state_dict(ckpt.restore_host_state(tables.state_dict(), step))
+
+
+def load_tables(workdir_ckpt: Checkpointer, cfg: Config, step: int) -> HostTables:
+    """The host tables of checkpoint `step` (generation and evaluation of a sparse run)."""
+    tables = host_tables(cfg, initialise=False)
+    restore_tables(workdir_ckpt, tables, step)
+    return tables
+
+
+def stats(rows: RowPrefetcher) -> dict[str, Any]:
+    """Table hit rates of the batch last fed and how much of the host gather the prefetch hid."""
+    feed = rows.feed
+    n_ids = 0 if feed is None else int(feed.slots_BTLk[..., 0, :].size)
+    out = {} if feed is None else rows.tables.hit_stats(feed, n_ids)
+    out["engram_gather_hidden_frac"] = rows.hidden_fraction
+    return out
