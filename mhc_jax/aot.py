@@ -148,6 +148,9 @@ def abstract_batch(cfg: Any) -> dict[str, Any]:
     if e.enabled:
         batch["engram_ids"] = jax.ShapeDtypeStruct((B, T, len(e.layers), (e.max_ngram - 1) * e.heads_per_ngram),
                                                    jnp.int32)
+    if e.sparse:  # the batch's unique rows, gathered from the host tables (mhc_jax.engram.host_tables)
+        from mhc_jax.engram.host_tables import row_bucket
+        batch["engram_rows"] = jax.ShapeDtypeStruct((len(e.layers), row_bucket(cfg), e.head_dim), jnp.float32)
     return batch
 
 

@@ -152,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = p.parse_args(argv)
     cfg, model, step = load_model_from_workdir(args.workdir, step=args.step)
+    from mhc_jax.train.sparse_rows import tables_from_workdir
+    tables = tables_from_workdir(args.workdir, cfg, step)  # engram.update=sparse: tables in host RAM
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     max_new = min(args.max_new_tokens, cfg.model.max_seq_len - 1 - len(tokenizer.encode(args.prompt)))
     text = generate_text(model, tokenizer, args.prompt, max_new, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, engram_tables=tables)
     print(f"[checkpoint step {step}]")
     print(args.prompt + text)
     return 0

@@ -237,3 +237,19 @@ def test_trainer_with_sparse_tables_resumes_bitwise_and_prefetch_changes_nothing
     ckpt.close()
     for a, b in zip(final.state_dict()["layer_1"].values(), again.state_dict()["layer_1"].values()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_step_memory_does_not_depend_on_the_table_size():
+    """The sparse step's arguments and temporaries hold the batch's rows, never a table: 100x more rows
+    compile to the same bytes (dense tables grow them)."""
+    from mhc_jax import aot
+
+    def compiled_bytes(update: str, table_size: int) -> int:
+        cfg = make_cfg(update, table_size=table_size, heads_per_ngram=2)
+        compiled, _, _ = aot.compile_train_step(cfg, jax.devices()[:1])
+        mem = compiled.memory_analysis()
+        return mem.argument_size_in_bytes + mem.temp_size_in_bytes
+
+    small, large = compiled_bytes("sparse", 1_000), compiled_bytes("sparse", 100_000)
+    assert small == large
+    assert compiled_bytes("dense", 100_000) > large + 3 * 4 * 100_000 * 4  # table + moments, >= 4 heads x 100k rows

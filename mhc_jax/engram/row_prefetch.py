@@ -107,9 +107,3 @@ class RowPrefetcher:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-    # rows for evaluation / diagnostics (no update follows) ---------------------------------------------
-
-    def with_rows(self, batch: Batch, bucket: int | None = None) -> Batch:
-        feed = self.tables.feed(batch["engram_ids"], bucket or self.bucket)
-        return self.to_device({**batch, "engram_ids": feed.slots_BTLk, "engram_rows": feed.rows_LRD})

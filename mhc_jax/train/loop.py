@@ -179,7 +179,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
         def run_eval(step: int) -> dict[str, float]:
             model, _ = nnx.merge(graphdef, state)
             batches = (make_eval_iterator(cfg, mesh=mesh) if rows is None
-                       else sparse_rows.with_rows(rows, make_eval_iterator(cfg)))
+                       else sparse_rows.with_rows(cfg, mesh, tables, make_eval_iterator(cfg)))
             out = evaluate_model(model, batches, t.eval_batches, byte_lengths)
             writer.write(step, "eval", out)
             if is_main:

@@ -25,27 +25,48 @@ def host_tables(cfg: Config, initialise: bool = True) -> HostTables:
     return HostTables(cfg, engram_adam(cfg), initialise=initialise)
 
 
+def _to_device(mesh: Mesh):
+    return lambda b: global_batch(b, batch_shardings(b, mesh))
+
+
 def row_prefetcher(cfg: Config, mesh: Mesh, batches: Iterator[dict], tables: HostTables) -> RowPrefetcher:
     """Wraps the host-side train iterator (`make_train_iterator(cfg)` without a mesh)."""
-    return RowPrefetcher(batches, tables, row_bucket(cfg), lambda b: global_batch(b, batch_shardings(b, mesh)),
-                         prefetch=cfg.engram.rows_prefetch)
+    return RowPrefetcher(batches, tables, row_bucket(cfg), _to_device(mesh), prefetch=cfg.engram.rows_prefetch)
 
 
-def with_rows(rows: RowPrefetcher, batches: Iterable[dict]) -> Iterator[dict]:
-    """Host batches (evaluation) -> device batches with their rows; no update follows."""
+def with_rows(cfg: Config, mesh: Mesh, tables: HostTables, batches: Iterable[dict]) -> Iterator[dict]:
+    """Host batches (evaluation: `make_eval_iterator(cfg)` without a mesh) -> device batches with their
+    rows; no update follows."""
+    to_device = _to_device(mesh)
     for batch in batches:
-        yield rows.with_rows(batch)
+        feed = tables.feed(batch["engram_ids"], row_bucket(cfg))
+        yield to_device({**batch, "engram_ids": feed.slots_BTLk, "engram_rows": feed.rows_LRD})
 
 
 def restore_tables(ckpt: Checkpointer, tables: HostTables, step: int) -> None:
     tables.load_state_dict(ckpt.restore_host_state(tables.state_dict(), step))
 
 
-def load_tables(workdir_ckpt: Checkpointer, cfg: Config, step: int) -> HostTables:
+def load_tables(ckpt: Checkpointer, cfg: Config, step: int) -> HostTables:
     """The host tables of checkpoint `step` (generation and evaluation of a sparse run)."""
     tables = host_tables(cfg, initialise=False)
-    restore_tables(workdir_ckpt, tables, step)
+    restore_tables(ckpt, tables, step)
     return tables
+
+
+def tables_from_workdir(workdir: str, cfg: Config, step: int) -> HostTables | None:
+    """The host tables saved with checkpoint `step` of a workdir; None unless engram.update=sparse."""
+    if not cfg.engram.sparse:
+        return None
+    import os
+
+    from mhc_jax.train.state import CHECKPOINT_DIR
+
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
+    try:
+        return load_tables(ckpt, cfg, step)
+    finally:
+        ckpt.close()
 
 
 def stats(rows: RowPrefetcher) -> dict[str, Any]:
