@@ -133,7 +133,7 @@ class DataConfig:
     text_key: str = "text"
     train_split: str = "train"
     eval_split: str = "validation"
-    tokenizer: str = "byte"  # "byte" or a path to a SentencePiece .model file
+    tokenizer: str = "byte"  # "byte", a SentencePiece .model file, or a Hugging Face tokenizer.json file
     seq_len: int = 128
     batch_size: int = 16  # global batch, in rows of seq_len tokens
     shuffle_seed: int = 0
