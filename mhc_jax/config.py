@@ -96,7 +96,9 @@ class EngramConfig:
     kernel_size: int = 4  # short conv kernel (paper)
     seed: int = 0  # hash seed (demo)
     placement: Literal["device", "host"] = "device"
-    shard_axis: str = "tensor"  # mesh axis the table rows are split over with placement=device
+    # Mesh axis the table rows are split over with placement=device; "auto" = over fsdp and tensor together,
+    # so no mesh with a model-parallel axis leaves a table replicated (a replicated table is logged with its bytes).
+    shard_axis: str = "auto"
     lr_multiplier: float = 5.0  # Engram tables: 5x base LR, no weight decay (engram.md)
     compress_tokenizer: bool = True
     # Table rows (sum of the per-head primes) are padded up to a multiple of this so the row axis divides

@@ -40,7 +40,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "streams": None,  # the n residual streams: tiny, replicated
     "mhc": None,  # mHC/HC coefficient dimensions (n^2 + 2n): tiny, replicated
     "norm": None,
-    "engram_rows": "tensor",  # replaced by engram.shard_axis, see rules_for()
+    "engram_rows": ("fsdp", "tensor"),  # engram.shard_axis ("auto": this), see rules_for()
     "engram_mem": None,
     "conv": None,
 }
@@ -51,9 +51,10 @@ def rules_for(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | No
     rules = dict(LOGICAL_AXIS_RULES)
     if cfg is not None:
         axis = cfg.engram.shard_axis
-        if axis not in MESH_AXES:
-            raise ConfigError(f"engram.shard_axis={axis!r} is not allowed: must be one of {MESH_AXES}")
-        rules["engram_rows"] = axis
+        if axis != "auto" and axis not in MESH_AXES:
+            raise ConfigError(f"engram.shard_axis={axis!r} is not allowed: must be 'auto' or one of {MESH_AXES}")
+        if axis != "auto":
+            rules["engram_rows"] = axis
     return rules
 
 
@@ -205,10 +206,37 @@ def train_state_shardings_of(state: Any, mesh: Mesh, cfg: Config | None = None) 
         return NamedSharding(mesh, _divisible_spec(spec, _shape(v.get_value()), mesh))
 
     shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "device":
+        warn_replicated_tables(state, shardings, mesh, cfg)
     if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "host":
         from mhc_jax.engram.layer import table_shardings
         shardings = table_shardings(state, shardings, cfg)
     return shardings
+
+
+def warn_replicated_tables(state: Any, shardings: Any, mesh: Mesh, cfg: Config) -> list[str]:
+    """Logs (and returns) every device-placed Engram table whose rows are not split on a multi-device mesh,
+    with the bytes each device then holds: engram.shard_axis names an axis of size 1 here (e.g. "tensor" on
+    an FSDP mesh), or the rows do not divide it."""
+    if mesh.size == 1:
+        return []
+    out = []
+    flat_v, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, v), s in zip(flat_v, flat_s):
+        if not isinstance(v, nnx.Param) or "engram_rows" not in param_axes(v) or not isinstance(s, NamedSharding):
+            continue
+        if s.spec and s.spec[0] is not None:
+            continue
+        shape = _shape(v.get_value())
+        nbytes = int(np.prod(shape)) * np.dtype(v.get_value().dtype).itemsize
+        msg = (f"Engram table {jax.tree_util.keystr(path)} {shape} is replicated: each of the {mesh.size} devices "
+               f"holds all {nbytes / 2**20:.1f} MiB (and Adam moments, 3x) because engram.shard_axis="
+               f"{cfg.engram.shard_axis!r} does not split it on mesh {dict(mesh.shape)}; use engram.shard_axis=auto, "
+               f"an axis of size > 1 that divides its rows (engram.row_pad_multiple), or engram.placement=host")
+        log.warning(msg)
+        out.append(msg)
+    return out
 
 
 def train_state_shardings(model: nnx.Module, optimizer: nnx.Optimizer, mesh: Mesh, cfg: Config | None = None) -> Any:

@@ -186,7 +186,15 @@ def test_generation_equals_device_placement():
     from mhc_jax.engram.ids import EngramIds
     ids = EngramIds(cfg, ByteTokenizer())
     prompt = [256] + list(b"def f(x):")
-    want = generate(dense, prompt, 12, engram_ids=ids)
+    lengths = []
+
+    def recording(tokens_BT):
+        lengths.append(tokens_BT.shape[1])
+        return ids(tokens_BT)
+
+    want = generate(dense, prompt, 12, engram_ids=recording)
+    # O(1) per token: after the prompt, each step hashes only the last max_ngram tokens, not the history
+    assert lengths[0] == len(prompt) and set(lengths[1:]) == {cfg.engram.max_ngram}
     assert generate(sparse, prompt, 12, engram_ids=ids, engram_tables=tables) == want
     assert generate(sparse, prompt, 12, engram_ids=ids, engram_tables=tables, use_cache=False) == want
 
