@@ -196,7 +196,9 @@ class Engram(nnx.Module):
         self.capture_gates = False  # set by mhc_jax.diagnostics.engram_gate_stats: sow the gates
         self.eps = m.norm_eps
         self.dtype = compute_dtype(m.dtype)
-        self.offsets = tuple(int(o) for o in head_offsets(cfg, layer_id))
+        # Sparse: the host adds the offsets (HostTables.feed), so nothing here depends on the table's size and
+        # one compiled step serves every table size.
+        self.offsets = () if e.sparse else tuple(int(o) for o in head_offsets(cfg, layer_id))
         rows = table_rows(cfg, layer_id)
         if e.placement == "host" and not e.sparse and not host_memory_supported():
             raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
