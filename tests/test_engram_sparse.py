@@ -261,3 +261,17 @@ def test_compiled_step_memory_does_not_depend_on_the_table_size():
     small, large = compiled_bytes("sparse", 1_000), compiled_bytes("sparse", 100_000)
     assert small == large
     assert compiled_bytes("dense", 100_000) > large + 3 * 4 * 100_000 * 4  # table + moments, >= 4 heads x 100k rows
+
+
+def test_hit_rates_count_distinct_rows_over_ids_for_dense_and_sparse_tables():
+    from mhc_jax.train.sparse_rows import dense_hit_stats
+
+    _, _, cfg, _, tables = dense_and_sparse()
+    ids = covering_ids(cfg, 0, cover=False)
+    feed = tables.feed(ids, row_bucket(cfg))
+    sparse = tables.hit_stats(feed, B * T * ids.shape[-1])
+    dense = dense_hit_stats(cfg, {"engram_ids": ids})
+    for l, layer in enumerate(cfg.engram.layers):
+        want = sum(np.unique(ids[:, :, l, j]).size for j in range(ids.shape[-1])) / (B * T * ids.shape[-1])
+        assert sparse[f"engram{layer}_unique_rows_frac"] == dense[f"engram{layer}_unique_rows_frac"] == want
+        assert sparse[f"engram{layer}_table_touched_frac"] == 0.0  # nothing applied yet

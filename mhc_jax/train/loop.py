@@ -208,7 +208,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             from mhc_jax.diagnostics import engram_gate_stats
             model, _ = nnx.merge(graphdef, state)
             out = engram_gate_stats(model, batch)
-            out.update(sparse_rows.stats(rows) if rows is not None else {})
+            out.update(sparse_rows.stats(rows) if rows is not None else sparse_rows.dense_hit_stats(cfg, batch))
             writer.write(step, "diagnostics", out)
 
         step = start

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from mhc_jax.config import Config
@@ -67,6 +68,20 @@ def tables_from_workdir(workdir: str, cfg: Config, step: int) -> HostTables | No
         return load_tables(ckpt, cfg, step)
     finally:
         ckpt.close()
+
+
+def dense_hit_stats(cfg: Config, batch: dict) -> dict[str, float]:
+    """Table hit rates of a batch with hashed ids (dense tables): distinct ids per layer over ids."""
+    ids = batch.get("engram_ids")
+    if ids is None or not getattr(ids, "is_fully_addressable", True):
+        return {}
+    ids = np.asarray(ids)
+    out = {}
+    for l, layer in enumerate(cfg.engram.layers):
+        per_head = ids[:, :, l, :].reshape(-1, ids.shape[-1])
+        distinct = sum(np.unique(per_head[:, j]).size for j in range(per_head.shape[1]))
+        out[f"engram{layer}_unique_rows_frac"] = distinct / max(per_head.size, 1)  # heads use disjoint rows
+    return out
 
 
 def stats(rows: RowPrefetcher) -> dict[str, Any]:
