@@ -29,7 +29,7 @@ import numpy as np
 
 from mhc_jax.config import Config, load_config
 from mhc_jax.data.tokenizer import ByteTokenizer
-from mhc_jax.engram.host_tables import HostTables, row_bucket
+from mhc_jax.engram.host_tables import HostTables
 from mhc_jax.engram.ids import EngramIds
 from mhc_jax.engram.row_prefetch import RowPrefetcher
 from mhc_jax.sharding import batch_shardings, global_batch, make_mesh
@@ -104,7 +104,7 @@ def run_case(cfg: Config, batches: list[dict], warmup: int, steps: int) -> dict[
         tables = HostTables(cfg, engram_adam(cfg)) if cfg.engram.sparse else None
         init_s = time.perf_counter() - t0
         to_device = lambda b: global_batch(b, batch_shardings(b, mesh))
-        rows = None if tables is None else RowPrefetcher(Cycle(batches), tables, row_bucket(cfg), to_device)
+        rows = None if tables is None else RowPrefetcher(Cycle(batches), tables, cfg.engram_row_bucket, to_device)
         data = rows if rows is not None else (to_device(b) for b in Cycle(batches))
         first = next(data)
         step = make_sharded_step(graphdef, shardings, batch_shardings(first, mesh))
@@ -129,7 +129,7 @@ def run_case(cfg: Config, batches: list[dict], warmup: int, steps: int) -> dict[
                         "gather_hidden_fraction": rows.hidden_fraction,
                         "rows_per_layer": tables.n_rows, "host_table_bytes": tables.nbytes,
                         "unique_rows_per_layer": [int(u.size) for u in rows.feed.unique],
-                        "row_bucket": row_bucket(cfg)})
+                        "row_bucket": cfg.engram_row_bucket})
             rows.close()
         del state, tables, rows, compiled
     gc.collect()

@@ -1,6 +1,7 @@
 """Test-wide setup: 8 fake CPU devices (multi-device tests) and the persistent compilation cache."""
 
 import os
+import sysconfig
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -18,11 +19,33 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# nanoGPT's corpus, present only in the project's own CI (../shared beside the checkout). Tests must pass
+# without it: those that need real text read the stdlib text below; the few that are only meaningful on
+# Tiny Shakespeare take the `shakespeare_path` fixture, which skips with a reason when it is absent.
 SHAKESPEARE = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "tinyshakespeare.txt")
+# Real text every CPython install ships: pydoc's help topics (the language reference as English prose,
+# ~465k characters) and the module holding them, a plain UTF-8 file usable as `data.dataset=text:PATH`.
+PROSE_FILE = os.path.join(sysconfig.get_paths()["stdlib"], "pydoc_data", "topics.py")
+
+
+def stdlib_prose(max_chars: int | None = None) -> str:
+    """pydoc's help topics in sorted order, paragraphs separated by blank lines: English prose, offline."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:max_chars]
+
+
+@pytest.fixture(scope="session")
+def prose_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`stdlib_prose()` as a UTF-8 text file (a single-file corpus like Tiny Shakespeare)."""
+    path = tmp_path_factory.mktemp("prose") / "pydoc_topics.txt"
+    path.write_text(stdlib_prose(), encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture
 def shakespeare_path() -> str:
     if not os.path.isfile(SHAKESPEARE):
-        pytest.fail(f"{SHAKESPEARE} is missing: the tests expect ../shared beside the checkout")
+        pytest.skip(f"Tiny Shakespeare is absent ({SHAKESPEARE}): this case is only meaningful on it; "
+                    "put ../shared/data/tinyshakespeare.txt beside the checkout to run it")
     return SHAKESPEARE

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from mhc_jax.data.corpus import (DEFAULT_DATA_DIR, DataError, open_text_source, pystdlib_builder,
                                  resolve_data_dir, split_documents, text_builder, validation_mask)
 
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def records(builder, split: str) -> list[tuple[str, str]]:
@@ -76,14 +75,22 @@ def test_default_corpus_cap_keeps_the_first_files_in_sorted_order(tmp_path: Path
     assert len(records(builder, "validation")) >= 1
 
 
-def test_tinyshakespeare_documents_cover_the_file_exactly(tmp_path: Path) -> None:
-    builder = text_builder(str(SHAKESPEARE), str(tmp_path), doc_chars=4096)
+def check_documents_cover_the_file_exactly(path: Path, data_dir: Path) -> None:
+    builder = text_builder(str(path), str(data_dir), doc_chars=4096)
     train, val = records(builder, "train"), records(builder, "validation")
     assert 1 <= len(val) < 0.1 * len(train)
     ordered = sorted(train + val, key=lambda r: chunk_index(r[0]))
     assert [chunk_index(s)[1] for s, _ in ordered] == list(range(len(ordered)))
-    assert "".join(t for _, t in ordered) == SHAKESPEARE.read_text()
+    assert "".join(t for _, t in ordered) == path.read_text()
     assert all(len(t) <= 4096 for _, t in ordered)
+
+
+def test_single_file_documents_cover_the_file_exactly(tmp_path: Path, prose_path: str) -> None:
+    check_documents_cover_the_file_exactly(Path(prose_path), tmp_path)
+
+
+def test_tinyshakespeare_documents_cover_the_file_exactly(tmp_path: Path, shakespeare_path: str) -> None:
+    check_documents_cover_the_file_exactly(Path(shakespeare_path), tmp_path)
 
 
 def test_text_folder_reads_every_visible_file(tmp_path: Path) -> None:
@@ -117,11 +124,11 @@ def test_text_dataset_is_rebuilt_when_the_file_changes(tmp_path: Path) -> None:
     assert documents() == {"edited text here\n\n", "and another one\n"}
 
 
-def test_tfds_name_reads_a_prepared_dataset_from_data_dir(tmp_path: Path) -> None:
-    builder = text_builder(str(SHAKESPEARE), str(tmp_path))
+def test_tfds_name_reads_a_prepared_dataset_from_data_dir(tmp_path: Path, prose_path: str) -> None:
+    builder = text_builder(prose_path, str(tmp_path))
     name = f"tfds:text_files/{builder.builder_config.name}"
     via_tfds = open_text_source(name, "validation", data_dir=str(tmp_path))
-    via_text = open_text_source(f"text:{SHAKESPEARE}", "validation", data_dir=str(tmp_path))
+    via_text = open_text_source(f"text:{prose_path}", "validation", data_dir=str(tmp_path))
     assert [via_tfds[i] for i in range(len(via_tfds))] == [via_text[i] for i in range(len(via_text))]
 
 
@@ -176,10 +183,10 @@ def test_unprepared_tfds_dataset_names_the_data_dir_and_how_to_prepare(tmp_path:
         open_text_source("tfds:tiny_shakespeare", "train", data_dir=str(tmp_path))
 
 
-def test_unknown_split_and_text_key_are_errors_listing_the_choices(tmp_path: Path) -> None:
+def test_unknown_split_and_text_key_are_errors_listing_the_choices(tmp_path: Path, prose_path: str) -> None:
     with pytest.raises(DataError, match=r"split 'test' does not exist.*\['train', 'validation'\]"):
-        open_text_source(f"text:{SHAKESPEARE}", "test", data_dir=str(tmp_path))
-    name = f"tfds:text_files/{text_builder(str(SHAKESPEARE), str(tmp_path)).builder_config.name}"
+        open_text_source(f"text:{prose_path}", "test", data_dir=str(tmp_path))
+    name = f"tfds:text_files/{text_builder(prose_path, str(tmp_path)).builder_config.name}"
     with pytest.raises(DataError, match=r"data.text_key='content'.*\['source', 'text'\]"):
         open_text_source(name, "train", data_dir=str(tmp_path), text_key="content")
 

@@ -7,13 +7,12 @@ import pytest
 from mhc_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from mhc_jax.engram.compression import compress_tokenizer, identity_vocab, normalize_token_text
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+from conftest import stdlib_prose
 
 
 @pytest.fixture(scope="module")
 def sp_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTokenizer:
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text = f.read()[:100_000]
+    text = stdlib_prose(100_000)  # English prose every Python install ships
     # Accented words repeated often enough that BPE gives their case/accent variants their own pieces.
     docs = text.split("\n\n") + ["café Café CAFÉ cafe résumé Résumé RÉSUMÉ"] * 300
     return train_sentencepiece(docs, 500, tmp_path_factory.mktemp("spm") / "engram.model")

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from mhc_jax.config import Config
-from mhc_jax.engram.host_tables import HostTables, host_tables_from_model, row_bucket
+from mhc_jax.engram.host_tables import HostTables, host_tables_from_model
 from mhc_jax.engram.layer import head_offsets, layer_primes
 from mhc_jax.errors import DataError
-from mhc_jax.generate import generate
+from mhc_jax.sampling import generate
 from mhc_jax.model.transformer import Transformer
 from mhc_jax.train.optimizer import engram_adam, lr_schedule, make_optimizer
 from mhc_jax.train.step import loss_and_grads, train_step
@@ -67,8 +67,8 @@ def dense_and_sparse(clip_norm: float = 1e9) -> tuple:
 
 def sparse_step(model, optimizer, tables: HostTables, batch: dict, bucket: int):
     feed = tables.feed(batch["engram_ids"], bucket)
-    metrics = train_step(model, optimizer, {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTLk,
-                                            "engram_rows": feed.rows_LRD})
+    metrics = train_step(model, optimizer, {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTEG,
+                                            "engram_rows": feed.rows_EUW})
     grads = metrics.pop("engram_row_grads")
     tables.apply(feed, grads, finite=bool(np.isfinite(metrics["grad_norm"])))
     return feed, np.asarray(grads), metrics
@@ -93,14 +93,14 @@ def test_forward_and_gradients_equal_device_placement():
     for block in list(dense.blocks) + list(sparse.blocks):  # a live conv so every path matters
         block.engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(1), block.engram.conv[...].shape)
     batch = random_batch(cfg, 0, cover=False)
-    feed = tables.feed(batch["engram_ids"], row_bucket(cfg))
-    dense_logits = dense(jnp.asarray(batch["inputs"]), engram_ids_BTLk=jnp.asarray(batch["engram_ids"]))
-    sparse_logits = sparse(jnp.asarray(batch["inputs"]), engram_ids_BTLk=jnp.asarray(feed.slots_BTLk),
-                           engram_rows_LRD=jnp.asarray(feed.rows_LRD))
+    feed = tables.feed(batch["engram_ids"], cfg.engram_row_bucket)
+    dense_logits = dense(jnp.asarray(batch["inputs"]), engram_ids_BTEG=jnp.asarray(batch["engram_ids"]))
+    sparse_logits = sparse(jnp.asarray(batch["inputs"]), engram_ids_BTEG=jnp.asarray(feed.slots_BTEG),
+                           engram_rows_EUW=jnp.asarray(feed.rows_EUW))
     np.testing.assert_array_equal(np.asarray(sparse_logits), np.asarray(dense_logits))
 
     from mhc_jax.train.step import _loss_and_grads
-    sbatch = {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTLk, "engram_rows": feed.rows_LRD}
+    sbatch = {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTEG, "engram_rows": feed.rows_EUW}
     loss_s, (g_s, rows_g), _ = _loss_and_grads(sparse, sbatch, 1)
     loss_d, g_d, _ = loss_and_grads(dense, jax.tree.map(jnp.asarray, batch))
     np.testing.assert_array_equal(np.asarray(loss_s), np.asarray(loss_d))
@@ -123,7 +123,7 @@ def test_sparse_equals_dense_adam_when_every_row_is_touched_each_step(clip_norm:
     opt_d, opt_s = make_optimizer(dense_cfg, dense), make_optimizer(cfg, sparse)
     for step in range(3):
         batch = random_batch(cfg, step, cover=True)
-        feed, _, m_s = sparse_step(sparse, opt_s, tables, batch, row_bucket(cfg))
+        feed, _, m_s = sparse_step(sparse, opt_s, tables, batch, cfg.engram_row_bucket)
         assert all(u.size == n for u, n in zip(feed.unique, tables.n_rows))  # every row touched
         m_d = train_step(dense, opt_d, jax.tree.map(jnp.asarray, batch))
     assert tables.count == 3
@@ -154,7 +154,7 @@ def test_rows_not_touched_follow_lazy_adam():
     touched_once = [np.zeros(len(r), bool) for r in ref]
     for step in range(4):
         before, before_mu = [t.copy() for t in tables.tables], [m.copy() for m in tables.mu]
-        feed, grads, _ = sparse_step(sparse, opt, tables, random_batch(cfg, step, cover=False), row_bucket(cfg))
+        feed, grads, _ = sparse_step(sparse, opt, tables, random_batch(cfg, step, cover=False), cfg.engram_row_bucket)
         lr = float(schedule(step)) * cfg.engram.lr_multiplier
         for l, u in enumerate(feed.unique):
             g = grads[l, :u.size].astype(np.float64)
@@ -268,7 +268,7 @@ def test_hit_rates_count_distinct_rows_over_ids_for_dense_and_sparse_tables():
 
     _, _, cfg, _, tables = dense_and_sparse()
     ids = covering_ids(cfg, 0, cover=False)
-    feed = tables.feed(ids, row_bucket(cfg))
+    feed = tables.feed(ids, cfg.engram_row_bucket)
     sparse = tables.hit_stats(feed, B * T * ids.shape[-1])
     dense = dense_hit_stats(cfg, {"engram_ids": ids})
     for l, layer in enumerate(cfg.engram.layers):

@@ -1,9 +1,13 @@
-"""The notebooks in notebooks/ run top to bottom (smoke settings) and are committed without outputs."""
+"""The notebooks in notebooks/ are built from plain-text (jupytext percent-format) sources, state their run
+time up front, pick their size from the backend, run top to bottom (smoke settings) and are committed
+without outputs."""
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import re
 
 import nbformat
 import pytest
@@ -16,6 +20,35 @@ EXPECTED = ["01_quickstart.ipynb", "02_mhc_stability.ipynb", "03_engram.ipynb"]
 
 def test_expected_notebooks_exist() -> None:
     assert NAMES == EXPECTED
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("notebooks_build", os.path.join(REPO_ROOT, "notebooks", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_notebook_is_exactly_what_its_percent_format_source_builds() -> None:
+    build = _build_module()
+    assert [os.path.basename(p)[:-3] + ".ipynb" for p in build.sources()] == EXPECTED
+    for src in build.sources():
+        built = build.build(src)
+        committed = nbformat.read(src[:-3] + ".ipynb", as_version=4)
+        assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
+            f"{os.path.basename(src)[:-3]}.ipynb is stale: edit the .py source and run python notebooks/_build.py")
+        assert built.cells[0].cell_type == "markdown"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_states_its_run_time_and_sizes_itself_by_backend(name: str) -> None:
+    nb = nbformat.read(os.path.join(REPO_ROOT, "notebooks", name), as_version=4)
+    intro, setup = nb.cells[0].source, nb.cells[1].source
+    assert "**Run time.**" in intro
+    minutes = {m.group(1): int(m.group(2)) for m in re.finditer(r"\| (smoke|cpu|full): [^|]*\| (\d+) min \|", intro)}
+    assert set(minutes) == {"smoke", "cpu", "full"} and minutes["cpu"] <= 5, minutes  # CPU: a few minutes
+    assert f"RUN_MINUTES = {{\"smoke\": {minutes['smoke']}, \"cpu\": {minutes['cpu']}, \"full\": {minutes['full']}}}" in setup
+    assert 'jax.default_backend() == "cpu"' in setup and "print(f\"{SIZE} settings" in setup
 
 
 @pytest.mark.parametrize("name", NAMES)

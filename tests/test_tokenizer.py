@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from mhc_jax.data.tokenizer import (BYTE_VOCAB_SIZE, ByteTokenizer, SentencePieceTokenizer, load_tokenizer, main,
                                     train_sentencepiece)
 
-# Characters the Shakespeare-trained model never saw: CJK, emoji, combining marks, controls, the
+from conftest import PROSE_FILE, stdlib_prose
+
+# Characters the prose-trained model never saw: CJK, emoji, combining marks, controls, the
 # SentencePiece space symbol U+2581 itself, a lone NUL.
 UNSEEN = ["日本語のテキスト", "emoji 🙂👍🏽", "e\u0301 \u0000 \t\r\n", "a\u2581b \u2581\u2581", "  two  spaces  ",
           "\ufeffBOM", "ﬁ ligature", ""]
@@ -21,18 +23,10 @@ ANY_TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_siz
 
 
 @pytest.fixture(scope="module")
-def spm_tokenizer(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> SentencePieceTokenizer:
-    text = Path(request.getfixturevalue("shakespeare_path")).read_text()[:300_000]
-    out = tmp_path_factory.mktemp("spm") / "shakespeare.model"
-    return train_sentencepiece(text.split("\n\n"), 600, out)
-
-
-@pytest.fixture(scope="module")
-def shakespeare_path() -> str:
-    path = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: the tests expect ../shared beside the checkout")
-    return str(path)
+def spm_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTokenizer:
+    # Trained on the first 300k characters of the stdlib's English prose; the rest is held out.
+    out = tmp_path_factory.mktemp("spm") / "prose.model"
+    return train_sentencepiece(stdlib_prose(300_000).split("\n\n"), 600, out)
 
 
 @settings(max_examples=50, deadline=None)
@@ -91,9 +85,9 @@ def test_sentencepiece_special_tokens_decode_to_nothing(spm_tokenizer: SentenceP
     assert tok.decode([tok.bos_id, *tok.encode("To be"), tok.eos_id, tok.pad_id]) == "To be"
 
 
-def test_sentencepiece_merges_frequent_text(spm_tokenizer: SentencePieceTokenizer, shakespeare_path: str) -> None:
+def test_sentencepiece_merges_frequent_text(spm_tokenizer: SentencePieceTokenizer) -> None:
     # Held-out English from the same corpus needs far fewer BPE tokens than bytes.
-    held_out = Path(shakespeare_path).read_text()[-20_000:]
+    held_out = stdlib_prose()[-20_000:]
     assert len(spm_tokenizer.encode(held_out)) < 0.6 * len(held_out.encode("utf-8"))
 
 
@@ -102,9 +96,9 @@ def test_sentencepiece_tokenizer_survives_pickling(spm_tokenizer: SentencePieceT
     assert clone.encode("What light through yonder") == spm_tokenizer.encode("What light through yonder")
 
 
-def test_train_command_writes_a_model_that_load_tokenizer_reads(tmp_path: Path, shakespeare_path: str) -> None:
+def test_train_command_writes_a_model_that_load_tokenizer_reads(tmp_path: Path) -> None:
     out = tmp_path / "tok" / "ts.model"
-    assert main(["train", "--dataset", f"text:{shakespeare_path}", "--data-dir", str(tmp_path / "tfds"),
+    assert main(["train", "--dataset", f"text:{PROSE_FILE}", "--data-dir", str(tmp_path / "tfds"),
                  "--vocab-size", "400", "--max-chars", "200000", "--out", str(out)]) == 0
     tok = load_tokenizer(str(out))
     assert tok.vocab_size == 400

@@ -5,8 +5,8 @@ so the tables can live in host memory (engram.md, "System facts"). Here every ta
 moments are numpy arrays in host RAM, and per step
 
 1. `feed(ids)`: the batch's table rows are deduplicated per layer (sorted unique rows), gathered from the
-   host table and padded to a static bucket of R rows (`row_bucket`); the batch's ids become slots into
-   the bucket. The device receives (L, R, D) rows and never holds more than the batch's rows of a table.
+   host table and padded to a static bucket of U rows (`cfg.engram_row_bucket`); the batch's ids become slots into
+   the bucket. The device receives (E, U, W) rows and never holds more than the batch's rows of a table.
 2. the jitted step (mhc_jax.train.step) runs the model on those rows and returns their gradients, clipped
    together with the parameters' gradients by one global norm;
 3. `apply(feed, row_grads)`: a row-wise Adam updates the touched rows and their moments in host memory
@@ -43,29 +43,15 @@ from mhc_jax.engram.layer import head_offsets, table_rows
 log = logging.getLogger(__name__)
 
 
-def ids_per_position(cfg: Config) -> int:
-    return (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_ngram
-
-
-def row_bucket(cfg: Config, batch_rows: int | None = None, seq_len: int | None = None) -> int:
-    """Rows per layer the sparse step receives: engram.row_bucket, or (0) the most one batch of
-    `batch_rows` x `seq_len` positions can touch, B * T * ids per position (never exceeded)."""
-    if cfg.engram.row_bucket:
-        return cfg.engram.row_bucket
-    B = cfg.data.batch_size if batch_rows is None else batch_rows
-    T = cfg.data.seq_len if seq_len is None else seq_len
-    return B * T * ids_per_position(cfg)
-
-
 @dataclasses.dataclass
 class RowFeed:
     """One batch's Engram rows. unique[l]: the sorted table rows of layer l the batch touches (n_l,);
-    slots_BTLk: int32 positions of each id in its layer's bucket; rows_LRD: float32 bucket, rows
+    slots_BTEG: int32 positions of each id in its layer's bucket; rows_EUW: float32 bucket, rows
     [0, n_l) of layer l = table[unique[l]], the rest zero (never looked up, zero gradient)."""
 
     unique: list[np.ndarray]
-    slots_BTLk: np.ndarray
-    rows_LRD: np.ndarray
+    slots_BTEG: np.ndarray
+    rows_EUW: np.ndarray
 
 
 class HostTables:
@@ -112,24 +98,24 @@ class HostTables:
     # Rows for a batch
     # ---------------------------------------------------------------------------------------------
 
-    def feed(self, ids_BTLk: np.ndarray, bucket: int) -> RowFeed:
+    def feed(self, ids_BTEG: np.ndarray, bucket: int) -> RowFeed:
         """Deduplicates the batch's table ids per layer and gathers their rows (see RowFeed)."""
-        ids = np.asarray(ids_BTLk)
+        ids = np.asarray(ids_BTEG)
         if ids.ndim != 4 or ids.shape[2] != len(self.layers):
             raise ValueError(f"engram ids must have shape (batch, time, {len(self.layers)} layers, ids), "
                              f"got {ids.shape}")
-        B, T, L, k = ids.shape
+        B, T, E, G = ids.shape
         slots = np.empty(ids.shape, np.int32)
-        rows = np.zeros((L, bucket, self.dim), np.float32)
+        rows = np.zeros((E, bucket, self.dim), np.float32)
         unique = []
-        for l in range(L):
-            flat = ids[:, :, l, :].astype(np.int64) + self.offsets[l]  # head k's ids live at its offset
+        for l in range(E):
+            flat = ids[:, :, l, :].astype(np.int64) + self.offsets[l]  # each head's ids live at its offset
             u, inverse = np.unique(flat, return_inverse=True)
             if u.size > bucket:
                 raise DataError(f"this batch touches {u.size} distinct rows of Engram layer {self.layers[l]}'s "
                                 f"table, more than engram.row_bucket={bucket}; raise engram.row_bucket (0 = "
-                                f"B * T * ids per position = {B * T * k}, never exceeded)")
-            slots[:, :, l, :] = inverse.reshape(B, T, k)
+                                f"B * T * ids per position = {B * T * G}, never exceeded)")
+            slots[:, :, l, :] = inverse.reshape(B, T, G)
             np.take(self.tables[l], u, axis=0, out=rows[l, :u.size])
             unique.append(u)
         return RowFeed(unique, slots, rows)
@@ -139,7 +125,7 @@ class HostTables:
         for l, (u, changed) in enumerate(zip(feed.unique, updated)):
             common, in_feed, _ = np.intersect1d(u, changed, assume_unique=True, return_indices=True)
             if common.size:
-                feed.rows_LRD[l, in_feed] = self.tables[l][common]
+                feed.rows_EUW[l, in_feed] = self.tables[l][common]
 
     # ---------------------------------------------------------------------------------------------
     # Row-wise (lazy) Adam
@@ -152,12 +138,12 @@ class HostTables:
         return (optax.apply_updates(rows, updates), optax.tree_utils.tree_get(state, "mu"),
                 optax.tree_utils.tree_get(state, "nu"))
 
-    def apply(self, feed: RowFeed, row_grads_LRD: Any, finite: bool = True) -> list[np.ndarray]:
-        """Adam on the rows of `feed` with their gradients (L, R, D) from the step; returns the updated rows
+    def apply(self, feed: RowFeed, row_grads_EUW: Any, finite: bool = True) -> list[np.ndarray]:
+        """Adam on the rows of `feed` with their gradients (E, U, W) from the step; returns the updated rows
         per layer. A non-finite step is skipped, as `optax.apply_if_finite` skips the parameters'."""
         if not finite:
             return [np.zeros(0, np.int64) for _ in self.layers]
-        grads = np.asarray(row_grads_LRD, np.float32)
+        grads = np.asarray(row_grads_EUW, np.float32)
         with jax.set_mesh(self._cpu_mesh):
             self._apply(feed, grads)
         self.count += 1
@@ -172,7 +158,7 @@ class HostTables:
             nu = np.zeros((R, self.dim), np.float32)
             np.take(self.mu[l], u, axis=0, out=mu[:n])
             np.take(self.nu[l], u, axis=0, out=nu[:n])
-            args = jax.device_put((feed.rows_LRD[l], mu, nu, grads[l]), self._cpu)
+            args = jax.device_put((feed.rows_EUW[l], mu, nu, grads[l]), self._cpu)
             new_rows, new_mu, new_nu = (np.asarray(a) for a in self._adam(count, *args))
             self.tables[l][u] = new_rows[:n]
             self.mu[l][u] = new_mu[:n]
@@ -224,4 +210,4 @@ def host_tables_from_model(cfg: Config, model: Any, tx: optax.GradientTransforma
 
 def device_rows(feed: RowFeed) -> dict[str, jnp.ndarray]:
     """`engram_ids` (slots) and `engram_rows` of a feed as device arrays (no mesh)."""
-    return {"engram_ids": jnp.asarray(feed.slots_BTLk), "engram_rows": jnp.asarray(feed.rows_LRD)}
+    return {"engram_ids": jnp.asarray(feed.slots_BTEG), "engram_rows": jnp.asarray(feed.rows_EUW)}

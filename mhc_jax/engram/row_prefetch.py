@@ -79,7 +79,7 @@ class RowPrefetcher:
         self.exposed_s += gather if self._pool is None else min(wait, gather)
         self.steps += 1
         self.feed = feed
-        return self.to_device({**batch, "engram_ids": feed.slots_BTLk, "engram_rows": feed.rows_LRD})
+        return self.to_device({**batch, "engram_ids": feed.slots_BTEG, "engram_rows": feed.rows_EUW})
 
     def apply(self, outputs: dict[str, Any]) -> dict[str, Any]:
         """Pops `engram_row_grads` from the step's outputs and applies them (row-wise Adam) to the rows of

@@ -39,7 +39,8 @@ class Attention(nnx.Module):
         v_BTKD = jnp.einsum("btc,ckd->btkd", x, self.wv_CKD[...].astype(dt))
         q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta)
         k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta)
-        q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
+        q_BTHD = constrain(q_BTHD, ("activation_batch", "activation_length", "activation_heads",
+                                    "activation_head_dim"))
 
         if cache is None:
             same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]

@@ -15,12 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import Config
+from mhc_jax.engram.layer import Engram, engram_param_count
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.mlp import MLP
 from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
 from mhc_jax.sharding import constrain
 
+STREAM_AXES = ("activation_batch", "activation_length", "activation_streams", "activation_embed")  # x_BTnC
 LayerCache = dict[str, Any]  # {"attn": KVCache, "engram": engram conv state (if the block has Engram)}
 
 REMAT_POLICIES = {
@@ -45,20 +47,19 @@ class Block(nnx.Module):
         self.mlp_res = make_residual(cfg, 2 * index + 1, rngs=rngs)
         engram = None
         if cfg.engram.enabled and index in cfg.engram.layers:
-            from mhc_jax.engram.layer import Engram  # the model never needs Engram unless configured
             engram = Engram(cfg, layer_id=index, rngs=rngs)
         self.engram = nnx.data(engram)
 
     def __call__(self, x_BTnC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-                 engram_ids_BTk: jax.Array | None, cache: LayerCache | None,
-                 engram_rows_RD: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+                 engram_ids_BTG: jax.Array | None, cache: LayerCache | None,
+                 engram_rows_UW: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         new_cache: LayerCache | None = None if cache is None else dict(cache)
         if self.engram is not None:
-            if engram_ids_BTk is None:
+            if engram_ids_BTG is None:
                 raise ValueError(f"block {self.index} has Engram but no engram_ids were given; the data "
                                  "pipeline (or generate) must hash the input tokens")
-            y_BTnC, engram_state = self.engram(x_BTnC, engram_ids_BTk, segment_ids_BT,
-                                               None if cache is None else cache["engram"], engram_rows_RD)
+            y_BTnC, engram_state = self.engram(x_BTnC, engram_ids_BTG, segment_ids_BT,
+                                               None if cache is None else cache["engram"], engram_rows_UW)
             x_BTnC = x_BTnC + y_BTnC.astype(x_BTnC.dtype)
             if new_cache is not None:
                 new_cache["engram"] = engram_state
@@ -71,9 +72,9 @@ class Block(nnx.Module):
             return out_BTC
 
         x_BTnC = self.attn_res(x_BTnC, attention_branch)
-        x_BTnC = constrain(x_BTnC, ("batch", "length", "streams", "embed"))
+        x_BTnC = constrain(x_BTnC, STREAM_AXES)
         x_BTnC = self.mlp_res(x_BTnC, lambda h_BTC: self.mlp(self.mlp_norm(h_BTC)))
-        x_BTnC = constrain(x_BTnC, ("batch", "length", "streams", "embed"))
+        x_BTnC = constrain(x_BTnC, STREAM_AXES)
         return x_BTnC, new_cache
 
 
@@ -98,17 +99,17 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
-                 engram_ids_BTLk: jax.Array | None = None, engram_rows_LRD: jax.Array | None = None) -> jax.Array:
-        """engram_ids_BTLk: (batch, time, engram layers in config order, (max_ngram-1) * heads) table ids;
-        with engram.update=sparse, slots into engram_rows_LRD (the batch's unique rows per layer)."""
-        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTLk, None, engram_rows_LRD)
+                 engram_ids_BTEG: jax.Array | None = None, engram_rows_EUW: jax.Array | None = None) -> jax.Array:
+        """engram_ids_BTEG: (batch, time, engram layers in config order, (max_ngram-1) * heads) table ids;
+        with engram.update=sparse, slots into engram_rows_EUW (the batch's unique rows per layer)."""
+        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW)
         return logits
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: list[LayerCache],
-               engram_ids_BTLk: jax.Array | None = None,
-               engram_rows_LRD: jax.Array | None = None) -> tuple[jax.Array, list[LayerCache]]:
+               engram_ids_BTEG: jax.Array | None = None,
+               engram_rows_EUW: jax.Array | None = None) -> tuple[jax.Array, list[LayerCache]]:
         """Runs new tokens at `positions_BT` against the cache; returns their logits and the new cache."""
-        return self._run(tokens_BT, positions_BT, jnp.ones_like(tokens_BT), engram_ids_BTLk, cache, engram_rows_LRD)
+        return self._run(tokens_BT, positions_BT, jnp.ones_like(tokens_BT), engram_ids_BTEG, cache, engram_rows_EUW)
 
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []
@@ -119,21 +120,21 @@ class Transformer(nnx.Module):
             caches.append(c)
         return caches
 
-    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTLk, cache, engram_rows_LRD=None):
+    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, cache, engram_rows_EUW=None):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         x_BTC = jnp.take(self.embed_VC[...], tokens_BT, axis=0).astype(self.dtype)
-        x_BTnC = constrain(expand(x_BTC, self.n_streams), ("batch", "length", "streams", "embed"))
+        x_BTnC = constrain(expand(x_BTC, self.n_streams), STREAM_AXES)
         engram_layers = self.cfg.engram.layers
         new_cache = None if cache is None else []
         for i, block in enumerate(self.blocks):
             ids = rows = None
-            if block.engram is not None and engram_ids_BTLk is not None:
-                ids = engram_ids_BTLk[:, :, engram_layers.index(i)]
-                rows = None if engram_rows_LRD is None else engram_rows_LRD[engram_layers.index(i)]
+            if block.engram is not None and engram_ids_BTEG is not None:
+                ids = engram_ids_BTEG[:, :, engram_layers.index(i)]
+                rows = None if engram_rows_EUW is None else engram_rows_EUW[engram_layers.index(i)]
             layer_cache = None if cache is None else cache[i]
             if self.remat != "none" and cache is None:
                 x_BTnC, _ = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[self.remat])(
@@ -148,7 +149,7 @@ class Transformer(nnx.Module):
         m = self.cfg.model
         if m.padded_vocab_size != m.vocab_size:
             logits_BTV = jnp.where(jnp.arange(m.padded_vocab_size) < m.vocab_size, logits_BTV, -1e9)
-        return constrain(logits_BTV, ("batch", "length", "vocab")), new_cache
+        return constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab")), new_cache
 
 
 def count_params(model: nnx.Module) -> int:
@@ -165,6 +166,5 @@ def expected_param_count(cfg: Config) -> int:
     total = V * C + m.n_layers * (attention + mlp + norms) + C + (0 if m.tie_embeddings else C * V)
     total += residual_param_count(cfg)
     if cfg.engram.enabled:
-        from mhc_jax.engram.layer import engram_param_count
         total += sum(engram_param_count(cfg, layer) for layer in cfg.engram.layers)
     return total

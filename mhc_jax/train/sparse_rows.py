@@ -3,6 +3,7 @@ evaluation batches with rows, and their checkpoint item. See mhc_jax.engram.host
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -11,12 +12,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mhc_jax.config import Config
-from mhc_jax.engram.host_tables import HostTables, row_bucket
+from mhc_jax.engram.host_tables import HostTables
 from mhc_jax.engram.row_prefetch import RowPrefetcher
 from mhc_jax.errors import ConfigError
 from mhc_jax.sharding import batch_shardings, global_batch
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.optimizer import engram_adam
+from mhc_jax.train.state import CHECKPOINT_DIR
 
 
 def host_tables(cfg: Config, initialise: bool = True) -> HostTables:
@@ -32,7 +34,7 @@ def _to_device(mesh: Mesh):
 
 def row_prefetcher(cfg: Config, mesh: Mesh, batches: Iterator[dict], tables: HostTables) -> RowPrefetcher:
     """Wraps the host-side train iterator (`make_train_iterator(cfg)` without a mesh)."""
-    return RowPrefetcher(batches, tables, row_bucket(cfg), _to_device(mesh), prefetch=cfg.engram.rows_prefetch)
+    return RowPrefetcher(batches, tables, cfg.engram_row_bucket, _to_device(mesh), prefetch=cfg.engram.rows_prefetch)
 
 
 def with_rows(cfg: Config, mesh: Mesh, tables: HostTables, batches: Iterable[dict]) -> Iterator[dict]:
@@ -40,8 +42,8 @@ def with_rows(cfg: Config, mesh: Mesh, tables: HostTables, batches: Iterable[dic
     rows; no update follows."""
     to_device = _to_device(mesh)
     for batch in batches:
-        feed = tables.feed(batch["engram_ids"], row_bucket(cfg))
-        yield to_device({**batch, "engram_ids": feed.slots_BTLk, "engram_rows": feed.rows_LRD})
+        feed = tables.feed(batch["engram_ids"], cfg.engram_row_bucket)
+        yield to_device({**batch, "engram_ids": feed.slots_BTEG, "engram_rows": feed.rows_EUW})
 
 
 def restore_tables(ckpt: Checkpointer, tables: HostTables, step: int) -> None:
@@ -59,10 +61,6 @@ def tables_from_workdir(workdir: str, cfg: Config, step: int) -> HostTables | No
     """The host tables saved with checkpoint `step` of a workdir; None unless engram.update=sparse."""
     if not cfg.engram.sparse:
         return None
-    import os
-
-    from mhc_jax.train.state import CHECKPOINT_DIR
-
     ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
     try:
         return load_tables(ckpt, cfg, step)
@@ -87,7 +85,7 @@ def dense_hit_stats(cfg: Config, batch: dict) -> dict[str, float]:
 def stats(rows: RowPrefetcher) -> dict[str, Any]:
     """Table hit rates of the batch last fed and how much of the host gather the prefetch hid."""
     feed = rows.feed
-    n_ids = 0 if feed is None else int(feed.slots_BTLk[..., 0, :].size)
+    n_ids = 0 if feed is None else int(feed.slots_BTEG[..., 0, :].size)
     out = {} if feed is None else rows.tables.hit_stats(feed, n_ids)
     out["engram_gather_hidden_frac"] = rows.hidden_fraction
     return out

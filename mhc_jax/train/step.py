@@ -5,7 +5,7 @@ and the AOT report use `make_sharded_step`, which jits the same step as a pure f
 explicit shardings. Batch: dict of (B, T) int32 `inputs`, `targets`, `segment_ids`, `positions`, float32
 `loss_mask`, and optionally (B, T, L, k) int32 `engram_ids`.
 
-Sparse Engram rows (engram.update=sparse): the batch also holds `engram_rows` (L, R, D) float32, the batch's
+Sparse Engram rows (engram.update=sparse): the batch also holds `engram_rows` (E, U, W) float32, the batch's
 unique table rows gathered on the host (replicated, not split into micro-batches), and `engram_ids` are
 slots into them. The step differentiates the loss by these rows too, clips them together with the
 parameters' gradients (one global norm), and returns them as `engram_row_grads` beside the metrics; the
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.train.optimizer import nonfinite_in_row
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -28,7 +30,7 @@ Metrics = dict[str, jax.Array]
 def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the loss mask, and the number of tokens counted."""
     logits_BTV = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                       engram_ids_BTLk=batch.get("engram_ids"), engram_rows_LRD=batch.get("engram_rows"))
+                       engram_ids_BTEG=batch.get("engram_ids"), engram_rows_EUW=batch.get("engram_rows"))
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
@@ -95,15 +97,16 @@ def to_device_memory(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device) if _in_host_memory(x) else x, tree)
 
 
-def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metrics:
-    """One optimisation step in place on `model` and `optimizer`; returns scalar metrics.
+def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accum: int = 1) -> Metrics:
+    """One optimisation step in place on `model` and `optimizer`, the gradient accumulated over
+    `grad_accum` micro-batches (training.grad_accum); returns scalar metrics.
 
     Host-resident Engram tables (engram.placement=host) stay in host memory for the forward and backward
     passes (rows are gathered on the host). The optimiser update (global-norm clipping, Adam, the
     non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
     the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
     JAX's optimizer-state offloading pattern."""
-    loss, (grads, row_grads), count = _loss_and_grads(model, batch, model.cfg.training.grad_accum)
+    loss, (grads, row_grads), count = _loss_and_grads(model, batch, grad_accum)
     grads = to_device_memory(grads)
     for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
         nnx.update(node, to_device_memory(nnx.state(node)))
@@ -113,13 +116,14 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metric
         grads, row_grads, grad_norm = clip_with_rows(grads, row_grads, model.cfg.optimizer.clip_norm)
     optimizer.update(model, grads)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
-               "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))}
+               "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+               "nonfinite_in_row": nonfinite_in_row(optimizer)}
     if row_grads is not None:
         metrics["engram_row_grads"] = row_grads
     return metrics
 
 
-train_step = nnx.jit(step_fn, donate_argnums=(0, 1))
+train_step = nnx.jit(step_fn, donate_argnums=(0, 1), static_argnames=("grad_accum",))
 
 
 @nnx.jit
@@ -128,13 +132,13 @@ def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return loss_sum_and_count(model, batch)
 
 
-def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any):
+def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any, grad_accum: int = 1):
     """`step(state, batch) -> (state, metrics)` as a `jax.jit` with explicit in/out shardings and the
     state donated, where state = nnx.state((model, optimizer)). The same step as `train_step`."""
 
     def pure(state: Any, batch: Batch) -> tuple[Any, Metrics]:
         model, optimizer = nnx.merge(graphdef, state)
-        metrics = step_fn(model, optimizer, batch)
+        metrics = step_fn(model, optimizer, batch, grad_accum)
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(pure, in_shardings=(state_shardings, batch_shardings),
