@@ -139,12 +139,15 @@ def run_case(cfg: Config, batches: list[dict], warmup: int, steps: int) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, small tables, few steps")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per case (default 10; quick 5)")
     args = parser.parse_args()
     q = args.quick
     # Sparse steps of every table size lower to the same program: the persistent cache compiles it once.
     jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "mhc_jax_engram_scale_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     warmup, steps = (2, 5) if q else (2, 10)
+    if args.steps:
+        warmup, steps = 1, args.steps
     sizes = (10_000, 100_000, 1_000_000) if q else (100_000, 1_000_000, 10_000_000)
     batches = host_batches(make_cfg(q), 8)
     plain = [{k: v for k, v in b.items() if k != "engram_ids"} for b in batches]

@@ -125,8 +125,7 @@ def hf_json(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = ["The café CAFÉ Café ΟΔΟΣ οδος कि किताब हिंदी Straße\tSTRASSE 日本語 \x1c ok"] * 50
-    with open(SHAKESPEARE, encoding="utf-8") as f:
-        text += f.read()[:20_000].split("\n\n")
+    text += stdlib_prose(20_000).split("\n\n")
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(text, trainer)
@@ -152,7 +151,7 @@ def test_compressing_a_tokenizer_json_equals_the_demo_lookup_table(hf_json: str)
     assert vocab.size == len(key_to_id) < ours.vocab_size
 
 
-def test_tokenizer_json_round_trips_and_feeds_the_engram_pipeline(hf_json: str, tmp_path):
+def test_tokenizer_json_round_trips_and_feeds_the_engram_pipeline(hf_json: str, prose_path: str, tmp_path):
     from mhc_jax.config import Config
     from mhc_jax.data.pipeline import make_train_iterator
     from mhc_jax.data.tokenizer import load_tokenizer
@@ -163,7 +162,7 @@ def test_tokenizer_json_round_trips_and_feeds_the_engram_pipeline(hf_json: str, 
     assert (tok.eos_id, tok.pad_id) == (0, 1) and tok.is_special(0) and tok.token_bytes(0) == b""
     cfg = Config().replace(
         model=dict(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32),
-        data=dict(dataset=f"text:{SHAKESPEARE}", tokenizer=hf_json, seq_len=32, batch_size=2, data_dir=str(tmp_path)),
+        data=dict(dataset=f"text:{prose_path}", tokenizer=hf_json, seq_len=32, batch_size=2, data_dir=str(tmp_path)),
         engram=dict(enabled=True, layers=[1], heads_per_ngram=2, head_dim=4, table_size=61))
     batch = next(make_train_iterator(cfg))
     assert batch["inputs"].max() < tok.vocab_size and batch["engram_ids"].shape == (2, 32, 1, 4)

@@ -4,6 +4,9 @@ generation; the compiled step does not grow with the table."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,14 +14,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax import aot
+from mhc_jax.config import Config, load_config
+from mhc_jax.data.tokenizer import ByteTokenizer
 from mhc_jax.engram.host_tables import HostTables, host_tables_from_model
-from mhc_jax.engram.layer import head_offsets, layer_primes
+from mhc_jax.engram.ids import EngramIds
+from mhc_jax.engram.layer import layer_primes
 from mhc_jax.errors import DataError
-from mhc_jax.sampling import generate
 from mhc_jax.model.transformer import Transformer
+from mhc_jax.sampling import generate
+from mhc_jax.train.checkpoint import Checkpointer
+from mhc_jax.train.loop import run
+from mhc_jax.train.metrics import read_metrics
 from mhc_jax.train.optimizer import engram_adam, lr_schedule, make_optimizer
-from mhc_jax.train.step import loss_and_grads, train_step
+from mhc_jax.train.sparse_rows import dense_hit_stats, load_tables
+from mhc_jax.train.step import _loss_and_grads, loss_and_grads, train_step
 
 B, T = 4, 16
 
@@ -99,7 +109,6 @@ def test_forward_and_gradients_equal_device_placement():
                            engram_rows_EUW=jnp.asarray(feed.rows_EUW))
     np.testing.assert_array_equal(np.asarray(sparse_logits), np.asarray(dense_logits))
 
-    from mhc_jax.train.step import _loss_and_grads
     sbatch = {**jax.tree.map(jnp.asarray, batch), "engram_ids": feed.slots_BTEG, "engram_rows": feed.rows_EUW}
     loss_s, (g_s, rows_g), _ = _loss_and_grads(sparse, sbatch, 1)
     loss_d, g_d, _ = loss_and_grads(dense, jax.tree.map(jnp.asarray, batch))
@@ -182,8 +191,6 @@ def test_generation_equals_device_placement():
     _, dense, cfg, sparse, tables = dense_and_sparse()
     for block in list(dense.blocks) + list(sparse.blocks):
         block.engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(2), block.engram.conv[...].shape)
-    from mhc_jax.data.tokenizer import ByteTokenizer
-    from mhc_jax.engram.ids import EngramIds
     ids = EngramIds(cfg, ByteTokenizer())
     prompt = [256] + list(b"def f(x):")
     lengths = []
@@ -200,27 +207,18 @@ def test_generation_equals_device_placement():
 
 
 def _losses(workdir: str) -> list[float]:
-    from mhc_jax.train.metrics import read_metrics
     rows = {r["step"]: r["loss"] for r in read_metrics(workdir, "train")}
     return [rows[s] for s in sorted(rows)]
 
 
-def test_trainer_with_sparse_tables_resumes_bitwise_and_prefetch_changes_nothing(tmp_path):
+def test_trainer_with_sparse_tables_resumes_bitwise_and_prefetch_changes_nothing(tmp_path, prose_path):
     """Rows prefetched while the previous step runs (and refreshed after its update) give the same run as
     gathering after the update; the host tables and row moments resume bitwise from an Orbax checkpoint."""
-    import os
-    import shutil
 
-    from conftest import SHAKESPEARE
-    from mhc_jax.config import load_config
-    from mhc_jax.train.checkpoint import Checkpointer
-    from mhc_jax.train.loop import run
-    from mhc_jax.train.metrics import read_metrics
-    from mhc_jax.train.sparse_rows import load_tables
 
     cfg = load_config("tiny", [
         "data.batch_size=8", "training.steps=6", "checkpoint.every=3", "training.eval_every=6",
-        "training.diagnostics_every=6", "training.sample_tokens=4", f"data.dataset=text:{SHAKESPEARE}",
+        "training.diagnostics_every=6", "training.sample_tokens=4", f"data.dataset=text:{prose_path}",
         "engram.enabled=true", "engram.layers=[1]", "engram.heads_per_ngram=2", "engram.head_dim=8",
         "engram.table_size=97", "engram.placement=host"])
     assert cfg.engram.sparse
@@ -250,7 +248,6 @@ def test_trainer_with_sparse_tables_resumes_bitwise_and_prefetch_changes_nothing
 def test_compiled_step_memory_does_not_depend_on_the_table_size():
     """The sparse step's arguments and temporaries hold the batch's rows, never a table: 100x more rows
     compile to the same bytes (dense tables grow them)."""
-    from mhc_jax import aot
 
     def compiled_bytes(update: str, table_size: int) -> int:
         cfg = make_cfg(update, table_size=table_size, heads_per_ngram=2)
@@ -264,7 +261,6 @@ def test_compiled_step_memory_does_not_depend_on_the_table_size():
 
 
 def test_hit_rates_count_distinct_rows_over_ids_for_dense_and_sparse_tables():
-    from mhc_jax.train.sparse_rows import dense_hit_stats
 
     _, _, cfg, _, tables = dense_and_sparse()
     ids = covering_ids(cfg, 0, cover=False)

@@ -32,7 +32,6 @@ import logging
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -207,7 +206,3 @@ def host_tables_from_model(cfg: Config, model: Any, tx: optax.GradientTransforma
         tables.tables[i][...] = np.asarray(jax.device_get(engram.table[...]), np.float32)
     return tables
 
-
-def device_rows(feed: RowFeed) -> dict[str, jnp.ndarray]:
-    """`engram_ids` (slots) and `engram_rows` of a feed as device arrays (no mesh)."""
-    return {"engram_ids": jnp.asarray(feed.slots_BTEG), "engram_rows": jnp.asarray(feed.rows_EUW)}
