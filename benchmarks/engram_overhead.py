@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _common import REPO, RESULTS, compile_seconds, format_table, interleaved_medians, seconds_per_call,
-                     write_result
+from _common import (REPO, RESULTS, compile_seconds, format_table, interleaved_medians, seconds_per_call,
+                     write_result)
 from mhc_jax.config import Config
 from mhc_jax.data import synthetic_batch
 from mhc_jax.data.tokenizer import ByteTokenizer

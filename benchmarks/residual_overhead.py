@@ -1,17 +1,20 @@
-"""Training-step time of HC / mHC / mHC-lite relative to the plain residual, and Sinkhorn VJP memory.
+"""Training-step time, MFU and activation memory of HC / mHC / mHC-lite relative to the plain residual.
 
-    python benchmarks/residual_overhead.py [--quick]
+    python benchmarks/residual_overhead.py [--quick] [--d-model 128 512 1024 --seq 64 256 128 --batch 12 4 2]
 
-Times the shared jitted train step (mhc_jax.train.step.train_step) at one config (default d=256,
-4 layers, seq 256, batch 4, n=4) on the default backend, interleaving the kinds over several rounds and
-reporting median step-time ratios to `plain` measured in this one run. Paper reference: mHC costs 6.7%
-extra training time at n = 4 with fused kernels, selective recomputation and pipeline overlap; these are
-unfused XLA ops, so expect more.
+One table for the three shapes of issue 15 (d = 128 / 512 / 1024; the first is nanoGPT's CPU shape): for
+each shape, times the shared jitted train step (mhc_jax.train.step.train_step) of every kind on the default
+backend, interleaving the kinds over several rounds, and reports median step-time ratios to `plain`
+measured in this one run, MFU (closed-form model FLOPs, mhc_jax.flops, over a matmul peak measured at
+start-up), and the compiled activation memory: bytes one block keeps from forward to backward per token
+(outputs of the jitted jax.vjp closure of a block, compiled memory analysis; with residual.recompute, the
+paper's selective recomputation, on and off). Paper reference: mHC costs 6.7% extra training time at n = 4
+with fused kernels, selective recomputation and pipeline overlap (GPUs).
 
-Then the compiled memory analysis of the Sinkhorn backward: bytes kept from forward to backward for the
-batch's (B*T, n, n) logits (custom VJP: only the input; unrolled: every iterate), and the temporary memory
-of a gradient through 2 * n_layers stacked projections (like the model's sublayers).
-Writes benchmarks/results/residual_overhead.json.
+Absolute times on a shared machine are noisy: quote the ratios, which come from interleaved rounds. The
+machine's load average is recorded in the JSON. Then, as before, the compiled memory analysis of the
+Sinkhorn backward (custom VJP keeps only the input; unrolled autodiff keeps every iterate).
+Writes benchmarks/results/residual_overhead.json; `step_time` is the first shape's (the key earlier runs used).
 """
 
 from __future__ import annotations
@@ -24,44 +27,66 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from _common import RESULTS, compile_seconds, format_table, interleaved_medians, repo_relative, write_result
+from _common import RESULTS, compile_seconds, interleaved_medians, repo_relative, write_result
 from mhc_jax.config import Config
 from mhc_jax.data import synthetic_batch
+from mhc_jax.flops import model_flops_per_token
 from mhc_jax.model import Transformer, count_params
+from mhc_jax.model.memory import block_activation_bytes_per_token
 from mhc_jax.residual import RESIDUAL_KINDS
 from mhc_jax.sinkhorn import sinkhorn_knopp
+from mhc_jax.train.metrics import measure_peak_flops
 from mhc_jax.train.optimizer import make_optimizer
 from mhc_jax.train.step import train_step
 
 KINDS = tuple(RESIDUAL_KINDS)
 
 
-def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int) -> Config:
+def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int, recompute: bool = True) -> Config:
+    heads = 4 if d <= 256 else d // 64  # nanoGPT's CPU shape has 4 heads of 32 at d = 128
     return Config().replace(
-        model={"d_model": d, "n_layers": layers, "n_heads": max(1, d // 64), "n_kv_heads": max(1, d // 64),
+        model={"d_model": d, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads,
                "d_ff": 4 * d, "max_seq_len": seq},
-        residual={"kind": kind, "n_streams": n},
+        residual={"kind": kind, "n_streams": n, "recompute": recompute},
         data={"seq_len": seq, "batch_size": batch},
         optimizer={"warmup_steps": 0})
 
 
-def step_time_ratios(args) -> dict:
-    steps, params, compile_s = {}, {}, {}
+def step_time_ratios(args, d: int, seq: int, batch: int, peak: float) -> dict:
+    steps, compile_s, params, flops = {}, {}, {}, {}
     for kind in KINDS:
-        cfg = make_cfg(kind, args.d_model, args.layers, args.seq, args.batch, args.n_streams)
+        cfg = make_cfg(kind, d, args.layers, seq, batch, args.n_streams)
         model = Transformer(cfg, rngs=nnx.Rngs(0))
-        batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
-        steps[kind] = functools.partial(train_step, model, make_optimizer(cfg, model), batch)
+        batch_ = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
+        steps[kind] = functools.partial(train_step, model, make_optimizer(cfg, model), batch_)
         compile_s[kind] = compile_seconds(steps[kind])
-        params[kind] = count_params(model)
-    seconds = interleaved_medians(steps, args.rounds, args.steps)
-    return {kind: {"step_time_ratio": seconds[kind] / seconds["plain"], "params": params[kind],
+        params[kind], flops[kind] = count_params(model), model_flops_per_token(cfg)
+    seconds = interleaved_medians(steps, args.rounds, args.steps)  # machine-load drift hits every kind alike
+    return {kind: {"step_time_ratio": seconds[kind] / seconds["plain"], "step_s": seconds[kind],
+                   "mfu": flops[kind] * batch * seq / seconds[kind] / peak, "params": params[kind],
                    "compile_s": compile_s[kind]} for kind in KINDS}
 
 
-def sinkhorn_memory(args) -> dict:
+def block_activation_bytes(kind: str, d: int, seq: int, n: int, recompute: bool) -> float:
+    """Bytes one block keeps from forward to backward per token (mhc_jax.model.memory)."""
+    return block_activation_bytes_per_token(make_cfg(kind, d, 2, seq, 1, n, recompute))
+
+
+def activation_memory(d: int, seq: int, n: int) -> dict:
+    plain = block_activation_bytes("plain", d, seq, n, True)
+    out = {"plain": {"bytes_per_token": plain, "ratio": 1.0}}
+    for kind in KINDS[1:]:
+        on = block_activation_bytes(kind, d, seq, n, True)
+        out[kind] = {"bytes_per_token": on, "ratio": on / plain}
+        if kind == "mhc":  # what selective recomputation removes (hc and mhc_lite connections share the code)
+            off = block_activation_bytes(kind, d, seq, n, False)
+            out[kind].update(no_recompute_bytes_per_token=off, no_recompute_ratio=off / plain)
+    return out
+
+
+def sinkhorn_memory(args, seq: int, batch: int) -> dict:
     n, iters = args.n_streams, 20
-    x = jnp.zeros((args.batch * args.seq, n, n), jnp.float32)
+    x = jnp.zeros((batch * seq, n, n), jnp.float32)
 
     def residual_bytes(recompute: bool) -> int:
         f = lambda y: sinkhorn_knopp(y, iters, recompute_backward=recompute)
@@ -93,35 +118,65 @@ def sinkhorn_memory(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller timing run (same config, fewer steps)")
-    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--quick", action="store_true", help="fewer timing steps and rounds (same shapes)")
+    p.add_argument("--d-model", type=int, nargs="+", default=[128, 512, 1024], help="one or more widths")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, nargs="+", default=[64, 256, 128], help="per width (or one for all)")
+    p.add_argument("--batch", type=int, nargs="+", default=[12, 4, 2], help="per width (or one for all)")
     p.add_argument("--n-streams", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="steps per timing round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=os.path.join(RESULTS, "residual_overhead.json"))
     args = p.parse_args()
     if args.quick:
-        args.steps, args.rounds = 3, 3
+        args.steps, args.rounds = 2, 3
+    widths = args.d_model
+    per = lambda v: v * len(widths) if len(v) == 1 else v
+    seqs, batches = per(args.seq), per(args.batch)
+    if not len(seqs) == len(batches) == len(widths):
+        raise SystemExit(f"--seq {args.seq} and --batch {args.batch} need one value or one per --d-model {widths}")
 
-    timing = step_time_ratios(args)
-    memory = sinkhorn_memory(args)
-    print(f"train step, backend={jax.default_backend()} d={args.d_model} layers={args.layers} seq={args.seq} "
-          f"batch={args.batch} n={args.n_streams}; ratios are medians over {args.rounds} interleaved rounds")
-    print(format_table(["kind", "step time / plain", "params"],
-                       [[kind, r["step_time_ratio"], r["params"]] for kind, r in timing.items()]))
-    print("paper reference: mHC +6.7% step time at n=4 with fused kernels")
+    load_before = _loadavg()
+    peak = measure_peak_flops()
+    shapes = []
+    for d, seq, batch in zip(widths, seqs, batches):
+        print(f"d={d} seq={seq} batch={batch}: timing {', '.join(KINDS)} ...", flush=True)
+        shapes.append({"d_model": d, "seq": seq, "batch": batch, "layers": args.layers,
+                       "step_time": step_time_ratios(args, d, seq, batch, peak),
+                       "activation_memory": activation_memory(d, seq, args.n_streams)})
+    load_after = _loadavg()
+    memory = sinkhorn_memory(args, seqs[0], batches[0])
+
+    print(f"\ntrain step, backend={jax.default_backend()} layers={args.layers} n={args.n_streams}; step-time "
+          f"ratios are medians over {args.rounds} interleaved rounds of {args.steps} steps; load average "
+          f"{load_before} -> {load_after}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'shape':>18s} {'kind':9s} {'time/plain':>10s} {'MFU':>6s} {'act. mem/plain':>14s} "
+          f"{'(no recompute)':>14s} {'act. KiB/token':>14s}")
+    for s_ in shapes:
+        name = f"d{s_['d_model']} T{s_['seq']} B{s_['batch']}"
+        for kind in KINDS:
+            t, m = s_["step_time"][kind], s_["activation_memory"][kind]
+            print(f"{name:>18s} {kind:9s} {t['step_time_ratio']:10.3f} {100 * t['mfu']:5.1f}% {m['ratio']:14.2f} "
+                  f"{m.get('no_recompute_ratio', float('nan')):14.2f} {m['bytes_per_token'] / 1024:14.1f}")
+    print("paper reference: mHC +6.7% step time at n=4 with fused kernels (GPU); activation memory is per block")
     print("\nSinkhorn backward memory (compiled memory analysis)")
     for key, value in memory.items():
         print(f"  {key:36s} {value if not isinstance(value, float) else round(value, 1)}")
-    print("  (residual bytes: what reverse mode keeps from forward to backward per call. The stacked temp\n"
-          "   figure is whole-program scratch; XLA:CPU keeps every sublayer's recomputed iterates there.)")
     config = {**vars(args), "out": repo_relative(args.out)}
-    path = write_result(args.out, {"config": config, "backend": jax.default_backend(), "step_time": timing,
+    path = write_result(args.out, {"config": config, "backend": jax.default_backend(), "peak_flops": peak,
+                                   "loadavg": {"before": load_before, "after": load_after},
+                                   "step_time": shapes[0]["step_time"], "shapes": shapes,
                                    "sinkhorn_memory": memory})
     print(f"\nwrote {path}")
+
+
+def _loadavg() -> str:
+    """`cat /proc/loadavg` (1, 5, 15 minute load averages; '' where the file does not exist)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

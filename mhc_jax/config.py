@@ -38,7 +38,7 @@ from mhc_jax.errors import ConfigError  # re-exported: `from mhc_jax.config impo
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE) and a SwiGLU MLP."""
+    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE or ALiBi, optionally windowed) and a SwiGLU MLP."""
 
     vocab_size: int = 259  # byte tokenizer: 256 bytes + BOS/EOS/PAD
     d_model: int = 128  # C: residual stream width
@@ -58,7 +58,13 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimiser state
     # "auto": bfloat16 on GPU/TPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    attention_impl: Literal["xla", "cudnn"] = "xla"  # jax.nn.dot_product_attention implementation
+    # Token positions: rotary (RoPE), ALiBi logit biases (Press et al. 2021, arXiv 2108.12409) or none (NoPE).
+    position: Literal["rope", "alibi", "none"] = "rope"
+    attention_window: int = 0  # sliding window: a token sees itself and the window-1 tokens before it; 0 = full causal
+    global_every: int = 0  # with a window, every k-th block (k-1, 2k-1, ...) attends fully (Gemma); 0 = none do
+    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), else chunked (CPU: from 1024 tokens) or xla (dense).
+    attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+    attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -90,6 +96,12 @@ class ResidualConfig:
     use_post: bool = True  # False: H_post = ones
     use_res: bool = True  # False: H_res = identity
     hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
+    # Selective recomputation (mHC paper Sec. 4.3) in HC / mHC / mHC-lite connections: keep only the input
+    # streams, coefficients and sublayer output; recompute norm, projection, Sinkhorn and mixing in backward.
+    recompute: bool = True
+    # mHC Sinkhorn: "xla" (fused XLA loop) or "pallas" (one kernel per token block, mhc_jax.sinkhorn_pallas;
+    # Mosaic on TPU, interpret mode on CPU; linear domain only).
+    impl: Literal["xla", "pallas"] = "xla"
 
 
 @dataclass(frozen=True)
@@ -260,7 +272,20 @@ def validate(cfg: Config) -> Config:
                  f"must divide model.d_model={m.d_model} (or set model.head_dim)")
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    if m.position == "rope":
+        _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    _require(m.attention_window >= 0, "model.attention_window", m.attention_window, "must be >= 0 (0 = full causal)")
+    _require(m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0 = no global blocks)")
+    _require(m.global_every == 0 or m.attention_window > 0, "model.global_every", m.global_every,
+             "interleaves full blocks among windowed ones, so it needs model.attention_window > 0")
+    _require(m.attention_block >= 1, "model.attention_block", m.attention_block, "must be >= 1")
+    if m.attention_impl == "splash":
+        _require(m.position != "alibi", "model.position", m.position,
+                 "the splash kernel takes no logit bias: use rope or none, or attention_impl chunked/xla/cudnn")
+        _require(m.attention_block % 128 == 0, "model.attention_block", m.attention_block,
+                 "must be a multiple of 128 (TPU lanes) with attention_impl=splash")
+        _require(cfg.data.seq_len % 128 == 0, "data.seq_len", cfg.data.seq_len,
+                 "must be a multiple of 128 with model.attention_impl=splash (its blocks are 128-lane tiles)")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
@@ -268,6 +293,9 @@ def validate(cfg: Config) -> Config:
     _require(r.n_streams >= 1, "residual.n_streams", r.n_streams, "must be >= 1")
     _require(r.sinkhorn_iters >= 1, "residual.sinkhorn_iters", r.sinkhorn_iters, "must be >= 1")
     _require(r.sinkhorn_eps >= 0, "residual.sinkhorn_eps", r.sinkhorn_eps, "must be >= 0")
+    if r.impl == "pallas":
+        _require(not r.sinkhorn_log_domain, "residual.sinkhorn_log_domain", r.sinkhorn_log_domain,
+                 "must be false with residual.impl=pallas (the kernel runs the linear-domain iteration)")
     if r.kind == "mhc_lite":
         _require(r.n_streams <= 6, "residual.n_streams", r.n_streams,
                  "mhc_lite mixes all n! permutations; use n_streams <= 6")

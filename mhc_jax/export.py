@@ -48,7 +48,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mhc_jax.config import Config, load_config, save_config
+from mhc_jax.data.tokenizer import load_tokenizer
 from mhc_jax.errors import CheckpointError, MhcJaxError
+from mhc_jax.model import Transformer
+from mhc_jax.sharding import make_mesh, train_state_shardings_of
+from mhc_jax.train.state import load_model_from_workdir
 
 FORMAT = "mhc-jax-safetensors"
 VERSION = 1
@@ -111,8 +115,6 @@ def export_model(cfg: Config, model: nnx.Module, out: str, step: int = 0) -> str
 
 def export_workdir(workdir: str, out: str, step: int | None = None) -> str:
     """The newest (or `step`) checkpoint of a train.py workdir, exported into `out`."""
-    from mhc_jax.train.state import load_model_from_workdir
-
     cfg, model, step = load_model_from_workdir(workdir, step=step)
     return export_model(cfg, model, out, step)
 
@@ -133,10 +135,6 @@ def read_manifest(directory: str) -> dict[str, Any]:
 def load(directory: str, mesh: Mesh | None = None) -> Exported:
     """Rebuilds the exported model on `mesh` (default: the config's mesh over all devices)."""
     from safetensors.numpy import load_file
-
-    from mhc_jax.data.tokenizer import load_tokenizer
-    from mhc_jax.model import Transformer
-    from mhc_jax.sharding import make_mesh, train_state_shardings_of
 
     manifest = read_manifest(directory)
     tok = manifest["tokenizer"]

@@ -27,6 +27,7 @@ V = padded vocabulary, T = sequence length, n = residual streams:
 from __future__ import annotations
 
 from mhc_jax.config import Config
+from mhc_jax.model.masks import layer_windows
 from mhc_jax.residual import learned_collapse, residual_kind
 from mhc_jax.residual.collapse import collapse_flops
 from mhc_jax.sinkhorn import sinkhorn_flops  # noqa: F401 (re-exported)
@@ -61,11 +62,19 @@ def dense_flops_per_token(cfg: Config) -> float:
 
 
 def attention_flops_per_token(cfg: Config, seq_len: int | None = None, causal: bool = True) -> float:
-    """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer."""
+    """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer. In a block with a
+    sliding window W (model.attention_window) token t attends to min(t + 1, W) keys."""
     m = cfg.model
     T = seq_len or cfg.data.seq_len
-    ctx = (T + 1) / 2.0 if causal else float(T)
-    return m.n_layers * 4.0 * m.n_heads * m.resolved_head_dim * ctx
+    keys = 0.0
+    for W in layer_windows(m.n_layers, m.attention_window, m.global_every):
+        if not causal:
+            keys += float(T)
+        elif W and W < T:
+            keys += (W * (W + 1) / 2.0 + (T - W) * W) / T
+        else:
+            keys += (T + 1) / 2.0
+    return 4.0 * m.n_heads * m.resolved_head_dim * keys
 
 
 def forward_flops_breakdown(cfg: Config, seq_len: int | None = None, causal: bool = True) -> dict[str, float]:

@@ -17,7 +17,7 @@ from mhc_jax.cli import entry_point
 from mhc_jax.data.tokenizer import load_tokenizer
 # Re-exported: the sampling library used to live here.
 from mhc_jax.sampling import (EngramIdFn, check_sampling, filter_logits, fit_prompt, generate,  # noqa: F401
-                              generate_text, sample_token)
+                              generate_text, sample_token, unbounded_context)
 from mhc_jax.train.sparse_rows import tables_from_workdir
 from mhc_jax.train.state import load_model_from_workdir
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model, step = load_model_from_workdir(args.workdir, step=args.step)
     tables = tables_from_workdir(args.workdir, cfg, step)  # engram.update=sparse: tables in host RAM
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    fit_prompt([tokenizer.bos_id], args.max_new_tokens, cfg.model.max_seq_len)  # max_new_tokens fits at all
+    if not unbounded_context(cfg):  # max_new_tokens fits the context at all
+        fit_prompt([tokenizer.bos_id], args.max_new_tokens, cfg.model.max_seq_len)
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, engram_tables=tables)
     print(f"[checkpoint step {step}]")

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mhc_jax.diagnostics import _pyplot
+from mhc_jax.train.metrics import read_metrics
+
 PLOTS_DIR = "plots"
 # file stem -> (title, y label, log y, [(kind, key, legend label), ...])
 PLOTS: dict[str, tuple[str, str, bool, list[tuple[str, str, str]]]] = {
@@ -39,8 +42,6 @@ def series(rows: Sequence[dict[str, Any]], kind: str, key: str) -> tuple[list[in
 
 def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
     """One PNG per metric present in `rows` (metrics.jsonl rows); returns the paths written."""
-    from mhc_jax.diagnostics import _pyplot
-
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -70,8 +71,6 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
 
 def plot_workdir(workdir: str) -> list[str]:
     """PNGs of `workdir/metrics.jsonl` into `workdir/plots/`; [] when the run has no metrics yet."""
-    from mhc_jax.train.metrics import read_metrics
-
     if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
         return []
     return plot_metrics(read_metrics(workdir), os.path.join(workdir, PLOTS_DIR))

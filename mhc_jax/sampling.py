@@ -38,6 +38,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} is not allowed: must be an integer >= 0")
 
 
+def unbounded_context(cfg: Config) -> bool:
+    """True when every block is windowed: each KV cache is then a ring of `attention_window` slots and any
+    generation length fits (positions beyond max_seq_len are fine for RoPE and ALiBi)."""
+    return cfg.model.attention_window > 0 and cfg.model.global_every == 0
+
+
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
     """Scaled logits with everything outside the top-k / top-p (nucleus) set at -inf."""
     logits = logits_BV / temperature
@@ -83,7 +89,7 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
     if not prompt_ids:
         raise ConfigError("the prompt must hold at least one token (e.g. the tokenizer's BOS id)")
     total = len(prompt_ids) + max_new_tokens
-    if total > cfg.model.max_seq_len:
+    if total > cfg.model.max_seq_len and not unbounded_context(cfg):
         raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
                           f"exceeds model.max_seq_len={cfg.model.max_seq_len}; shorten the prompt or ask for "
                           f"fewer tokens")
@@ -157,7 +163,9 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int
     context leaves for `max_new_tokens` keeps its last tokens, with a warning on stderr."""
     cfg: Config = model.cfg
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    ids, dropped = fit_prompt(ids, max_new_tokens, cfg.model.max_seq_len)
+    dropped = 0
+    if not unbounded_context(cfg):
+        ids, dropped = fit_prompt(ids, max_new_tokens, cfg.model.max_seq_len)
     if dropped:
         print(f"warning: the prompt is {len(ids) - 1 + dropped} tokens; its first {dropped} were dropped so that "
               f"it and max_new_tokens={max_new_tokens} fit model.max_seq_len={cfg.model.max_seq_len}",

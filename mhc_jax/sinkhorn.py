@@ -11,6 +11,11 @@ The backward pass is exact for the truncated iteration (the same gradient as dif
 loop) but stores only the input between forward and backward: `jax.custom_vjp` recomputes the iterates in
 the backward pass, as the paper's kernels do on-chip. An implicit-function backward would be exact only
 at convergence, and a backward from the final output alone is an approximation (mhc.md).
+
+Layout (speed): the iteration runs on (n, n, ...) with the token axes last, and a line sum is the sum of
+the n slices along a leading axis (elementwise adds), so XLA fuses each normalisation with its sums
+into loop fusions over contiguous token vectors: 3 small fusions per iteration instead of reductions over
+an axis of 4 strided floats. Measured on 2 CPU cores for (768, 4, 4) logits: the forward ~20x faster.
 """
 
 from __future__ import annotations
@@ -33,13 +38,22 @@ _TINY = float(jnp.finfo(jnp.float32).tiny)
 _LOG_FLOOR = 40.0
 
 
+def _line_sum(m: jax.Array, axis: int) -> jax.Array:
+    """Sum over a short leading `axis` as n - 1 elementwise adds of slices (fusible, unlike a reduce)."""
+    s = jax.lax.index_in_dim(m, 0, axis, keepdims=True)
+    for i in range(1, m.shape[axis]):
+        s = s + jax.lax.index_in_dim(m, i, axis, keepdims=True)
+    return s
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _normalize(m: jax.Array, axis: int, eps: float) -> jax.Array:
+    """m / (sum of m along `axis` + eps) for the (n, n, ...) layout (axis 0: columns, 1: rows)."""
     return _normalize_fwd(m, axis, eps)[0]
 
 
 def _normalize_fwd(m, axis, eps):
-    s = jnp.sum(m, axis=axis, keepdims=True) + eps
+    s = _line_sum(m, axis) + eps
     s = jnp.where(s < _TINY, 1.0, s)
     out = m / s
     return out, (out, s)
@@ -49,7 +63,7 @@ def _normalize_bwd(axis, eps, res, g):
     # d(m_i / s)/dm_k = (delta_ik - out_i) / s. Written with 1/s only: autodiff's -m/s^2 overflows
     # float32 once a line sums below ~1e-19 and then gives 0 * inf = NaN.
     out, s = res
-    return ((g - jnp.sum(g * out, axis=axis, keepdims=True)) / s,)
+    return ((g - _line_sum(g * out, axis)) / s,)
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -63,17 +77,50 @@ def _log_normalize(l: jax.Array, axis: int, log_eps: float | None) -> jax.Array:
 
 
 def _sinkhorn_linear(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:
-    m = jnp.exp(jnp.maximum(x - jnp.max(x, axis=(-2, -1), keepdims=True), -_LOG_FLOOR))
+    m = jnp.moveaxis(x, (-2, -1), (0, 1))  # (n, n, ...): entry (i, j) of every matrix is one token vector
+    m = jnp.exp(jnp.maximum(m - jnp.max(m, axis=(0, 1), keepdims=True), -_LOG_FLOOR))
     if softmax_start:
         # DeepSeek-V4 (paper orientation): the first column step is a plain softmax, then + eps.
-        m = _normalize(m, -2, 0.0) + eps
-        m = _normalize(m, -1, eps)
+        m = _normalize(m, 0, 0.0) + eps
+        m = _normalize(m, 1, eps)
         num_iters -= 1
 
-    def body(_: int, m: jax.Array) -> jax.Array:
-        return _normalize(_normalize(m, -2, eps), -1, eps)  # columns, then rows (Eq. 9)
+    return jnp.moveaxis(_iterate(m, num_iters, eps), (0, 1), (-2, -1))
 
-    return jax.lax.fori_loop(0, num_iters, body, m)
+
+def _col_row(m: jax.Array, eps: float) -> jax.Array:
+    return _normalize(_normalize(m, 0, eps), 1, eps)  # columns, then rows (Eq. 9)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _iterate(m: jax.Array, num_iters: int, eps: float) -> jax.Array:
+    """num_iters column + row normalisations of the (n, n, ...) matrices m, in one fori_loop."""
+    return jax.lax.fori_loop(0, num_iters, lambda _, m_: _col_row(m_, eps), m)
+
+
+def _iterate_fwd(m, num_iters, eps):
+    # Keeps one array per iteration (its input) instead of autodiff's four (two outputs, two line sums).
+    out, history = jax.lax.scan(lambda m_, _: (_col_row(m_, eps), m_), m, None, length=num_iters)
+    return out, history
+
+
+def _iterate_bwd(num_iters, eps, history, g):
+    def step(g_, m_prev):
+        # One iteration's backward from its input: recompute a = colnorm(m), b = rownorm(a), then
+        # d(m / s) = (g - sum(g * out)) / s along each line (the 1/s-only form of _normalize_bwd).
+        s_c = _line_sum(m_prev, 0) + eps
+        s_c = jnp.where(s_c < _TINY, 1.0, s_c)
+        a = m_prev / s_c
+        s_r = _line_sum(a, 1) + eps
+        s_r = jnp.where(s_r < _TINY, 1.0, s_r)
+        g_a = (g_ - _line_sum(g_ * (a / s_r), 1)) / s_r
+        return (g_a - _line_sum(g_a * a, 0)) / s_c, None
+
+    g_m, _ = jax.lax.scan(step, g, history, reverse=True)
+    return (g_m,)
+
+
+_iterate.defvjp(_iterate_fwd, _iterate_bwd)
 
 
 def _sinkhorn_log(x: jax.Array, num_iters: int, eps: float, softmax_start: bool) -> jax.Array:
@@ -92,8 +139,9 @@ def _sinkhorn_log(x: jax.Array, num_iters: int, eps: float, softmax_start: bool)
     return jnp.exp(jax.lax.fori_loop(0, num_iters, body, l))
 
 
-def _sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
-                      softmax_start: bool) -> jax.Array:
+def sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
+                     softmax_start: bool) -> jax.Array:
+    """The float32 iteration itself (no custom VJP): what every backward differentiates."""
     fn = _sinkhorn_log if log_domain else _sinkhorn_linear
     return fn(x, num_iters, eps, softmax_start)
 
@@ -101,12 +149,12 @@ def _sinkhorn_forward(x: jax.Array, num_iters: int, eps: float, log_domain: bool
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _sinkhorn_recompute(x: jax.Array, num_iters: int, eps: float, log_domain: bool,
                         softmax_start: bool) -> jax.Array:
-    return _sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start)
+    return sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start)
 
 
 def _fwd(x, num_iters, eps, log_domain, softmax_start):
     # The only residual is the float32 input: (..., n, n) instead of ~2 * num_iters iterates.
-    return _sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start), x
+    return sinkhorn_forward(x, num_iters, eps, log_domain, softmax_start), x
 
 
 def _bwd(num_iters, eps, log_domain, softmax_start, x, g):
@@ -114,7 +162,7 @@ def _bwd(num_iters, eps, log_domain, softmax_start, x, g):
     # The barrier ties the recomputation to the arriving cotangent, so XLA cannot hoist every layer's
     # recomputation to the start of the backward pass (which would hold all iterates at once again).
     x, g = jax.lax.optimization_barrier((x, g))
-    _, vjp = jax.vjp(lambda y: _sinkhorn_forward(y, num_iters, eps, log_domain, softmax_start), x)
+    _, vjp = jax.vjp(lambda y: sinkhorn_forward(y, num_iters, eps, log_domain, softmax_start), x)
     return vjp(g)
 
 
@@ -122,7 +170,7 @@ _sinkhorn_recompute.defvjp(_fwd, _bwd)
 
 
 def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log_domain: bool = False,
-                   softmax_start: bool = False, recompute_backward: bool = True) -> jax.Array:
+                   softmax_start: bool = False, recompute_backward: bool = True, impl: str = "xla") -> jax.Array:
     """Projects the last two axes of `logits` (..., n, n) towards the doubly stochastic matrices.
 
     num_iters: t_max column+row normalisations (mHC paper: 20). eps: added to every denominator
@@ -130,6 +178,8 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
     (equal to the standard one in exact arithmetic). softmax_start: DeepSeek-V4's start, in this function's
     (paper) orientation: the first column normalisation is a softmax followed by + eps. recompute_backward:
     the custom VJP that stores only the input (False differentiates the loop directly, for comparison).
+    impl: "xla" or "pallas" (mhc_jax.sinkhorn_pallas: one kernel for all iterations, linear domain only,
+    always with the recomputing backward).
     Returns float32 (..., n, n) whose rows sum to 1 (up to eps) after the final row step.
     """
     if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
@@ -138,11 +188,19 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
         raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
     if eps < 0:
         raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+    if impl not in ("xla", "pallas"):
+        raise ValueError(f"impl={impl!r} is not allowed: must be 'xla' or 'pallas'")
     x = logits.astype(jnp.float32)
+    if impl == "pallas":
+        if log_domain:
+            raise ValueError("impl='pallas' runs the linear-domain iteration only: set log_domain=False "
+                             "(residual.sinkhorn_log_domain: false) or impl='xla'")
+        from mhc_jax.sinkhorn_pallas import sinkhorn_pallas
+        return sinkhorn_pallas(x, int(num_iters), float(eps), bool(softmax_start))
     args = (int(num_iters), float(eps), bool(log_domain), bool(softmax_start))
     if recompute_backward:
         return _sinkhorn_recompute(x, *args)
-    return _sinkhorn_forward(x, *args)
+    return sinkhorn_forward(x, *args)
 
 
 def sinkhorn_flops(n: int, iters: int) -> float:

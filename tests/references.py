@@ -7,9 +7,10 @@ import numpy as np
 from flax import nnx
 
 
-def ref_sinkhorn(x: np.ndarray, iters: int, eps: float = 0.0) -> np.ndarray:
-    """Eq. 9 in float64: M0 = exp(x - max); iters x (column normalise, then row normalise)."""
-    m = np.exp(x - x.max(axis=(-2, -1), keepdims=True))
+def ref_sinkhorn(x: np.ndarray, iters: int, eps: float = 0.0, xp=np) -> np.ndarray:
+    """Eq. 9 in float64: M0 = exp(x - max); iters x (column normalise, then row normalise).
+    `xp=jax.numpy` gives the same equations as a differentiable function (float64 under enable_x64)."""
+    m = xp.exp(x - x.max(axis=(-2, -1), keepdims=True))
     for _ in range(iters):
         m = m / (m.sum(-2, keepdims=True) + eps)
         m = m / (m.sum(-1, keepdims=True) + eps)

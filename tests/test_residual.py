@@ -361,3 +361,83 @@ def test_mhc_gradients_reach_every_parameter():
     conn_grads = nnx.state(grads)["blocks"][0]["attn_res"]
     for path, g in jax.tree_util.tree_leaves_with_path(conn_grads):
         assert float(jnp.max(jnp.abs(g))) > 0, path
+
+
+# ---------------------------------------------------------------------------------------------- fused mHC
+
+
+def ref_mhc_loss_jnp(x, phi, bias, a_pre, a_post, a_res, w_out):
+    """Eq. 7-9 and the connection output written with jax.numpy from the equations (RMSNorm of vec(x)
+    materialised, then the projection), for float64 gradients under jax.enable_x64."""
+    n = x.shape[-2]
+    v = x.reshape(*x.shape[:-2], -1)
+    v = v / jnp.sqrt(jnp.mean(v * v, -1, keepdims=True) + NORM_EPS)
+    c = v @ phi
+    h_pre = jax.nn.sigmoid(a_pre * c[..., :n] + bias[:n])
+    h_post = 2.0 * jax.nn.sigmoid(a_post * c[..., n:2 * n] + bias[n:2 * n])
+    logits = (a_res * c[..., 2 * n:] + bias[2 * n:]).reshape(*c.shape[:-1], n, n)
+    h_res = ref_sinkhorn(logits, 20, xp=jnp)
+    y = jnp.tanh(jnp.einsum("...n,...nc->...c", h_pre, x) @ jnp.asarray(W_BRANCH, x.dtype))
+    out = jnp.einsum("...ij,...jc->...ic", h_res, x) + h_post[..., :, None] * y[..., None, :]
+    return jnp.sum(w_out * out)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_mhc_gradients_match_float64_reference(recompute):
+    conn = randomize(make_residual(make_cfg("mhc", recompute=recompute), 0, rngs=nnx.Rngs(0)))
+    x = streams()
+    w_out = np.random.default_rng(7).standard_normal(x.shape)
+    names = ("phi", "bias", "alpha_pre", "alpha_post", "alpha_res")
+    with jax.enable_x64(True):
+        args = [jnp.asarray(x, jnp.float64)] + [jnp.asarray(P(getattr(conn, k))) for k in names]
+        want = jax.grad(ref_mhc_loss_jnp, argnums=tuple(range(6)))(*args, jnp.asarray(w_out))
+        want = [np.asarray(g) for g in want]
+
+    graphdef, params = nnx.split(conn, nnx.Param)
+
+    def loss(p, x_):
+        return jnp.sum(jnp.asarray(w_out, jnp.float32) * nnx.merge(graphdef, p)(x_, branch_jax))
+
+    g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
+    got = [g_x] + [g_params[k][...] for k in names]
+    for name, g, r in zip(("x",) + names, got, want):
+        scale = max(float(np.max(np.abs(r))), 1e-3)
+        np.testing.assert_allclose(np.asarray(g, np.float64), r, atol=2e-5 * scale, rtol=1e-4, err_msg=name)
+
+
+def test_fused_projection_equals_normalise_then_project():
+    from mhc_jax.residual.mhc import rms_projection
+    x = streams()
+    phi = np.random.default_rng(1).standard_normal((4 * C, 24)).astype(np.float32)
+    v = x.astype(np.float64).reshape(2, 3, -1)
+    want = v / np.sqrt(np.mean(v * v, -1, keepdims=True) + NORM_EPS) @ phi.astype(np.float64)
+    close(rms_projection(jnp.asarray(x), jnp.asarray(phi), NORM_EPS), want)
+    got16 = rms_projection(jnp.asarray(x).astype(jnp.bfloat16), jnp.asarray(phi), NORM_EPS)
+    assert got16.dtype == jnp.float32  # coefficient math stays float32 for bfloat16 streams
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc", "mhc_lite"])
+def test_recompute_changes_neither_values_nor_gradients(kind):
+    x = jnp.asarray(streams())
+    outs = []
+    for recompute in (True, False):
+        conn = randomize(make_residual(make_cfg(kind, recompute=recompute), 1, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(conn, nnx.Param)
+        f = lambda p, x_: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x_, branch_jax)))
+        outs.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x))
+    chex.assert_trees_all_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def block_saved_bytes_per_token(kind: str, recompute: bool, d: int = 64, seq: int = 32) -> float:
+    from mhc_jax.model.memory import block_activation_bytes_per_token
+    return block_activation_bytes_per_token(Config().replace(
+        model={"d_model": d, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 4 * d, "max_seq_len": seq},
+        residual={"kind": kind, "n_streams": 4, "recompute": recompute}, data={"seq_len": seq}))
+
+
+def test_selective_recomputation_keeps_mhc_block_activations_within_1_3x_plain():
+    plain = block_saved_bytes_per_token("plain", True)
+    with_recompute = block_saved_bytes_per_token("mhc", True)
+    without = block_saved_bytes_per_token("mhc", False)
+    assert with_recompute <= 1.3 * plain, (with_recompute, plain)
+    assert without > 1.5 * plain, (without, plain)  # what recomputation removes (the check is not vacuous)

@@ -17,6 +17,7 @@ from flax import nnx
 from mhc_jax.config import Config
 from mhc_jax.engram.layer import Engram, engram_param_count
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
+from mhc_jax.model.masks import layer_windows
 from mhc_jax.model.mlp import MLP
 from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
@@ -32,7 +33,9 @@ REMAT_POLICIES = {
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: Config, index: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, index: int, *, rngs: nnx.Rngs, window: int = 0):
+        """`window`: this block's attention window (0 = full causal), from masks.layer_windows: the one
+        attention setting that differs between blocks, passed in so runs of equal blocks can be grouped."""
         m = cfg.model
         dtype = compute_dtype(m.dtype)
         # GPT-2 style: output projections scaled by 1/sqrt(2 * n_layers) so the residual variance
@@ -40,7 +43,7 @@ class Block(nnx.Module):
         out_std = m.init_std / math.sqrt(2 * m.n_layers)
         self.index = index
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs)
+        self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(m, dtype=dtype, out_std=out_std, rngs=rngs)
         self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
@@ -90,7 +93,8 @@ class Transformer(nnx.Module):
         V = m.padded_vocab_size
         self.embed_VC = param(rngs, nnx.initializers.normal(m.init_std), (V, m.d_model), ("vocab", "embed"),
                              jnp.dtype(m.param_dtype))
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(m.n_layers)])
+        windows = layer_windows(m.n_layers, m.attention_window, m.global_every)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs, window=windows[i]) for i in range(m.n_layers)])
         self.collapse = make_collapse(cfg, rngs=rngs)
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, rngs=rngs)
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
@@ -100,7 +104,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
                  engram_ids_BTEG: jax.Array | None = None, engram_rows_EUW: jax.Array | None = None) -> jax.Array:
-        """engram_ids_BTEG: (batch, time, engram layers in config order, (max_ngram-1) * heads) table ids;
+        """engram_ids_BTEG: table ids per Engram layer (config order) and hash head (the batch layout, mhc_jax.data);
         with engram.update=sparse, slots into engram_rows_EUW (the batch's unique rows per layer)."""
         logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW)
         return logits
@@ -114,7 +118,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []
         for block in self.blocks:
-            c: LayerCache = {"attn": init_kv_cache(self.cfg.model, batch, max_len, self.dtype)}
+            c: LayerCache = {"attn": init_kv_cache(self.cfg.model, batch, max_len, self.dtype, block.attn.window)}
             if block.engram is not None:
                 c["engram"] = block.engram.init_cache(batch)
             caches.append(c)

@@ -34,16 +34,34 @@ def ablate(r: ResidualConfig, h_pre: jax.Array, h_post: jax.Array, h_res: jax.Ar
     return h_pre, h_post, h_res
 
 
+def pre_mix(x_BTnC: jax.Array, h_pre: jax.Array) -> jax.Array:
+    """The sublayer input H_pre x (..., C), mixed in float32 and returned in the stream dtype."""
+    h_in_BTC = jnp.einsum("...n,...nc->...c", h_pre, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
+    return h_in_BTC.astype(x_BTnC.dtype)
+
+
+def res_post_mix(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, h_res: jax.Array,
+                 transposed: bool = False) -> jax.Array:
+    """H_res x + H_post^T y in one contraction over the n streams plus the sublayer output:
+    new_i = sum_j h_res[i, j] x_j + h_post_i y (transposed: sum_j h_res[j, i] x_j + h_post_i y).
+    Float32 accumulation, result in the stream dtype."""
+    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
+    res_BTnC = jnp.einsum(mix, h_res, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
+    return (res_BTnC + h_post[..., :, None] * y_BTC.astype(jnp.float32)[..., None, :]).astype(x_BTnC.dtype)
+
+
 def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: jax.Array,
                    h_res: jax.Array, *, transposed: bool = False) -> jax.Array:
-    """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_j.
+    """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_i.
     Mixing runs in float32 (the coefficients stay float32); the result has the stream dtype."""
-    x32 = x_BTnC.astype(jnp.float32)
-    h_in_BTC = jnp.einsum("...n,...nc->...c", h_pre, x32, precision=_HI).astype(x_BTnC.dtype)
-    y32_BTC = branch(h_in_BTC).astype(jnp.float32)
-    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
-    res_BTnC = jnp.einsum(mix, h_res, x32, precision=_HI)
-    return (res_BTnC + h_post[..., :, None] * y32_BTC[..., None, :]).astype(x_BTnC.dtype)
+    y_BTC = branch(pre_mix(x_BTnC, h_pre))
+    return res_post_mix(x_BTnC, y_BTC, h_post, h_res, transposed)
+
+
+# Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
+# inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
+# the per-token coefficients (n^2 + 2n floats) and the sublayer output, never the float32 intermediates.
+RECOMPUTE_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 def acting_h_res(h_res: jax.Array, transposed: bool) -> jax.Array:
@@ -66,10 +84,19 @@ class StreamConnection(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        h_pre, h_post, h_res = self.mappings(x_BTnC)
+        if not self.residual.recompute:
+            h_pre, h_post, h_res = self.mappings(x_BTnC)
+            self._capture(h_res)
+            return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
+        h_pre, h_post, h_res = nnx.remat(type(self).mappings, policy=RECOMPUTE_POLICY)(self, x_BTnC)
+        self._capture(h_res)
+        y_BTC = branch(jax.checkpoint(pre_mix, policy=RECOMPUTE_POLICY)(x_BTnC, h_pre))
+        post = jax.checkpoint(res_post_mix, policy=RECOMPUTE_POLICY, static_argnums=(4,))
+        return post(x_BTnC, y_BTC, h_post, h_res, self.transposed)
+
+    def _capture(self, h_res: jax.Array) -> None:
         if self.capture_mappings:
             self.sow(nnx.Intermediate, "h_res", acting_h_res(h_res, self.transposed))
-        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
 
 
 def mixing_flops(n: int, d_model: int) -> float:

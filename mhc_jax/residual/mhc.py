@@ -28,13 +28,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ResidualConfig
-from mhc_jax.layers import param, rms_norm
+from mhc_jax.layers import param
 # Re-exported: the shared pieces used to live here.
-from mhc_jax.residual.base import (_HI, Branch, Mappings, StreamConnection, ablate, acting_h_res,  # noqa: F401
-                                  apply_mappings, mixing_flops)
+from mhc_jax.residual.base import (_HI, RECOMPUTE_POLICY, Branch, Mappings, StreamConnection,  # noqa: F401
+                                  ablate, acting_h_res, apply_mappings, mixing_flops, pre_mix, res_post_mix)
 from mhc_jax.sinkhorn import sinkhorn_flops, sinkhorn_knopp
 
 V4_EPS = 1e-6  # DeepSeek-V4 kernels: H_pre = sigmoid + 1e-6 and the Sinkhorn eps
+
+
+def rms_projection(x_BTnC: jax.Array, phi: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm(vec(x)) phi in the paper's kernel form (Eq. 14-16): the matmul reads the raw streams and
+    the norm's division comes after it, c = (vec(x) phi) / r with r = sqrt(mean(vec(x)^2) + eps), so the
+    normalised nC-vector is never materialised. Float32 whatever the stream dtype."""
+    v = x_BTnC.reshape(*x_BTnC.shape[:-2], -1)
+    c = jnp.einsum("...d,dk->...k", v, phi.astype(jnp.float32), precision=_HI, preferred_element_type=jnp.float32)
+    v32 = v.astype(jnp.float32)
+    return c * jax.lax.rsqrt(jnp.mean(jnp.square(v32), axis=-1, keepdims=True) + eps)
 
 
 class ManifoldHyperConnection(StreamConnection):
@@ -62,20 +72,24 @@ class ManifoldHyperConnection(StreamConnection):
     def projections(self, x_BTnC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The fused projection RMSNorm(vec(x)) phi split in the documented order [pre | post | res]."""
         n = self.n
-        v = rms_norm(x_BTnC.reshape(*x_BTnC.shape[:-2], -1), self.norm_eps)  # over all nC values
-        c = jnp.einsum("...d,dk->...k", v, self.phi[...].astype(jnp.float32), precision=_HI)
+        c = rms_projection(x_BTnC, self.phi[...], self.norm_eps)  # RMSNorm over all nC values, Eq. 14-16
         return c[..., :n], c[..., n:2 * n], c[..., 2 * n:]
 
     def res_mapping(self, res_logits: jax.Array) -> jax.Array:
         """(..., n^2) gated logits -> native h_res (..., n, n) by Sinkhorn-Knopp (paper Eq. 9)."""
         r, n = self.residual, self.n
         logits = res_logits.reshape(*res_logits.shape[:-1], n, n)
+        # Under selective recomputation the whole coefficient function is rematerialised, so Sinkhorn's
+        # own input-only custom VJP would run the iterations a third time: differentiate the loop instead.
+        rb = not r.recompute
         if not self.transposed:
-            return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain)
+            return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain,
+                                  recompute_backward=rb, impl=r.impl)
         # DeepSeek-V4 `comb`: row softmax + eps, then column/row steps ending on columns. sinkhorn_knopp
         # works in paper orientation (rows last), so it runs on the transpose and hands back comb.
         acting = sinkhorn_knopp(jnp.swapaxes(logits, -1, -2), r.sinkhorn_iters, r.sinkhorn_eps or V4_EPS,
-                                r.sinkhorn_log_domain, softmax_start=True)
+                                r.sinkhorn_log_domain, softmax_start=True, recompute_backward=rb,
+                                impl=r.impl)
         return jnp.swapaxes(acting, -1, -2)
 
     def mappings(self, x_BTnC: jax.Array) -> Mappings:

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from mhc_jax.plot import plot_workdir
+
 log = logging.getLogger(__name__)
 
 PROFILE_DIR = "profile"
@@ -52,8 +54,6 @@ def finish_run(workdir: str, enabled: bool) -> list[str]:
     """The end-of-run plots (paths), or [] when disabled, not process 0, or the workdir is remote."""
     if not enabled or jax.process_index() != 0 or "://" in workdir:
         return []
-    from mhc_jax.plot import plot_workdir
-
     try:
         return plot_workdir(workdir)
     except Exception as err:  # noqa: BLE001 - a plotting failure must not fail a finished run

@@ -1,9 +1,8 @@
 """The one train step: loss -> gradients (with micro-batch accumulation) -> optax update.
 
-`train_step(model, optimizer, batch)` is the step as NNX code (jitted with nnx.jit, donated). The trainer
-and the AOT report use `make_sharded_step`, which jits the same step as a pure function of the state with
-explicit shardings. Batch: dict of (B, T) int32 `inputs`, `targets`, `segment_ids`, `positions`, float32
-`loss_mask`, and optionally (B, T, L, k) int32 `engram_ids`.
+`train_step(model, optimizer, batch, grad_accum=1)` is the step as NNX code (jitted with nnx.jit, donated).
+The trainer and the AOT report use `make_sharded_step`, which jits the same step as a pure function of the
+state with explicit shardings. The batch has the one layout of mhc_jax.data.layout (`batch_spec(cfg)`).
 
 Sparse Engram rows (engram.update=sparse): the batch also holds `engram_rows` (E, U, W) float32, the batch's
 unique table rows gathered on the host (replicated, not split into micro-batches), and `engram_ids` are
