@@ -116,18 +116,34 @@ class EngramConfig:
     table_size: int = 4093  # base size per head; per-head primes start above it (demo: 5 * vocab)
     kernel_size: int = 4  # short conv kernel (paper)
     seed: int = 0  # hash seed (demo)
-    placement: Literal["device", "host"] = "device"  # tables in device memory (sharded rows) or pinned host memory
-    shard_axis: str = "tensor"  # mesh axis the table rows are split over with placement=device
+    placement: Literal["device", "host"] = "device"  # tables in device memory (sharded rows) or host memory
+    # Mesh axis the table rows are split over with placement=device; "auto" = over fsdp and tensor together,
+    # so no mesh with a model-parallel axis leaves a table replicated (a replicated table is logged with its bytes).
+    shard_axis: str = "auto"
     lr_multiplier: float = 5.0  # Engram tables: 5x base LR, no weight decay (engram.md)
     compress_tokenizer: bool = True  # hash normalised token classes (engram.md); False hashes raw ids
     # Table rows (sum of the per-head primes) are padded up to a multiple of this so the row axis divides
     # the mesh axis it is sharded over (primes divide nothing). Padded rows are never looked up.
     row_pad_multiple: int = 128
     table_init_std: float = 1.0  # demo: torch nn.Embedding default N(0, 1)
+    # How tables learn. "dense": a table-sized gradient and Adam update in the jitted step (any placement).
+    # "sparse": tables and Adam moments live in host RAM (numpy); the step gets only the batch's unique rows
+    # and returns their gradients; a lazy row-wise Adam updates them (mhc_jax.engram.host_tables). "auto":
+    # sparse with placement=host, dense with placement=device.
+    update: Literal["auto", "dense", "sparse"] = "auto"
+    # Rows per layer the sparse step receives (static shape). 0 = B * T * ids per position, the most a batch
+    # can touch (never exceeded); a smaller bucket saves device memory and fails clearly when exceeded.
+    row_bucket: int = 0
+    rows_prefetch: bool = True  # sparse: gather step t+1's rows in a background thread while step t runs
 
     @property
     def d_mem(self) -> int:
         return (self.max_ngram - 1) * self.heads_per_ngram * self.head_dim
+
+    @property
+    def sparse(self) -> bool:
+        """Whether tables are host-resident numpy arrays updated row-wise (engram.update, resolved)."""
+        return self.enabled and (self.update == "sparse" or (self.update == "auto" and self.placement == "host"))
 
 
 @dataclass(frozen=True)
@@ -140,7 +156,7 @@ class DataConfig:
     text_key: str = "text"  # feature holding the text (tfds: datasets)
     train_split: str = "train"  # split the trainer reads
     eval_split: str = "validation"  # split evaluation reads
-    tokenizer: str = "byte"  # "byte" or a path to a SentencePiece .model file
+    tokenizer: str = "byte"  # "byte", a SentencePiece .model file, or a Hugging Face tokenizer.json file
     seq_len: int = 128  # T: tokens per row; <= model.max_seq_len
     batch_size: int = 16  # global batch, in rows of seq_len tokens
     shuffle_seed: int = 0  # seed of the document shuffle (reseeded every epoch)
@@ -223,6 +239,13 @@ class Config:
         return from_dict(merge_dicts(to_dict(self), sections))
 
     @property
+    def engram_row_bucket(self) -> int:
+        """Rows per Engram layer the sparse step receives: engram.row_bucket, or (0) the most one batch can
+        touch, batch_size * seq_len * ids per position (never exceeded)."""
+        e = self.engram
+        return e.row_bucket or self.data.batch_size * self.data.seq_len * (e.max_ngram - 1) * e.heads_per_ngram
+
+    @property
     def n_streams(self) -> int:
         return 1 if self.residual.kind == "plain" else self.residual.n_streams
 
@@ -288,7 +311,11 @@ def validate(cfg: Config) -> Config:
             _require(getattr(e, key) >= 1, f"engram.{key}", getattr(e, key), "must be >= 1")
         _require(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
         _require(e.table_init_std > 0, "engram.table_init_std", e.table_init_std, "must be > 0")
-    _require(e.shard_axis in MESH_AXES, "engram.shard_axis", e.shard_axis, f"must be one of {MESH_AXES}")
+        _require(e.update != "sparse" or e.placement == "host", "engram.update", e.update,
+                 "'sparse' keeps tables in host RAM: set engram.placement=host (or update=dense)")
+        _require(e.row_bucket >= 0, "engram.row_bucket", e.row_bucket, "must be >= 0 (0 = B * T * ids per position)")
+    _require(e.shard_axis == "auto" or e.shard_axis in MESH_AXES, "engram.shard_axis", e.shard_axis,
+             f"must be 'auto' or one of {MESH_AXES}")
 
     _require(bool(d.dataset), "data.dataset", d.dataset, "name a dataset: pystdlib, text:PATH or tfds:NAME")
     _require(d.dataset == "pystdlib" or d.dataset.startswith(("text:", "tfds:")), "data.dataset",

@@ -158,3 +158,44 @@ def plot_h_res_heatmaps(matrices_Xnn: Any, path: str, titles: Sequence[str] | No
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Engram gates
+# --------------------------------------------------------------------------------------------------
+
+
+@nnx.jit
+def _engram_gates(model: nnx.Module, batch: dict[str, Any]) -> list[jax.Array]:
+    def run(m: nnx.Module) -> jax.Array:
+        return m(batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"),
+                 engram_ids_BTEG=batch["engram_ids"], engram_rows_EUW=batch.get("engram_rows"))
+
+    _, sown = nnx.capture(run, nnx.Intermediate)(model)
+    return [var.get_value()[0] for path, var in nnx.to_flat_state(sown) if path[-1] == "gate"]
+
+
+def engram_gate_stats(model: nnx.Module, batch: dict[str, Any]) -> dict[str, float]:
+    """Per Engram layer, over the batch's real tokens and the streams: mean and std of the context gate,
+    and the fractions nearly closed (< 0.1) and nearly open (> 0.9). A memory the model ignores shows as
+    gates drifting to 0; the paper's Fig. 7 shows them selective (open on multi-token entities)."""
+    engrams = [b.engram for b in model.blocks if getattr(b, "engram", None) is not None]
+    try:
+        for e in engrams:
+            e.capture_gates = True
+        gates = _engram_gates(model, batch)
+    finally:
+        for e in engrams:
+            e.capture_gates = False
+    loss_mask = batch.get("loss_mask")
+    mask = None if loss_mask is None or not getattr(loss_mask, "is_fully_addressable", True) else np.asarray(loss_mask) > 0
+    gates = [jax.device_get(g) if getattr(g, "is_fully_addressable", True) else np.asarray(g.addressable_data(0))
+             for g in gates]
+    out: dict[str, float] = {}
+    for e, g in zip(engrams, gates):
+        g = np.asarray(g, np.float64)  # (B, T, n)
+        vals = g[mask] if mask is not None and mask.any() else g.reshape(-1, g.shape[-1])
+        key = f"engram{e.layer_id}_gate"
+        out.update({f"{key}_mean": float(vals.mean()), f"{key}_std": float(vals.std()),
+                    f"{key}_closed_frac": float((vals < 0.1).mean()), f"{key}_open_frac": float((vals > 0.9).mean())})
+    return out

@@ -14,6 +14,7 @@ from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator
 from mhc_jax.errors import ConfigError
 from mhc_jax.sharding import make_mesh
+from mhc_jax.train import sparse_rows
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
 from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
 
@@ -31,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     mesh = make_mesh(load_config_from_workdir(args.workdir, step=args.step).mesh)
     cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
     with jax.set_mesh(mesh):
-        out = evaluate_model(model, make_eval_iterator(cfg, mesh=mesh), args.batches or cfg.training.eval_batches,
+        tables = sparse_rows.tables_from_workdir(args.workdir, cfg, step)  # engram.update=sparse only
+        batches = (make_eval_iterator(cfg, mesh=mesh) if tables is None
+                   else sparse_rows.with_rows(cfg, mesh, tables, make_eval_iterator(cfg)))
+        out = evaluate_model(model, batches, args.batches or cfg.training.eval_batches,
                              token_byte_lengths(load_tokenizer(cfg.data.tokenizer)))
     out["step"] = step
     print(f"step {step}: eval loss {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  "

@@ -2,8 +2,10 @@
 
     python -m mhc_jax.generate --workdir DIR --prompt "def main(" --max-new-tokens 200 --temperature 0.8
 
-Engram ids of each new token are computed on the host by the same `EngramIds` the input pipeline uses,
-from the whole token history, so generation sees exactly the ids training saw.
+Engram ids of each new token are computed on the host by the same `EngramIds` the input pipeline uses, so
+generation sees exactly the ids training saw. A new token's n-grams reach back at most max_ngram - 1 tokens,
+so each decode step hashes only the last max_ngram tokens (O(1) per token, not the whole history). With
+sparse host tables (engram.update=sparse) the new token's rows are gathered from the `HostTables`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mhc_jax.data.tokenizer import load_tokenizer
 # Re-exported: the sampling library used to live here.
 from mhc_jax.sampling import (EngramIdFn, check_sampling, filter_logits, fit_prompt, generate,  # noqa: F401
                               generate_text, sample_token, unbounded_context)
+from mhc_jax.train.sparse_rows import tables_from_workdir
 from mhc_jax.train.state import load_model_from_workdir
 
 
@@ -33,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading anything
     cfg, model, step = load_model_from_workdir(args.workdir, step=args.step)
+    tables = tables_from_workdir(args.workdir, cfg, step)  # engram.update=sparse: tables in host RAM
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if not unbounded_context(cfg):  # max_new_tokens fits the context at all
         fit_prompt([tokenizer.bos_id], args.max_new_tokens, cfg.model.max_seq_len)
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, engram_tables=tables)
     print(f"[checkpoint step {step}]")
     print(args.prompt + text)
     n_new = len(tokenizer.encode(text))

@@ -2,7 +2,9 @@
 
 `generate(model, prompt_ids, n)` continues token ids; `generate_text(model, tokenizer, prompt, n)` continues
 text. Engram ids of each new token are computed on the host by the same `EngramIds` the input pipeline
-uses, from the whole token history, so generation sees exactly the ids training saw. The command line is
+uses, so generation sees exactly the ids training saw; a new token's n-grams reach back max_ngram - 1 tokens,
+so each decode step hashes only the last max_ngram tokens (O(1) per token, not the whole history). With
+sparse host tables (engram.update=sparse) the new tokens' rows come from the `HostTables`. The command line is
 `python -m mhc_jax.generate` (mhc_jax/generate.py).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,22 +67,23 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k
 
 
 @nnx.jit(static_argnums=(5, 6, 7))
-def _decode_and_sample(model, tokens_BT, positions_BT, cache, engram_ids, temperature, top_k, top_p, key):
-    logits, cache = model.decode(tokens_BT, positions_BT, cache, engram_ids)
+def _decode_and_sample(model, tokens_BT, positions_BT, cache, engram, temperature, top_k, top_p, key):
+    logits, cache = model.decode(tokens_BT, positions_BT, cache, *engram)
     return sample_token(logits[:, -1], key, temperature, top_k, top_p), cache
 
 
 @nnx.jit(static_argnums=(4, 5, 6))
-def _full_and_sample(model, tokens_BT, engram_ids, last, temperature, top_k, top_p, key):
-    logits = model(tokens_BT, engram_ids_BTEG=engram_ids)
+def _full_and_sample(model, tokens_BT, engram, last, temperature, top_k, top_p, key):
+    logits = model(tokens_BT, engram_ids_BTEG=engram[0], engram_rows_EUW=engram[1])
     return sample_token(jnp.take(logits, last, axis=1), key, temperature, top_k, top_p), None
 
 
 def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, engram_ids: EngramIdFn | None = None,
-             use_cache: bool = True, eos_id: int | None = None) -> list[int]:
+             use_cache: bool = True, eos_id: int | None = None, engram_tables: Any = None) -> list[int]:
     """Continues `prompt_ids` by up to `max_new_tokens` tokens (stops early at `eos_id`). With
-    `use_cache=False` every step recomputes the whole sequence (a reference for the cached path)."""
+    `use_cache=False` every step recomputes the whole sequence (a reference for the cached path).
+    `engram_tables`: the `HostTables` of a model with engram.update=sparse."""
     cfg: Config = model.cfg
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompt_ids:
@@ -91,17 +95,26 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
                           f"fewer tokens")
     if cfg.engram.enabled and engram_ids is None:
         raise ValueError("this model has Engram layers: pass engram_ids=EngramIds(cfg, tokenizer)")
+    if cfg.engram.sparse and engram_tables is None:
+        raise ValueError("this model has engram.update=sparse (tables in host RAM): pass engram_tables=HostTables")
     key = jax.random.key(seed)
     tokens = list(prompt_ids)
 
-    def ids_of(history: list[int], last_n: int, pad_to: int | None = None) -> jax.Array | None:
+    def ids_of(history: list[int], last_n: int, pad_to: int | None = None) -> tuple[jax.Array | None, ...]:
+        """(engram ids, sparse rows or None) of the last `last_n` tokens of `history` (all of it, padded)."""
         if engram_ids is None:
-            return None
+            return None, None
+        if pad_to is None:  # the last last_n tokens' n-grams reach max_ngram - 1 tokens further back
+            history = history[-(last_n + cfg.engram.max_ngram - 1):]
         arr = np.asarray(history, np.int32)[None]
         if pad_to is not None:
             arr = np.pad(arr, ((0, 0), (0, pad_to - arr.shape[1])))
         out = engram_ids(arr)
-        return jnp.asarray(out if pad_to is not None else out[:, -last_n:])
+        out = out if pad_to is not None else out[:, -last_n:]
+        if engram_tables is None:
+            return jnp.asarray(out), None
+        feed = engram_tables.feed(out, out.shape[1] * out.shape[3])  # a static bucket per call shape
+        return jnp.asarray(feed.slots_BTEG), jnp.asarray(feed.rows_EUW)
 
     if use_cache:
         cache = model.init_cache(1, cfg.model.max_seq_len)
@@ -145,7 +158,7 @@ def fit_prompt(ids: list[int], max_new_tokens: int, max_seq_len: int) -> tuple[l
     return (ids[:1] + ids[1 + dropped:] if dropped else ids), dropped
 
 
-def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int, **kwargs) -> str:
+def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int, **kwargs: Any) -> str:
     """Prompt text -> generated continuation text (BOS first, as in training). A prompt longer than the
     context leaves for `max_new_tokens` keeps its last tokens, with a warning on stderr."""
     cfg: Config = model.cfg

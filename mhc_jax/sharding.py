@@ -50,7 +50,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "streams": None,  # the n residual streams: tiny, replicated
     "mhc": None,  # mHC/HC coefficient dimensions (n^2 + 2n): tiny, replicated
     "norm": None,
-    "engram_rows": "tensor",  # replaced by engram.shard_axis, see rules_for()
+    "engram_rows": ("fsdp", "tensor"),  # engram.shard_axis ("auto": this), see rules_for()
     "engram_mem": None,
     "conv": None,
 }
@@ -60,7 +60,8 @@ def rules_for(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | No
     """The rule table with the config's choices applied (where Engram rows go)."""
     rules = dict(LOGICAL_AXIS_RULES)
     if cfg is not None:
-        rules["engram_rows"] = cfg.engram.shard_axis  # one of MESH_AXES (checked by config.validate)
+        if cfg.engram.shard_axis != "auto":  # "auto": the default rule, fsdp and tensor (checked by config.validate)
+            rules["engram_rows"] = cfg.engram.shard_axis
     return rules
 
 
@@ -214,9 +215,36 @@ def train_state_shardings_of(state: Any, mesh: Mesh, cfg: Config | None = None) 
         return NamedSharding(mesh, _divisible_spec(spec, _shape(v.get_value()), mesh))
 
     shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "device":
+        warn_replicated_tables(state, shardings, mesh, cfg)
     if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "host":
         shardings = table_shardings(state, shardings, cfg)
     return shardings
+
+
+def warn_replicated_tables(state: Any, shardings: Any, mesh: Mesh, cfg: Config) -> list[str]:
+    """Logs (and returns) every device-placed Engram table whose rows are not split on a multi-device mesh,
+    with the bytes each device then holds: engram.shard_axis names an axis of size 1 here (e.g. "tensor" on
+    an FSDP mesh), or the rows do not divide it."""
+    if mesh.size == 1:
+        return []
+    out = []
+    flat_v, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, v), s in zip(flat_v, flat_s):
+        if not isinstance(v, nnx.Param) or "engram_rows" not in param_axes(v) or not isinstance(s, NamedSharding):
+            continue
+        if s.spec and s.spec[0] is not None:
+            continue
+        shape = _shape(v.get_value())
+        nbytes = int(np.prod(shape)) * np.dtype(v.get_value().dtype).itemsize
+        msg = (f"Engram table {jax.tree_util.keystr(path)} {shape} is replicated: each of the {mesh.size} devices "
+               f"holds all {nbytes / 2**20:.1f} MiB (and Adam moments, 3x) because engram.shard_axis="
+               f"{cfg.engram.shard_axis!r} does not split it on mesh {dict(mesh.shape)}; use engram.shard_axis=auto, "
+               f"an axis of size > 1 that divides its rows (engram.row_pad_multiple), or engram.placement=host")
+        log.warning(msg)
+        out.append(msg)
+    return out
 
 
 def train_state_shardings(model: nnx.Module, optimizer: nnx.Optimizer, mesh: Mesh, cfg: Config | None = None) -> Any:
@@ -268,11 +296,19 @@ def check_global_batch(rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
                          f"axes {batch_spec(2, mesh)[0]}; make data.batch_size a multiple of {ways * grad_accum}")
 
 
+# Batch entries that are not (B, T, ...) rows: sparse Engram rows (L, R, D), which every device needs whole.
+REPLICATED_BATCH_KEYS = ("engram_rows",)
+
+
 def batch_shardings(batch_like: Any, mesh: Mesh) -> Any:
     """NamedShardings for a batch (dict of arrays / ShapeDtypeStructs of shape (B, T, ...), or one such
     leaf): rows over the batch axes (dcn_data, data, fsdp), everything else replicated. A ShapeDtypeStruct
     describes the global batch, so its rows are checked to split evenly (`check_global_batch`); concrete
-    arrays may be one host's rows and are not checked."""
+    arrays may be one host's rows and are not checked. Entries named in REPLICATED_BATCH_KEYS are replicated."""
+    if isinstance(batch_like, dict) and any(k in batch_like for k in REPLICATED_BATCH_KEYS):
+        rows = {k: v for k, v in batch_like.items() if k not in REPLICATED_BATCH_KEYS}
+        return {**batch_shardings(rows, mesh), **{k: NamedSharding(mesh, PartitionSpec())
+                                                  for k in batch_like if k in REPLICATED_BATCH_KEYS}}
 
     def one(x: Any) -> NamedSharding:
         shape = _shape(x)

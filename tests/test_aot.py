@@ -55,7 +55,8 @@ def test_model_too_large_for_the_chip_is_reported_as_not_fitting(libtpu):
 def test_host_resident_engram_table_moves_its_bytes_from_hbm_to_host_memory(libtpu):
     engram = ["engram.enabled=true", "engram.layers=[1]", "engram.heads_per_ngram=4", "engram.head_dim=32",
               "engram.table_size=30011", "data.batch_size=8"]
-    reports = {place: aot.fit_report(load_config("configs/tiny.yaml", engram + [f"engram.placement={place}"]),
+    reports = {place: aot.fit_report(load_config("configs/tiny.yaml", engram + [f"engram.placement={place}",
+                                                                               "engram.update=dense"]),
                                      "v4:2x2x1", config_name=place) for place in ("device", "host")}
     table = table_bytes(load_config("configs/tiny.yaml", engram), 1)  # rows x dim x 4 bytes
     assert reports["device"].host_bytes_per_device == 0

@@ -84,3 +84,85 @@ def test_identity_vocab_keeps_every_id():
     vocab = identity_vocab(7)
     np.testing.assert_array_equal(vocab(np.arange(7)), np.arange(7))
     assert vocab.size == vocab.raw_size == 7 and vocab.reduction == 0.0
+
+
+def demo_normalizer():
+    """engram_demo_v1.py's normaliser, written out as the demo writes it (the independent reference)."""
+    from tokenizers import Regex, normalizers
+
+    sentinel = "\uE000"
+    return normalizers.Sequence([
+        normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), sentinel),
+        normalizers.Strip(), normalizers.Replace(sentinel, " ")])
+
+
+MULTILINGUAL = ["कि", "किताब", "हिंदी", "ΟΔΟΣ", "ὈΔΥΣΣΕΎΣ", "Σ", "\x1c a \x1f", "a\x0bb", "\x85x", "\u00a0x\u3000",
+                "  \n", " ", "Straße", "İstanbul", "ǅ", "ﬁ", "Ａ１", "e\u0301", "日本語", "😀", "\u200bx"]
+
+
+@pytest.mark.parametrize("text", MULTILINGUAL)
+def test_normaliser_equals_the_reference_on_multilingual_text(text: str):
+    assert normalize_token_text(text) == demo_normalizer().normalize_str(text)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("किताब", "कतब"),  # StripAccents drops every combining mark, the spacing vowel signs (Mc) too
+    ("ΟΔΟΣ", "οδοσ"),  # Lowercase maps each sigma alone: no final-sigma form (Python's str.lower() gives ς)
+    ("\x85x", "x"),  # NEL is whitespace to Strip()
+    ("\x1c a \x1f", "\x1c a \x1f"),  # C0 separators are not whitespace to Strip() (they are to str.strip())
+])
+def test_normaliser_pins_where_a_python_reimplementation_differs(raw: str, expected: str):
+    assert normalize_token_text(raw) == expected
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A byte-level BPE tokenizer.json trained by `tokenizers` on multilingual text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["The café CAFÉ Café ΟΔΟΣ οδος कि किताब हिंदी Straße\tSTRASSE 日本語 \x1c ok"] * 50
+    text += stdlib_prose(20_000).split("\n\n")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    path = str(tmp_path_factory.mktemp("hf") / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+def test_compressing_a_tokenizer_json_equals_the_demo_lookup_table(hf_json: str):
+    from tokenizers import Tokenizer
+
+    from mhc_jax.data.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(hf_json)
+    ref_tok, norm = Tokenizer.from_file(hf_json), demo_normalizer()
+    key_to_id, want = {}, []  # engram_demo_v1.py CompressedTokenizer._build_lookup_table
+    for tid in range(ref_tok.get_vocab_size(with_added_tokens=True)):
+        text = ref_tok.decode([tid], skip_special_tokens=False)
+        key = ref_tok.id_to_token(tid) if "\ufffd" in text else (norm.normalize_str(text) or text)
+        want.append(key_to_id.setdefault(key, len(key_to_id)))
+    vocab = compress_tokenizer(ours)
+    np.testing.assert_array_equal(vocab.lookup, np.asarray(want))
+    assert vocab.size == len(key_to_id) < ours.vocab_size
+
+
+def test_tokenizer_json_round_trips_and_feeds_the_engram_pipeline(hf_json: str, prose_path: str, tmp_path):
+    from mhc_jax.config import Config
+    from mhc_jax.data.pipeline import make_train_iterator
+    from mhc_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(hf_json)
+    text = "ΟΔΟΣ किताब café 日本語 😀 \x1c"
+    assert tok.decode(tok.encode(text)) == text
+    assert (tok.eos_id, tok.pad_id) == (0, 1) and tok.is_special(0) and tok.token_bytes(0) == b""
+    cfg = Config().replace(
+        model=dict(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32),
+        data=dict(dataset=f"text:{prose_path}", tokenizer=hf_json, seq_len=32, batch_size=2, data_dir=str(tmp_path)),
+        engram=dict(enabled=True, layers=[1], heads_per_ngram=2, head_dim=4, table_size=61))
+    batch = next(make_train_iterator(cfg))
+    assert batch["inputs"].max() < tok.vocab_size and batch["engram_ids"].shape == (2, 32, 1, 4)

@@ -184,7 +184,7 @@ def test_row_sharded_lookup_over_fsdp_axis_with_sharded_batch_equals_single_devi
 
 def test_host_placement_equals_device_placement():
     dev_cfg = make_cfg("mhc")
-    host_cfg = dev_cfg.replace(engram=dict(placement="host"))
+    host_cfg = dev_cfg.replace(engram=dict(placement="host", update="dense"))  # the offloaded dense table
     dev = Engram(dev_cfg, 1, rngs=nnx.Rngs(0))
     host = Engram(host_cfg, 1, rngs=nnx.Rngs(0))
     randomise_conv(dev)
@@ -279,3 +279,24 @@ def test_transformer_decode_with_engram_equals_full_forward():
         logits, cache = model.decode(tokens[:, t:t + 1], pos, cache, engram_ids_BTEG=ids[:, t:t + 1])
         outs.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_default_shard_axis_splits_rows_on_fsdp_and_tensor_meshes_and_replication_is_reported(caplog):
+    from mhc_jax.sharding import train_state_shardings
+    from mhc_jax.train.optimizer import make_optimizer
+
+    cfg = make_cfg("plain")
+    assert cfg.engram.shard_axis == "auto"
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    opt = make_optimizer(cfg, model)
+    for mesh_cfg, axis in ((MeshConfig(data=2, fsdp=4), "fsdp"), (MeshConfig(data=2, tensor=4), "tensor")):
+        caplog.clear()
+        sh = train_state_shardings(model, opt, make_mesh(mesh_cfg), cfg)
+        assert sh[0]["blocks"][1]["engram"]["table"].spec[0] == axis
+        assert not [r for r in caplog.records if "replicated" in r.getMessage()]
+    caplog.clear()
+    tensor_cfg = cfg.replace(engram={"shard_axis": "tensor"})  # the old default, on an FSDP mesh
+    train_state_shardings(model, opt, make_mesh(MeshConfig(data=2, fsdp=4)), tensor_cfg)
+    rows = table_rows(cfg, 1)
+    (msg,) = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
+    assert "engram.shard_axis='tensor'" in msg and f"{rows * cfg.engram.head_dim * 4 / 2**20:.1f} MiB" in msg

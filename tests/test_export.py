@@ -42,7 +42,8 @@ def logits_of(model, tokenizer, text: str) -> np.ndarray:
 def trained_workdir(tmp_path_factory):
     placement = "host" if host_memory_supported() else "device"
     workdir = str(tmp_path_factory.mktemp("run"))
-    run(load_config("tiny", MHC_ENGRAM + [f"engram.placement={placement}"]), workdir, progress=False)
+    # update=dense: the offloaded dense table, a model parameter (sparse host tables are not exported yet)
+    run(load_config("tiny", MHC_ENGRAM + [f"engram.placement={placement}", "engram.update=dense"]), workdir, progress=False)
     return workdir
 
 

@@ -118,7 +118,7 @@ def test_host_resident_engram_table_trains_like_device_placement_and_resumes(tmp
               "engram.head_dim=8", "training.steps=6", "checkpoint.every=3", "training.eval_every=6"]
     device_dir, host_dir = str(tmp_path / "device"), str(tmp_path / "host")
     run(tiny(*engram, "training.sample_tokens=0"), device_dir, progress=False)
-    host_cfg = tiny(*engram, "training.sample_tokens=4", "engram.placement=host")
+    host_cfg = tiny(*engram, "training.sample_tokens=4", "engram.placement=host", "engram.update=dense")
     result = run(host_cfg, host_dir, progress=False)
     host_losses = losses(host_dir)
     np.testing.assert_allclose(host_losses, losses(device_dir), rtol=1e-6)

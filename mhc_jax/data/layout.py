@@ -6,7 +6,11 @@
     positions    int32   (B, T)        restart at 0 where a document starts in the row
     loss_mask    float32 (B, T)        1 where `targets` counts, 0 on padding
     engram_ids   int32   (B, T, E, G)  only with engram.enabled: E = len(engram.layers) (config order),
-                                       G = (max_ngram - 1) * heads_per_ngram table ids per position
+                                       G = (max_ngram - 1) * heads_per_ngram table ids per position;
+                                       with sparse tables (engram.update=sparse) slots into engram_rows
+    engram_rows  float32 (E, U, W)     only with sparse tables: the batch's unique rows of each layer's host
+                                       table, padded to U = cfg.engram_row_bucket (mhc_jax.engram.host_tables);
+                                       replicated, not split into micro-batches
 
 B = data.batch_size (the global batch), T = data.seq_len. The input pipeline (mhc_jax.data.pipeline) fills
 it from text; `batch_spec` describes it for ahead-of-time compilation; `synthetic_batch` fills it from
@@ -36,6 +40,8 @@ def batch_spec(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
     if e.enabled:
         spec["engram_ids"] = jax.ShapeDtypeStruct((B, T, len(e.layers), (e.max_ngram - 1) * e.heads_per_ngram),
                                                   np.int32)
+    if e.sparse:
+        spec["engram_rows"] = jax.ShapeDtypeStruct((len(e.layers), cfg.engram_row_bucket, e.head_dim), np.float32)
     return spec
 
 

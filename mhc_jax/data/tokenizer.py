@@ -1,4 +1,5 @@
-"""Tokenizers: a byte-level one (the default, needs no training) and SentencePiece BPE trained by a command.
+"""Tokenizers: a byte-level one (the default, needs no training), SentencePiece BPE trained by a command, and
+any Hugging Face `tokenizer.json` (HFTokenizer, through the `tokenizers` library).
 
 Both implement the `Tokenizer` protocol and round-trip exactly: `decode(encode(text)) == text` for every
 valid Unicode string, including characters never seen in training (SentencePiece falls back to byte
@@ -188,13 +189,110 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(name_or_path: str) -> ByteTokenizer | SentencePieceTokenizer:
-    """`"byte"` -> ByteTokenizer; a path to a `.model` file -> SentencePieceTokenizer."""
+# Special-token names tried in order when a tokenizer.json names no role (Llama, GPT-2, BERT, T5 styles).
+_HF_ROLES = {"bos": ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "[CLS]", "<|endoftext|>"),
+             "eos": ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "[SEP]"),
+             "pad": ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")}
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character -> byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizer.json` (byte-level BPE, SentencePiece-converted, WordPiece, ...) through the
+    `tokenizers` library. BOS / EOS / PAD are the file's special tokens by their usual names (EOS doubles as
+    PAD if there is none). `token_text(i)` is the token decoded alone, as the Engram demo decodes it."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as _HF
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise TokenizerFileMissing(f"tokenizer file {path!r} does not exist; give a tokenizer.json path, a "
+                                       "SentencePiece .model file or data.tokenizer=byte")
+        try:
+            self._tok = _HF.from_file(path)
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on a bad file
+            raise ConfigError(f"{path!r} is not a Hugging Face tokenizer.json ({err})") from err
+        self.name = path
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        specials = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._special = [False] * self.vocab_size
+        for i in specials.values():
+            self._special[i] = True
+        roles = {}
+        for role, names in _HF_ROLES.items():
+            roles[role] = next((specials[n] for n in names if n in specials), None)
+        if roles["eos"] is None:
+            raise ConfigError(f"tokenizer {path!r} has no end-of-text special token (tried {_HF_ROLES['eos']}); "
+                             f"its special tokens are {sorted(specials)}")
+        self.eos_id = roles["eos"]
+        self.bos_id = roles["bos"] if roles["bos"] is not None else self.eos_id
+        self.pad_id = roles["pad"] if roles["pad"] is not None else self.eos_id
+        byte_level = "ByteLevel" in repr(self._tok.decoder) if self._tok.decoder is not None else False
+        table = _byte_level_decoder() if byte_level else None
+        self._bytes = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i) or ""
+            if self._special[i]:
+                self._bytes.append(b"")
+            elif table is not None and piece and all(c in table for c in piece):
+                self._bytes.append(bytes(table[c] for c in piece))
+            elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # byte fallback
+                self._bytes.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self._bytes.append(self._tok.decode([i], skip_special_tokens=False).encode("utf-8"))
+
+    def __getstate__(self) -> dict:
+        return {"path": self.name}  # Grain workers reload the file
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        table, n = self._bytes, self.vocab_size
+        return b"".join(table[int(i)] for i in ids if 0 <= int(i) < n).decode("utf-8", errors="replace")
+
+    def id_to_piece(self, i: int) -> str:
+        return self._tok.id_to_token(_check_id(i, self.vocab_size)) or ""
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._bytes[_check_id(i, self.vocab_size)]
+
+    def token_text(self, i: int) -> str:
+        return self._tok.decode([_check_id(i, self.vocab_size)], skip_special_tokens=False)
+
+    def is_special(self, i: int) -> bool:
+        return self._special[_check_id(i, self.vocab_size)]
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(name_or_path: str) -> ByteTokenizer | SentencePieceTokenizer | HFTokenizer:
+    """`"byte"` -> ByteTokenizer; a `.json` file (Hugging Face tokenizer.json) -> HFTokenizer; a path to a
+    `.model` file -> SentencePieceTokenizer."""
     if name_or_path == "byte":
         return ByteTokenizer()
     if not name_or_path:
-        raise ConfigError("data.tokenizer is empty; use 'byte' or a path to a SentencePiece .model file")
-    return SentencePieceTokenizer(os.path.expanduser(name_or_path))
+        raise ConfigError("data.tokenizer is empty; use 'byte', a SentencePiece .model file or a tokenizer.json")
+    path = os.path.expanduser(name_or_path)
+    if path.endswith(".json"):
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def train_sentencepiece(documents: Iterable[str], vocab_size: int, out_path: str | os.PathLike, *,

@@ -7,20 +7,22 @@ variants. A token whose bytes are a partial UTF-8 sequence (byte-fallback pieces
 keeps its raw token string as key, so distinct bytes stay distinct. Canonical ids are given in first-seen
 order of keys, 0..V'-1.
 
-Works with any tokenizer of the project (mhc_jax.data.tokenizer): it needs only `vocab_size`,
-`token_bytes(i)`, `id_to_piece(i)` and `is_special(i)`. Only numpy and the standard library here.
+The normaliser is the reference's own: Hugging Face `tokenizers` normalizers built exactly as
+engram_demo_v1.py builds them (a re-implementation drifts: Python's str.strip() and unicodedata disagree with
+the Rust normalizers on spacing combining marks such as Devanagari vowel signs and on some control
+characters). Works with any tokenizer of the project (mhc_jax.data.tokenizer): it needs `vocab_size`,
+`token_bytes(i)`, `id_to_piece(i)` and `is_special(i)`; a tokenizer with `token_text(i)` (a `tokenizer.json`
+loaded through `tokenizers`) is decoded with it, as the demo decodes (`decode([i], skip_special_tokens=False)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import unicodedata
+import functools
 from typing import Any, Protocol
 
 import numpy as np
 
-_WHITESPACE_RUN = re.compile(r"[ \t\r\n]+")
 _REPLACEMENT_CHAR = "\ufffd"  # what a partial UTF-8 sequence decodes to (reference tests for it)
 
 
@@ -34,25 +36,44 @@ class TokenizerLike(Protocol):
     def is_special(self, i: int) -> bool: ...
 
 
+@functools.lru_cache(maxsize=1)
+def reference_normalizer() -> Any:
+    """The demo's `normalizers.Sequence` (engram_demo_v1.py, CompressedTokenizer), built the same way."""
+    from tokenizers import Regex, normalizers
+
+    sentinel = "\ue000"  # shields a token that is exactly one space from Strip(), restored after it
+    return normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.NFD(),
+        normalizers.StripAccents(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+        normalizers.Replace(Regex(r"^ $"), sentinel),
+        normalizers.Strip(),
+        normalizers.Replace(sentinel, " "),
+    ])
+
+
 def normalize_token_text(text: str) -> str:
-    """The reference normaliser (HF `normalizers.Sequence` in engram_demo_v1.py) in plain Python."""
-    text = unicodedata.normalize("NFKC", text)
-    text = unicodedata.normalize("NFD", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")  # StripAccents
-    text = text.lower()
-    text = _WHITESPACE_RUN.sub(" ", text)
-    if text == " ":  # the demo protects a lone space with a sentinel before stripping
-        return " "
-    return text.strip()
+    """The reference normaliser: NFKC -> NFD -> strip accents -> lowercase -> collapse [ \t\r\n]+ -> strip
+    (a lone space stays), by Hugging Face `tokenizers`."""
+    return reference_normalizer().normalize_str(text)
+
+
+def token_text(tokenizer: TokenizerLike, i: int) -> str:
+    """What the demo normalises: the token decoded alone, special tokens as their text."""
+    decode = getattr(tokenizer, "token_text", None)
+    if decode is not None:
+        return decode(i)
+    if tokenizer.is_special(i):  # our byte / SentencePiece tokenizers decode specials to b""
+        return tokenizer.id_to_piece(i)
+    return tokenizer.token_bytes(i).decode("utf-8", errors="replace")
 
 
 def token_key(tokenizer: TokenizerLike, i: int) -> Any:
-    """The key whose first appearance defines a canonical id."""
-    if tokenizer.is_special(i):
-        # Special tokens decode to b"" in our tokenizers; keying them by their piece keeps BOS/EOS/PAD apart.
-        return ("special", tokenizer.id_to_piece(i))
-    text = tokenizer.token_bytes(i).decode("utf-8", errors="replace")
-    if _REPLACEMENT_CHAR in text:
+    """The key whose first appearance defines a canonical id (demo: _build_lookup_table)."""
+    text = token_text(tokenizer, i)
+    if _REPLACEMENT_CHAR in text:  # a partial UTF-8 sequence: keyed by the raw token string
         return tokenizer.id_to_piece(i)
     norm = normalize_token_text(text)
     return norm if norm else text

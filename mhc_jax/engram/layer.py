@@ -152,7 +152,7 @@ def table_shardings(state: Any, shardings: Any, cfg: Config) -> Any:
     """`shardings` (from mhc_jax.sharding.state_shardings(state, ...)) with every Engram table (the params
     whose axes include "engram_rows") moved to host memory when engram.placement=host; unchanged for
     device. Use the result for `jax.device_put(state, ...)` and as the jit in/out shardings."""
-    if not cfg.engram.enabled or cfg.engram.placement != "host":
+    if not cfg.engram.enabled or cfg.engram.placement != "host" or cfg.engram.sparse:
         return shardings
     if not host_memory_supported():
         raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
@@ -192,21 +192,30 @@ class Engram(nnx.Module):
         self.kernel_size = e.kernel_size
         self.dilation = e.max_ngram  # demo: dilation = max_ngram_size
         self.placement = e.placement
+        self.sparse = e.sparse  # no table here: the step passes the batch's rows (mhc_jax.engram.host_tables)
+        self.capture_gates = False  # set by mhc_jax.diagnostics.engram_gate_stats: sow the gates
         self.eps = m.norm_eps
         self.dtype = compute_dtype(m.dtype)
-        self.offsets = tuple(int(o) for o in head_offsets(cfg, layer_id))
+        # Sparse: the host adds the offsets (HostTables.feed), so nothing here depends on the table's size and
+        # one compiled step serves every table size.
+        self.offsets = () if e.sparse else tuple(int(o) for o in head_offsets(cfg, layer_id))
         rows = table_rows(cfg, layer_id)
-        if e.placement == "host" and not host_memory_supported():
+        if e.placement == "host" and not e.sparse and not host_memory_supported():
             raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
                               f"{jax.default_backend()!r} does not offer; use placement=device")
         log.info("Engram layer %d: table %d rows x %d = %.1f MB, placement=%s%s", layer_id, rows, e.head_dim,
                  table_bytes(cfg, layer_id) / 2**20, e.placement,
                  f" (rows sharded over mesh axis {e.shard_axis!r})" if e.placement == "device"
+                 else " (host RAM, sparse row updates)" if e.sparse
                  else f" (memory kind {HOST_MEMORY_KIND}, gather on the host)")
 
         pdt = jnp.dtype(m.param_dtype)
-        self.table = param(rngs, nnx.initializers.normal(e.table_init_std), (rows, e.head_dim),
-                           ("engram_rows", "engram_mem"), pdt)
+        if e.sparse:
+            rngs.params()  # the table's key, unused: every other parameter gets the key it has with dense tables
+            self.table = nnx.data(None)
+        else:
+            self.table = param(rngs, nnx.initializers.normal(e.table_init_std), (rows, e.head_dim),
+                               ("engram_rows", "engram_mem"), pdt)
         key_init = nnx.initializers.normal(1.0 / math.sqrt(M))  # keys are RMS-normed, scale only sets init
         out_std = m.init_std / math.sqrt(2 * m.n_layers)  # like the other projections writing the residual
         self.key_projs = nnx.List([param(rngs, key_init, (M, C), ("engram_mem", "embed"), pdt)
@@ -228,26 +237,36 @@ class Engram(nnx.Module):
     def init_cache(self, batch: int) -> EngramState:
         return {"conv": jnp.zeros((batch, self.context, self.n_streams, self.d_model), self.dtype)}
 
-    def lookup(self, ids_BTG: jax.Array) -> jax.Array:
-        """Table ids (B, T, G) -> concatenated rows e (B, T, d_mem)."""
+    def lookup(self, ids_BTG: jax.Array, rows_UW: jax.Array | None = None) -> jax.Array:
+        """Table ids (B, T, G) -> concatenated rows e (B, T, d_mem). With sparse updates `ids_BTG` are slots
+        into `rows_UW`, the batch's unique rows gathered on the host (their gradient is the rows' gradient)."""
         B, T, G = ids_BTG.shape
         if G != self.n_ids:
             raise ValueError(f"Engram layer {self.layer_id} expects {self.n_ids} ids per position "
                              f"((max_ngram - 1) * heads_per_ngram), got shape {ids_BTG.shape}")
+        if self.sparse:
+            if rows_UW is None:
+                raise ValueError(f"Engram layer {self.layer_id} has engram.update=sparse and holds no table: pass "
+                                 "the batch's rows (engram_rows_EUW from mhc_jax.engram.host_tables.HostTables.feed)")
+            return jnp.take(rows_UW, ids_BTG.reshape(-1), axis=0, mode="clip").reshape(B, T, G * self.head_dim)
         rows_N = (ids_BTG.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)).reshape(-1)
         lookup = host_lookup if self.placement == "host" else device_lookup
         rows_NW = lookup(self.table[...], rows_N)
         return rows_NW.reshape(B, T, G * self.head_dim)
 
     def __call__(self, x_BTnC: jax.Array, ids_BTG: jax.Array, segment_ids_BT: jax.Array | None = None,
-                 state: EngramState | None = None) -> tuple[jax.Array, EngramState | None]:
+                 state: EngramState | None = None, rows_UW: jax.Array | None = None
+                 ) -> tuple[jax.Array, EngramState | None]:
         B, T, n, C = x_BTnC.shape
         if n != self.n_streams:
             raise ValueError(f"Engram layer {self.layer_id} was built for {self.n_streams} streams, got {n}")
         dt = self.dtype
-        e_BTM = self.lookup(ids_BTG).astype(dt)
+        e_BTM = self.lookup(ids_BTG, rows_UW).astype(dt)
         v_BTC = jnp.einsum("btm,mc->btc", e_BTM, self.value_proj[...].astype(dt))
-        u_BTnC = self.gate(x_BTnC, e_BTM)[..., None] * v_BTC[:, :, None, :].astype(jnp.float32)
+        gate_BTn = self.gate(x_BTnC, e_BTM)
+        if self.capture_gates:
+            self.sow(nnx.Intermediate, "gate", gate_BTn)
+        u_BTnC = gate_BTn[..., None] * v_BTC[:, :, None, :].astype(jnp.float32)
         normed_BTnC = (rms_norm(u_BTnC, self.eps) * _scales(self.conv_norms)).astype(dt)
         conv_BTnC, new_state = self._causal_conv(normed_BTnC, segment_ids_BT, state)
         y_BTnC = jax.nn.silu(conv_BTnC) + u_BTnC

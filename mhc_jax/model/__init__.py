@@ -14,6 +14,7 @@ streams x channels); each letter means one thing everywhere in the package:
     M  d_mem: one position's G Engram rows concatenated (G * W)
     R  rows of one Engram table            W  width of one Engram row (engram.head_dim)
     N  looked-up Engram rows, flattened    Q  Engram conv kernel taps (engram.kernel_size)
+    U  a batch's unique Engram rows, padded (sparse tables: cfg.engram_row_bucket)
     X  a stack of matrices to plot (diagnostics)
     1  a broadcast dimension of size 1
 """

@@ -54,14 +54,15 @@ class Block(nnx.Module):
         self.engram = nnx.data(engram)
 
     def __call__(self, x_BTnC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
-                 engram_ids_BTG: jax.Array | None, cache: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
+                 engram_ids_BTG: jax.Array | None, cache: LayerCache | None,
+                 engram_rows_UW: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
         new_cache: LayerCache | None = None if cache is None else dict(cache)
         if self.engram is not None:
             if engram_ids_BTG is None:
                 raise ValueError(f"block {self.index} has Engram but no engram_ids were given; the data "
                                  "pipeline (or generate) must hash the input tokens")
             y_BTnC, engram_state = self.engram(x_BTnC, engram_ids_BTG, segment_ids_BT,
-                                               None if cache is None else cache["engram"])
+                                               None if cache is None else cache["engram"], engram_rows_UW)
             x_BTnC = x_BTnC + y_BTnC.astype(x_BTnC.dtype)
             if new_cache is not None:
                 new_cache["engram"] = engram_state
@@ -102,15 +103,17 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
-                 engram_ids_BTEG: jax.Array | None = None) -> jax.Array:
-        """engram_ids_BTEG: table ids per Engram layer (config order) and hash head (the batch layout, mhc_jax.data)."""
-        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None)
+                 engram_ids_BTEG: jax.Array | None = None, engram_rows_EUW: jax.Array | None = None) -> jax.Array:
+        """engram_ids_BTEG: table ids per Engram layer (config order) and hash head (the batch layout, mhc_jax.data);
+        with engram.update=sparse, slots into engram_rows_EUW (the batch's unique rows per layer)."""
+        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW)
         return logits
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: list[LayerCache],
-               engram_ids_BTEG: jax.Array | None = None) -> tuple[jax.Array, list[LayerCache]]:
+               engram_ids_BTEG: jax.Array | None = None,
+               engram_rows_EUW: jax.Array | None = None) -> tuple[jax.Array, list[LayerCache]]:
         """Runs new tokens at `positions_BT` against the cache; returns their logits and the new cache."""
-        return self._run(tokens_BT, positions_BT, jnp.ones_like(tokens_BT), engram_ids_BTEG, cache)
+        return self._run(tokens_BT, positions_BT, jnp.ones_like(tokens_BT), engram_ids_BTEG, cache, engram_rows_EUW)
 
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []
@@ -121,7 +124,7 @@ class Transformer(nnx.Module):
             caches.append(c)
         return caches
 
-    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, cache):
+    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, cache, engram_rows_EUW=None):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -132,15 +135,16 @@ class Transformer(nnx.Module):
         engram_layers = self.cfg.engram.layers
         new_cache = None if cache is None else []
         for i, block in enumerate(self.blocks):
-            ids = None
+            ids = rows = None
             if block.engram is not None and engram_ids_BTEG is not None:
                 ids = engram_ids_BTEG[:, :, engram_layers.index(i)]
+                rows = None if engram_rows_EUW is None else engram_rows_EUW[engram_layers.index(i)]
             layer_cache = None if cache is None else cache[i]
             if self.remat != "none" and cache is None:
                 x_BTnC, _ = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[self.remat])(
-                    block, x_BTnC, positions_BT, segment_ids_BT, ids, None)
+                    block, x_BTnC, positions_BT, segment_ids_BT, ids, None, rows)
             else:
-                x_BTnC, layer_cache = block(x_BTnC, positions_BT, segment_ids_BT, ids, layer_cache)
+                x_BTnC, layer_cache = block(x_BTnC, positions_BT, segment_ids_BT, ids, layer_cache, rows)
             if new_cache is not None:
                 new_cache.append(layer_cache)
         h_BTC = self.final_norm(self.collapse(x_BTnC))

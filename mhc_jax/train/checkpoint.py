@@ -35,6 +35,8 @@ from mhc_jax.train.step import to_device_memory
 
 log = logging.getLogger(__name__)
 
+HOST_ITEM = "engram_tables"  # sparse Engram tables + row moments (numpy, host RAM), see mhc_jax.engram.host_tables
+
 UNREADABLE_SUFFIX = "_unreadable"  # damaged steps are moved to <checkpoints>_unreadable/<step>-<time>
 
 
@@ -131,7 +133,8 @@ class Checkpointer:
     # -- saving ------------------------------------------------------------------------------------
 
     def save(self, step: int, state: Any, data_state: dict | None = None, meta: dict | None = None,
-             force: bool = False) -> bool:
+             force: bool = False, host_state: Any = None) -> bool:
+        """`host_state`: a numpy tree kept in host RAM (sparse Engram tables and moments), item HOST_ITEM."""
         meta = dict(meta or {}, checksums=tree_checksums(state))
         if data_state is not None:
             meta["data_digest"] = _json_digest(data_state)
@@ -139,6 +142,8 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
+        if host_state is not None:
+            items[HOST_ITEM] = ocp.args.StandardSave(host_state)
         self._bytes = _state_bytes(state)
         self.wait()  # a failed previous async save is reported as its own step
         self._clear_unlisted(step)
@@ -231,6 +236,15 @@ class Checkpointer:
                  if self.heal else "")
         raise CheckpointError(f"no readable checkpoint in {self.directory}{where}: "
                               + "; ".join(f"step {d['step']}: {d['reason']}" for d in self.skipped))
+
+    def restore_host_state(self, target: Any, step: int) -> Any:
+        """The HOST_ITEM of `step` as numpy arrays shaped like `target` (raises CheckpointError if absent)."""
+        if "://" not in self.directory and not os.path.isdir(os.path.join(self.directory, str(step), HOST_ITEM)):
+            raise CheckpointError(f"checkpoint {self.directory}/{step} holds no {HOST_ITEM!r} (sparse Engram "
+                                  "tables): it was written with engram.update=dense")
+        out = self.manager.restore(step, args=ocp.args.Composite(  # numpy leaves restore as numpy
+            **{HOST_ITEM: ocp.args.StandardRestore(target)}))
+        return jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else np.asarray(x), out[HOST_ITEM])
 
     def _restore_step(self, abstract_state: Any, step: int,
                       check_meta: Callable[[dict], None] | None) -> tuple[Any, dict | None, dict, int]:

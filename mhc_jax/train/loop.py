@@ -22,7 +22,7 @@ from flax import nnx
 from mhc_jax.config import Config, save_config, to_dict
 from mhc_jax.errors import ConfigError, TrainingError
 from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator, make_train_iterator
-from mhc_jax.diagnostics import amax_gains, collect_h_res
+from mhc_jax.diagnostics import amax_gains, collect_h_res, engram_gate_stats
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.sampling import generate_text
 from mhc_jax.sharding import batch_shardings, make_mesh, maybe_initialize_distributed
@@ -31,6 +31,7 @@ from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
 from mhc_jax.train.metrics import MetricsWriter, measure_peak_flops
 from mhc_jax.train.optimizer import lr_schedule
 from mhc_jax.train.profile import StepProfiler, finish_run
+from mhc_jax.train import sparse_rows
 from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
 from mhc_jax.train.step import make_sharded_step
 
@@ -209,8 +210,15 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
 
     with jax.set_mesh(mesh), _Preemption() as preempt:
         graphdef, state, shardings = init_train_state(cfg, mesh)
-        train_iter = make_train_iterator(cfg, mesh=mesh)
+        rows = tables = None  # sparse Engram: host tables and the prefetcher of their rows (train/sparse_rows)
+        if cfg.engram.sparse:
+            tables = sparse_rows.host_tables(cfg)
+            rows = train_iter = sparse_rows.row_prefetcher(cfg, mesh, make_train_iterator(cfg), tables)
+        else:
+            train_iter = make_train_iterator(cfg, mesh=mesh)
         state, start = _resume(ckpt, cfg, workdir, writer, graphdef, state, shardings, train_iter)
+        if tables is not None and start:
+            sparse_rows.restore_tables(ckpt, tables, start)
         result.step = start
         if start >= t.steps:
             print(f"nothing to train: {workdir} already holds step {start} >= training.steps={t.steps}; "
@@ -248,7 +256,9 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
 
         def run_eval(step: int) -> dict[str, float]:
             model, _ = nnx.merge(graphdef, state)
-            out = evaluate_model(model, make_eval_iterator(cfg, mesh=mesh), t.eval_batches, byte_lengths)
+            batches = (make_eval_iterator(cfg, mesh=mesh) if rows is None
+                       else sparse_rows.with_rows(cfg, mesh, tables, make_eval_iterator(cfg)))
+            out = evaluate_model(model, batches, t.eval_batches, byte_lengths)
             writer.write(step, "eval", out)
             if is_main:
                 print(f"\nstep {step}: eval loss {out['loss']:.4f}  ppl {out['perplexity']:.2f}  "
@@ -256,18 +266,26 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             return out
 
         def run_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
+            if cfg.engram.enabled:
+                engram_diagnostics(step, batch)
             if cfg.residual.kind == "plain":
                 return
             model, _ = nnx.merge(graphdef, state)
             tokens = batch["inputs"][:1]
             h_res = collect_h_res(model, tokens, engram_ids_BTEG=None if "engram_ids" not in batch
-                                  else batch["engram_ids"][:1])
+                                  else batch["engram_ids"][:1], engram_rows_EUW=batch.get("engram_rows"))
             gains = {k: np.asarray(v) for k, v in amax_gains(h_res).items()}
             writer.write(step, "diagnostics", {
                 "composite_fwd_max": float(gains["composite_fwd"].max()),
                 "composite_bwd_max": float(gains["composite_bwd"].max()),
                 "layer_fwd_max": float(gains["per_layer_fwd"].max()),
                 "layer_bwd_max": float(gains["per_layer_bwd"].max())})
+
+        def engram_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
+            model, _ = nnx.merge(graphdef, state)
+            out = engram_gate_stats(model, batch)
+            out.update(sparse_rows.stats(rows) if rows is not None else sparse_rows.dense_hit_stats(cfg, batch))
+            writer.write(step, "diagnostics", out)
 
         step = start
         profiler = StepProfiler(t.profile_steps, workdir, enabled=is_main and "://" not in workdir)
@@ -278,6 +296,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                 if step_fn is None:
                     step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh), t.grad_accum)
                 state, metrics = step_fn(state, batch)
+                if rows is not None:
+                    rows.apply(metrics)  # row-wise Adam of the batch's rows in host memory
                 pending.append((step, metrics))
                 done = step + 1
                 last = done == t.steps
@@ -295,7 +315,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                     result.eval = run_eval(done)
                 if save:
                     ckpt.save(done, nnx.to_pure_dict(state), train_iter.get_state(),
-                              {"step": done, "config": to_dict(cfg)}, force=True)
+                              {"step": done, "config": to_dict(cfg)}, force=True,
+                              host_state=None if tables is None else tables.state_dict(copy=cfg.checkpoint.async_save))
                     config_written["saved"].add(done)
                     _write_config_once(config_written, ckpt, cfg, workdir, is_main)
                 result.step = done
@@ -313,6 +334,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
         finally:
             profiler.stop(state)
             ckpt.close()
+            if rows is not None:
+                rows.close()
             _write_config_once(config_written, ckpt, cfg, workdir, is_main)
             if bar is not None:
                 bar.close()
@@ -322,7 +345,7 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
             budget = cfg.model.max_seq_len - 2 - len(tokenizer.encode(t.sample_prompt))
             result.sample = t.sample_prompt + generate_text(
                 model, tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
-                temperature=0.8, top_k=40, seed=t.seed)
+                temperature=0.8, top_k=40, seed=t.seed, engram_tables=tables)
     writer.close()
     result.plots = finish_run(workdir, t.plots)
     if preempt.signal is not None:

@@ -5,7 +5,8 @@ Groups (by each parameter's logical `axes` metadata, see mhc_jax.sharding):
 - "no_decay": norms, biases, mHC/HC mapping parameters and gating scalars (the HC paper gives its static
   parts no weight decay; mHC's a, b and phi are treated alike), Engram conv: AdamW with weight decay 0.
 - "engram": Engram embedding tables: Adam with engram.lr_multiplier x the LR and no weight decay
-  (Engram paper: 5x, no decay).
+  (Engram paper: 5x, no decay). With engram.update=sparse the tables are not parameters: the same Adam
+  (`engram_adam`) runs row-wise on the host (mhc_jax.engram.host_tables).
 """
 
 from __future__ import annotations
@@ -72,18 +73,25 @@ def lr_schedule(oc: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [oc.warmup_steps])
 
 
+def engram_adam(cfg: Config) -> optax.GradientTransformation:
+    """The Engram tables' optimiser: Adam, engram.lr_multiplier x the schedule, no weight decay."""
+    oc = cfg.optimizer
+    schedule = lr_schedule(oc, cfg.training.steps)
+    return optax.adamw(lambda s: schedule(s) * cfg.engram.lr_multiplier, b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                       weight_decay=0.0)
+
+
 def make_tx(cfg: Config, params: Any) -> optax.GradientTransformation:
     """Clipping -> per-group Adam(W) -> skip non-finite updates (counted in the optimiser state).
     `params` (nnx.state(model, nnx.Param)) decides each parameter's group."""
     oc = cfg.optimizer
     schedule = lr_schedule(oc, cfg.training.steps)
-    engram_schedule = lambda s: schedule(s) * cfg.engram.lr_multiplier
     adamw = lambda lr, wd: optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=wd)
     groups = optax.multi_transform(
-        {"decay": adamw(schedule, oc.weight_decay), "no_decay": adamw(schedule, 0.0),
-         "engram": adamw(engram_schedule, 0.0)},
+        {"decay": adamw(schedule, oc.weight_decay), "no_decay": adamw(schedule, 0.0), "engram": engram_adam(cfg)},
         labeller(group_table(params)))
-    chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm > 0 else []
+    # Sparse Engram tables: the step clips parameters and table rows by one global norm (step.clip_with_rows).
+    chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm > 0 and not cfg.engram.sparse else []
     # A step whose gradients are not finite leaves params and moments untouched; the trainer stops after
     # training.max_nonfinite_in_row of them.
     return optax.apply_if_finite(optax.chain(*chain, groups), max_consecutive_errors=10**9)

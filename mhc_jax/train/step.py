@@ -3,6 +3,12 @@
 `train_step(model, optimizer, batch, grad_accum=1)` is the step as NNX code (jitted with nnx.jit, donated).
 The trainer and the AOT report use `make_sharded_step`, which jits the same step as a pure function of the
 state with explicit shardings. The batch has the one layout of mhc_jax.data.layout (`batch_spec(cfg)`).
+
+Sparse Engram rows (engram.update=sparse): the batch also holds `engram_rows` (E, U, W) float32, the batch's
+unique table rows gathered on the host (replicated, not split into micro-batches), and `engram_ids` are
+slots into them. The step differentiates the loss by these rows too, clips them together with the
+parameters' gradients (one global norm), and returns them as `engram_row_grads` beside the metrics; the
+host applies them with the row-wise Adam of mhc_jax.engram.host_tables.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ Metrics = dict[str, jax.Array]
 def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the loss mask, and the number of tokens counted."""
     logits_BTV = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                       engram_ids_BTEG=batch.get("engram_ids"))
+                       engram_ids_BTEG=batch.get("engram_ids"), engram_rows_EUW=batch.get("engram_rows"))
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
@@ -40,24 +46,44 @@ def _split_micro(batch: Batch, k: int) -> Batch:
 def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tuple[jax.Array, Any, jax.Array]:
     """Mean token loss over the whole batch and its gradient, accumulated over `grad_accum` micro-batches
     (sums of per-token losses and counts, so the result equals one big batch up to float rounding)."""
+    loss, (grads, _), count = _loss_and_grads(model, batch, grad_accum)
+    return loss, grads, count
+
+
+def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple[jax.Array, Any, jax.Array]:
+    """`loss_and_grads` with the gradient as (params, sparse Engram rows or None)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    data = {k: v for k, v in batch.items() if k != "engram_rows"}  # rows serve every micro-batch
 
-    def micro(p: Any, mb: Batch) -> tuple[jax.Array, jax.Array]:
-        return loss_sum_and_count(nnx.merge(graphdef, p, rest), mb)
+    def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, jax.Array]:
+        return loss_sum_and_count(nnx.merge(graphdef, p, rest), mb if rows is None else {**mb, "engram_rows": rows})
 
-    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    grad_fn = jax.value_and_grad(micro, argnums=(0, 1), has_aux=True)
+    diff = (params, batch.get("engram_rows"))
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
+        (loss_sum, count), grads = grad_fn(*diff, data)
     else:
         def body(carry, mb):
             g_acc, l_acc, c_acc = carry
-            (l, c), g = grad_fn(params, mb)
+            (l, c), g = grad_fn(*diff, mb)
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, grad_accum))
+        zeros = jax.tree.map(jnp.zeros_like, diff)
+        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(data, grad_accum))
     denom = jnp.maximum(count, 1.0)
     return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
+
+
+def clip_with_rows(grads: Any, row_grads: jax.Array, clip_norm: float) -> tuple[Any, jax.Array, jax.Array]:
+    """Sparse Engram: (grads, row_grads) clipped by their one global norm, exactly as
+    `optax.clip_by_global_norm` clips the dense tree (untouched rows have zero gradient, so the norm is the
+    dense one); parameter gradients become NaN when any gradient is not finite, so `apply_if_finite` skips
+    the step as it does with dense tables. Returns (grads, row_grads, global norm)."""
+    norm = optax.tree.norm((grads, row_grads))
+    if clip_norm > 0:
+        (grads, row_grads), _ = optax.clip_by_global_norm(clip_norm).update((grads, row_grads), optax.EmptyState())
+    finite = jnp.isfinite(norm)
+    return jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads), row_grads, norm
 
 
 def _in_host_memory(x: Any) -> bool:
@@ -79,15 +105,21 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
     the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
     JAX's optimizer-state offloading pattern."""
-    loss, grads, count = loss_and_grads(model, batch, grad_accum)
+    loss, (grads, row_grads), count = _loss_and_grads(model, batch, grad_accum)
     grads = to_device_memory(grads)
     for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
         nnx.update(node, to_device_memory(nnx.state(node)))
-    grad_norm = optax.tree.norm(grads)
+    if row_grads is None:
+        grad_norm = optax.tree.norm(grads)
+    else:  # sparse Engram rows: the optimiser chain has no clipping; both are clipped here, together
+        grads, row_grads, grad_norm = clip_with_rows(grads, row_grads, model.cfg.optimizer.clip_norm)
     optimizer.update(model, grads)
-    return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
-            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
-            "nonfinite_in_row": nonfinite_in_row(optimizer)}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
+               "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+               "nonfinite_in_row": nonfinite_in_row(optimizer)}
+    if row_grads is not None:
+        metrics["engram_row_grads"] = row_grads
+    return metrics
 
 
 train_step = nnx.jit(step_fn, donate_argnums=(0, 1), static_argnames=("grad_accum",))
