@@ -57,7 +57,7 @@ def test_every_shipped_config_loads():
     (["model.n_layers"], "must look like section.key=value"),
     (["optimizer.lr=1e400"], "optimizer.lr=inf is not allowed: must be a finite number"),
     (["optimizer.lr=.nan"], "optimizer.lr=nan is not allowed: must be a finite number"),
-    (["engram.shard_axis=rows"], "engram.shard_axis='rows' is not allowed: must be one of ('dcn_data'"),
+    (["engram.shard_axis=rows"], "engram.shard_axis='rows' is not allowed: must be 'auto' or one of ('dcn_data'"),
 ])
 def test_bad_config_fails_at_load_with_a_message_naming_key_and_value(overrides, message):
     with pytest.raises(ConfigError) as err:
