@@ -176,7 +176,7 @@ for kind, h in h_res.items():
 # ## Inside the trained mHC model: attention maps, integrated gradients and H_res
 # `mhc_jax.interpret` gives the attention weights of every layer and head for a prompt, and the
 # integrated-gradients attribution of each prompt token to the logit of a chosen next token (they add up to
-# the logit's change from an all-zero-embedding baseline: completeness). Beside them, the H_res mixing
+# the logit's change from a baseline prompt of pad tokens: completeness). Beside them, the H_res mixing
 # matrix that the same prompt's last token gets in every sublayer.
 
 # %%
@@ -194,7 +194,7 @@ display(Image(plot_attention_maps(maps[:, 0], labels, os.path.join(tempfile.mkdt
 
 # %%
 target = int(np.argmax(np.asarray(model(jnp.asarray(ids))[0, -1, :256])))  # the model's own next byte
-ig = integrated_gradients(model, ids, target, steps=32 if SMOKE else 64)
+ig = integrated_gradients(model, ids, target, tok.pad_id)  # baseline: the pad token everywhere
 print(f"next token {tok.decode([target])!r}: logit {ig.logit:.3f}, baseline {ig.baseline_logit:.3f}, "
       f"attributions sum to {ig.attributions.sum():.3f} (completeness error {100 * ig.completeness_error:.2f}%)")
 assert ig.completeness_error < 0.01

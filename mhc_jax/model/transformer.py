@@ -97,9 +97,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
-                 engram_ids_BTLk: jax.Array | None = None) -> jax.Array:
-        """engram_ids_BTLk: (batch, time, engram layers in config order, (max_ngram-1) * heads) table ids."""
-        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTLk, None)
+                 engram_ids_BTLk: jax.Array | None = None, embeds_BTC: jax.Array | None = None) -> jax.Array:
+        """engram_ids_BTLk: (batch, time, engram layers in config order, (max_ngram-1) * heads) table ids.
+        embeds_BTC: input embeddings used instead of the rows of `tokens_BT` (integrated gradients)."""
+        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTLk, None, embeds_BTC)
         return logits
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: list[LayerCache],
@@ -116,13 +117,13 @@ class Transformer(nnx.Module):
             caches.append(c)
         return caches
 
-    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTLk, cache):
+    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTLk, cache, embeds_BTC=None):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        x_BTC = jnp.take(self.embed_VC[...], tokens_BT, axis=0).astype(self.dtype)
+        x_BTC = (jnp.take(self.embed_VC[...], tokens_BT, axis=0) if embeds_BTC is None else embeds_BTC).astype(self.dtype)
         x_BTnC = constrain(expand(x_BTC, self.n_streams), ("batch", "length", "streams", "embed"))
         engram_layers = self.cfg.engram.layers
         new_cache = None if cache is None else []
