@@ -1,7 +1,7 @@
 """EleutherAI lm-evaluation-harness model type `mhc_jax` (install with `pip install -e ".[eval]"`).
 
     python -m mhc_jax.lm_eval_adapter --model mhc_jax --model_args workdir=W --tasks hellaswag,arc_easy
-    python -m mhc_jax.lm_eval_adapter --model mhc_jax --model_args export=DIR,batch_size=16 --tasks wikitext
+    python -m mhc_jax.lm_eval_adapter --model mhc_jax --model_args export=DIR --batch_size 16 --tasks wikitext
 
 (the same arguments as `lm_eval`; this entry point registers the model type first). From Python:
 
@@ -27,7 +27,7 @@ from mhc_jax.scoring import Scorer, load_scorer
 @register_model("mhc_jax")
 class MhcJaxLM(LM):
     """model_args: `workdir=W` (a train.py workdir, newest checkpoint) or `export=DIR` (an mhc_jax.export
-    folder), optional `batch_size=N` (rows per forward pass, default 8)."""
+    folder). Rows per forward pass: lm-eval's `--batch_size N` (default 8 from Python; "auto" means 8)."""
 
     def __init__(self, workdir: str = "", export: str = "", batch_size: int | str = 8, scorer: Scorer | None = None,
                  **_ignored: Any):  # lm-eval also passes device / max_batch_size, which do not apply

@@ -157,7 +157,7 @@ def test_command_line_runs_a_local_task_on_an_export(setup, tmp_path, capsys):
     from mhc_jax.lm_eval_adapter import main
 
     root, export_dir, _ = setup
-    assert main(["--model", "mhc_jax", "--model_args", f"export={export_dir},batch_size=8", "--tasks", "mhc_prose_mc",
+    assert main(["--model", "mhc_jax", "--model_args", f"export={export_dir}", "--batch_size", "8", "--tasks", "mhc_prose_mc",
                  "--include_path", str(root), "--limit", "3", "--output_path", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "mhc_prose_mc" in printed and "acc_norm" in printed
