@@ -13,7 +13,10 @@ import argparse
 import os
 import sys
 
+from mhc_jax.cli import entry_point
 
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml", help="YAML config (a path or a name in configs/)")
@@ -21,27 +24,21 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: workdir/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. residual.kind=plain")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
 
-    from mhc_jax.config import ConfigError, load_config
+    from mhc_jax.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     name = os.path.splitext(os.path.basename(args.config))[0]
     workdir = args.workdir or os.path.join("workdir", name)
 
-    from mhc_jax.train.loop import TrainingError, run
+    from mhc_jax.train.loop import run
 
-    try:
-        result = run(cfg, workdir, progress=not args.no_progress)
-    except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = run(cfg, workdir, progress=not args.no_progress)
     if result.status == "preempted":
         return 143
+    if result.status == "nothing_to_train":  # run() said so in one line
+        return 0
     print()
     print(f"finished at step {result.step}: train loss {result.train_loss:.4f}", end="")
     if result.eval:

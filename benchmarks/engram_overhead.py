@@ -11,24 +11,25 @@ gate are a visible fraction of the work, so expect a much larger ratio than the 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from _common import REPO, RESULTS, compile_seconds, format_table, interleaved_medians, seconds_per_call,
+                     write_result
 from mhc_jax.config import Config
+from mhc_jax.data import synthetic_batch
 from mhc_jax.data.tokenizer import ByteTokenizer
 from mhc_jax.engram.ids import EngramIds
 from mhc_jax.model.transformer import Transformer, count_params
 from mhc_jax.train.optimizer import make_optimizer
 from mhc_jax.train.step import train_step
 
-CORPUS = "/work/shared/data/tinyshakespeare.txt"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engram_overhead.json")
+CORPUS = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")  # ../shared beside the checkout
 
 
 def make_cfg(engram: bool, quick: bool) -> Config:
@@ -45,29 +46,17 @@ def corpus_tokens(tok: ByteTokenizer, n_chars: int) -> np.ndarray:
         return np.asarray(tok.encode(f.read()[:n_chars]), np.int32)
 
 
-def batch_for(cfg: Config, tokens: np.ndarray, engram_ids: EngramIds | None) -> dict:
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    rows = tokens[: B * (T + 1)].reshape(B, T + 1)
-    batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": np.ones((B, T), np.int32),
-             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
-             "loss_mask": np.ones((B, T), np.float32)}
-    if engram_ids is not None:
-        batch["engram_ids"] = engram_ids(batch["inputs"], batch["segment_ids"])
-    return {k: jnp.asarray(v) for k, v in batch.items()}
-
-
-def step_time(cfg: Config, tokens: np.ndarray, steps: int) -> tuple[float, int]:
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    optimizer = make_optimizer(cfg, model)
-    engram_ids = EngramIds(cfg, ByteTokenizer()) if cfg.engram.enabled else None
-    batch = batch_for(cfg, tokens, engram_ids)
-    jax.block_until_ready(train_step(model, optimizer, batch))  # compile
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(train_step(model, optimizer, batch))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), count_params(model)
+def step_times(cfgs: dict[str, Config], tokens: np.ndarray, steps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Median train-step seconds of each config (steps interleaved) and its parameter count."""
+    fns, params = {}, {}
+    for name, cfg in cfgs.items():
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        engram_ids = EngramIds(cfg, ByteTokenizer()) if cfg.engram.enabled else None
+        batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg, tokens=tokens, engram_ids=engram_ids))
+        fns[name] = functools.partial(train_step, model, make_optimizer(cfg, model), batch)
+        compile_seconds(fns[name])
+        params[name] = count_params(model)
+    return interleaved_medians(fns, rounds=steps, calls=1), params
 
 
 def hasher_throughput(cfg: Config, tokens: np.ndarray, repeats: int) -> dict:
@@ -75,10 +64,7 @@ def hasher_throughput(cfg: Config, tokens: np.ndarray, repeats: int) -> dict:
     T = 4096
     rows = tokens[: (tokens.size // T) * T].reshape(-1, T)[:16]
     engram_ids(rows)  # warm caches
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        engram_ids(rows)
-    dt = (time.perf_counter() - t0) / repeats
+    dt = seconds_per_call(lambda: engram_ids(rows), repeats)
     n_hashes = rows.size * len(cfg.engram.layers) * engram_ids.ids_per_position
     return {"tokens_per_s": rows.size / dt, "hashes_per_s": n_hashes / dt, "batch_shape": list(rows.shape)}
 
@@ -127,8 +113,8 @@ def main() -> None:
     steps = 10 if args.quick else 30
 
     base_cfg, engram_cfg = make_cfg(False, args.quick), make_cfg(True, args.quick)
-    t_base, p_base = step_time(base_cfg, tokens, steps)
-    t_engram, p_engram = step_time(engram_cfg, tokens, steps)
+    seconds, params = step_times({"base": base_cfg, "engram": engram_cfg}, tokens, steps)
+    (t_base, t_engram), (p_base, p_engram) = seconds.values(), params.values()
     throughput = hasher_throughput(engram_cfg, tokens, 3 if args.quick else 10)
     collisions = collision_rates(engram_cfg, tokens)
 
@@ -144,16 +130,13 @@ def main() -> None:
           f"(params {p_engram:,} vs {p_base:,})")
     print(f"hasher: {throughput['hashes_per_s']:.3g} hashes/s, {throughput['tokens_per_s']:.3g} tokens/s "
           f"(2 layers x {engram_cfg.engram.max_ngram - 1} orders x {engram_cfg.engram.heads_per_ngram} heads)")
-    print(f"{'layer':>5} {'order':>5} {'n-grams':>8} {'slots/head':>10} {'grams/slot':>10} "
-          f"{'share 1 head':>12} {'share all':>9} {'confused':>8}")
-    for c in collisions:
-        print(f"{c['layer']:>5} {c['order']:>5} {c['distinct_ngrams']:>8} {c['slots_per_head']:>10} "
-              f"{c['ngrams_per_slot']:>10.3f} {c['frac_sharing_a_slot_in_one_head']:>12.3f} "
-              f"{c['frac_sharing_in_every_head']:>9.4f} {c['frac_indistinguishable']:>8.4f}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {RESULTS}")
+    print(format_table(["layer", "order", "n-grams", "slots/head", "grams/slot", "share 1 head", "share all",
+                        "confused"],
+                       [[str(c["layer"]), str(c["order"]), c["distinct_ngrams"], c["slots_per_head"],
+                         c["ngrams_per_slot"], c["frac_sharing_a_slot_in_one_head"],
+                         f"{c['frac_sharing_in_every_head']:.4f}", f"{c['frac_indistinguishable']:.4f}"]
+                        for c in collisions]))
+    print(f"wrote {write_result(os.path.join(RESULTS, 'engram_overhead.json'), result)}")
 
 
 if __name__ == "__main__":

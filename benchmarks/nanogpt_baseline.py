@@ -20,7 +20,6 @@ benchmarks/results/nanogpt_baseline.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,13 +28,14 @@ import time
 
 import jax
 
+from _common import HERE, RESULTS, format_table, repo_relative, write_result
 from mhc_jax.config import Config, load_config
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.model import expected_param_count
+from mhc_jax.residual import RESIDUAL_KINDS
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import measure_peak_flops, read_metrics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CORPUS = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, CPU baseline at iteration 2000
 
@@ -76,9 +76,9 @@ def main() -> None:
     p.add_argument("--corpus", default=DEFAULT_CORPUS, help="Tiny Shakespeare text file")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--kinds", nargs="+", default=["plain", "mhc"], choices=("plain", "hc", "mhc", "mhc_lite"))
+    p.add_argument("--kinds", nargs="+", default=["plain", "mhc"], choices=tuple(RESIDUAL_KINDS))
     p.add_argument("--workdir", default="", help="where runs are written (default: a temporary folder)")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "nanogpt_baseline.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "nanogpt_baseline.json"))
     args = p.parse_args()
     if not os.path.isfile(args.corpus):
         raise SystemExit(f"--corpus {args.corpus!r} does not exist; pass the path of tinyshakespeare.txt")
@@ -95,11 +95,10 @@ def main() -> None:
 
     print(f"\nnanoGPT CPU baseline shape, {args.steps} steps, backend={jax.default_backend()}, "
           f"{jax.device_count()} device(s), measured matmul peak {peak / 1e9:.1f} GFLOP/s per device")
-    print(f"{'kind':8s} {'val loss':>9s} {'bpb':>6s} {'wall s':>7s} {'ms/step':>8s} {'tok/s':>8s} {'MFU':>7s} "
-          f"{'params':>8s}")
-    for kind, r in runs.items():
-        print(f"{kind:8s} {r['val_loss']:9.4f} {r['val_bits_per_byte']:6.3f} {r['wall_s']:7.0f} "
-              f"{1e3 * r['median_step_s']:8.1f} {r['tokens_per_s']:8.0f} {100 * r['mfu']:6.2f}% {r['params']:8d}")
+    print(format_table(["kind", "val loss", "bpb", "wall s", "ms/step", "tok/s", "MFU", "params"],
+                       [[kind, f"{r['val_loss']:.4f}", r["val_bits_per_byte"], f"{r['wall_s']:.0f}",
+                         f"{1e3 * r['median_step_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.2f}%",
+                         r["params"]] for kind, r in runs.items()]))
     ratios = {}
     if "plain" in runs:
         for kind, r in runs.items():
@@ -112,12 +111,12 @@ def main() -> None:
     print(f"nanoGPT reference: val loss ~{NANOGPT_VAL_LOSS} at 2000 iterations")
     for kind, r in runs.items():
         print(f"\n--- {kind} sample ---\n{r['sample']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"config": {k: v for k, v in vars(args).items() if k != "corpus"},
-                   "backend": jax.default_backend(), "devices": jax.device_count(), "peak_flops": peak,
-                   "nanogpt_val_loss": NANOGPT_VAL_LOSS, "runs": runs, "ratios_to_plain": ratios}, f, indent=2)
-    print(f"\nwrote {args.out}")
+    config = {**vars(args), "corpus": repo_relative(args.corpus), "out": repo_relative(args.out),
+              "workdir": repo_relative(args.workdir) if args.workdir else ""}
+    path = write_result(args.out, {"config": config, "backend": jax.default_backend(), "devices": jax.device_count(),
+                                   "peak_flops": peak, "nanogpt_val_loss": NANOGPT_VAL_LOSS, "runs": runs,
+                                   "ratios_to_plain": ratios})
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,19 @@ Writes benchmarks/results/pipeline_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import time
 
+import jax
+from flax import nnx
+
+from _common import REPO, RESULTS, compile_seconds, format_table, seconds_per_call, write_result
 from mhc_jax.config import Config, load_config
 from mhc_jax.data.pipeline import make_train_iterator
+from mhc_jax.model import Transformer
+from mhc_jax.train.optimizer import make_optimizer
+from mhc_jax.train.step import train_step
 
 
 def pipeline_tokens_per_s(cfg: Config, batches: int) -> float:
@@ -33,34 +40,21 @@ def pipeline_tokens_per_s(cfg: Config, batches: int) -> float:
 
 
 def step_tokens_per_s(cfg: Config, steps: int) -> tuple[float, float]:
-    import jax
-    from flax import nnx
-
-    from mhc_jax.model import Transformer
-    from mhc_jax.train.optimizer import make_optimizer
-    from mhc_jax.train.step import train_step
-
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    optimizer = make_optimizer(cfg, model)
     batch = jax.tree.map(jax.numpy.asarray, next(make_train_iterator(cfg)))
-    t0 = time.perf_counter()
-    jax.block_until_ready(train_step(model, optimizer, batch)["loss"])
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(train_step(model, optimizer, batch)["loss"])
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        metrics = train_step(model, optimizer, batch)
-    jax.block_until_ready(metrics["loss"])
-    return steps * cfg.data.batch_size * cfg.data.seq_len / (time.perf_counter() - t0), compile_s
+    step = functools.partial(train_step, model, make_optimizer(cfg, model), batch,
+                             grad_accum=cfg.training.grad_accum)
+    compile_s = compile_seconds(step)
+    return cfg.data.batch_size * cfg.data.seq_len / seconds_per_call(step, steps), compile_s
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer batches and steps")
     p.add_argument("--config", default=None, help="default: configs/default.yaml, else tiny.yaml at d_model 128")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "pipeline_throughput.json"))
+    p.add_argument("--out", default=os.path.join(RESULTS, "pipeline_throughput.json"))
     args = p.parse_args()
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = REPO
     path = args.config or os.path.join(here, "configs", "default.yaml")
     overrides = [] if os.path.isfile(path) else ["model.d_model=128"]
     path = path if os.path.isfile(path) else os.path.join(here, "configs", "tiny.yaml")
@@ -79,8 +73,6 @@ def main() -> None:
         os.sched_setaffinity(0, cores)
     rates["train_step"], compile_s = step_tokens_per_s(cfg, steps)
 
-    import jax
-
     result = {"config": os.path.relpath(path, here), "overrides": overrides,
               "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "engram_in_step": cfg.engram.enabled,
               "backend": jax.default_backend(), "devices": len(jax.devices()), "pipeline_cores": 1,
@@ -88,15 +80,10 @@ def main() -> None:
               "ratio_pipeline_over_step": rates["pipeline_engram" if cfg.engram.enabled else "pipeline_no_engram"]
               / rates["train_step"],
               "engram_hashing_cost": rates["pipeline_no_engram"] / rates["pipeline_engram"]}
-    print(f"{'stage':<28}{'tokens/s':>14}")
-    for name, rate in rates.items():
-        print(f"{name:<28}{rate:>14,.0f}")
+    print(format_table(["stage", "tokens/s"], [[name, f"{rate:,.0f}"] for name, rate in rates.items()]))
     print(f"pipeline (1 core) / train step ({result['backend']}): {result['ratio_pipeline_over_step']:.1f}x; "
           f"Engram hashing slows the pipeline {result['engram_hashing_cost']:.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

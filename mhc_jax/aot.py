@@ -24,6 +24,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import jax
+from flax import nnx
+
+from mhc_jax.config import load_config
+from mhc_jax.data import batch_spec
+from mhc_jax.flops import model_flops_per_token
+from mhc_jax.sharding import (MESH_AXES, batch_shardings, check_global_batch, make_mesh, resolve_mesh_shape,
+                              undivided_params)
+from mhc_jax.train.state import abstract_train_state
+from mhc_jax.train.step import make_sharded_step
+from mhc_jax.cli import entry_point
+from mhc_jax.errors import ConfigError
+
 GiB = 2**30
 
 # HBM per chip and JAX devices per chip, by the device_kind libtpu reports. Sources (Cloud TPU docs,
@@ -93,7 +106,11 @@ def tpu_topology(name: str, num_slices: int = 1) -> Any:
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    return topologies.get_topology_desc(name, "tpu", **kwargs)
+    try:
+        return topologies.get_topology_desc(name, "tpu", **kwargs)
+    except Exception as err:  # noqa: BLE001 - libtpu rejects unknown names with assorted error types
+        raise ConfigError(f"--topology {name!r} is not a TPU topology libtpu knows ({' '.join(str(err).split())[:200]}); "
+                          f"use e.g. v4:2x2x1, v5e:4x4, v5p:2x2x1") from err
 
 
 def chip_info(device_kind: str) -> tuple[str, float]:
@@ -122,39 +139,8 @@ def needed_bytes(message: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m else 0
 
 
-def abstract_train_state(cfg: Any) -> tuple[Any, Any]:
-    """(graphdef, state) of `(Transformer(cfg), make_optimizer(cfg, model))` with ShapeDtypeStruct leaves."""
-    from flax import nnx
-
-    from mhc_jax.model.transformer import Transformer
-    from mhc_jax.train.optimizer import make_optimizer
-
-    def build() -> tuple[Any, Any]:
-        model = Transformer(cfg, rngs=nnx.Rngs(cfg.training.seed))
-        return model, make_optimizer(cfg, model)
-
-    return nnx.split(nnx.eval_shape(build))
-
-
-def abstract_batch(cfg: Any) -> dict[str, Any]:
-    """ShapeDtypeStructs of one global training batch (mhc_jax.train.step's batch layout)."""
-    import jax
-    import jax.numpy as jnp
-
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, T), jnp.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-    batch["loss_mask"] = jax.ShapeDtypeStruct((B, T), jnp.float32)
-    e = cfg.engram
-    if e.enabled:
-        batch["engram_ids"] = jax.ShapeDtypeStruct((B, T, len(e.layers), (e.max_ngram - 1) * e.heads_per_ngram),
-                                                   jnp.int32)
-    return batch
-
-
 def with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying `shardings` for every leaf of `tree` (nnx Variables keep their type)."""
-    import jax
-    from flax import nnx
 
     def one(x: Any, s: Any) -> Any:
         if isinstance(x, nnx.Variable):
@@ -168,18 +154,12 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
 def compile_train_step(cfg: Any, devices: Any) -> tuple[Any, Any, dict[str, float]]:
     """Lowers and compiles `make_sharded_step` for `devices` (real, or a topology's). Returns (compiled,
     mesh, {"lower": s, "compile": s}); compile errors propagate."""
-    import jax
-
-    from mhc_jax.sharding import batch_shardings, check_global_batch, make_mesh, train_state_shardings_of
-    from mhc_jax.train.step import make_sharded_step
-
     mesh = make_mesh(cfg.mesh, devices)
     check_global_batch(cfg.data.batch_size, mesh, cfg.training.grad_accum)
-    graphdef, state = abstract_train_state(cfg)
-    state_sh = train_state_shardings_of(state, mesh, cfg)
-    batch = abstract_batch(cfg)
+    graphdef, state, state_sh = abstract_train_state(cfg, mesh)
+    batch = batch_spec(cfg)
     batch_sh = batch_shardings(batch, mesh)
-    step = make_sharded_step(graphdef, state_sh, batch_sh)
+    step = make_sharded_step(graphdef, state_sh, batch_sh, cfg.training.grad_accum)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = step.lower(with_shardings(state, state_sh), with_shardings(batch, batch_sh))
@@ -195,12 +175,6 @@ def for_tpu(cfg: Any) -> Any:
 
 
 def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = "") -> FitReport:
-    import jax
-    from flax import nnx
-
-    from mhc_jax.flops import model_flops_per_token
-    from mhc_jax.sharding import MESH_AXES, make_mesh, resolve_mesh_shape, undivided_params
-
     cfg = for_tpu(cfg)
     topo = tpu_topology(topology, num_slices)
     devices = list(topo.devices)
@@ -210,7 +184,8 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
     per_chip = max(len(devices) // chips, 1)
     hbm_device = hbm_chip / per_chip * GiB
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh, len(devices))))
-    _, abstract = abstract_train_state(cfg)
+    mesh = make_mesh(cfg.mesh, devices)
+    _, abstract, _ = abstract_train_state(cfg, mesh)
     n_params = sum(math.prod(v.get_value().shape) for v in jax.tree.leaves(
         abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)) if isinstance(v, nnx.Param))
     tokens = cfg.data.batch_size * cfg.data.seq_len
@@ -222,7 +197,7 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
         mesh=mesh_shape, zero1=cfg.mesh.zero1, params=int(n_params), global_batch=cfg.data.batch_size,
         seq_len=cfg.data.seq_len, grad_accum=cfg.training.grad_accum, remat=cfg.training.remat,
         dtype=cfg.model.dtype, fits=False, verdict="", model_flops_per_token=mft, model_flops_per_step=mft * tokens)
-    report.replicated_by_divisibility = undivided_params(abstract, make_mesh(cfg.mesh, devices), cfg)
+    report.replicated_by_divisibility = undivided_params(abstract, mesh, cfg)
     try:
         compiled, _, times = compile_train_step(cfg, devices)
     except Exception as err:  # noqa: BLE001 - the compiler's out-of-memory is a result, not a crash
@@ -286,6 +261,7 @@ def format_report(r: FitReport) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -297,9 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="where to write the JSON report "
                         "(default benchmarks/results/aot/<config>_<topology>.json)")
     args = parser.parse_args(argv)
-
-    from mhc_jax.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     name = os.path.splitext(os.path.basename(args.config))[0]
     report = fit_report(cfg, args.topology, args.num_slices, config_name=name)

@@ -12,8 +12,15 @@ and `load_config("configs/tiny.yaml", ["model.n_layers=2", "residual.kind=plain"
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import math
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,27 +38,33 @@ from mhc_jax.errors import ConfigError  # re-exported: `from mhc_jax.config impo
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE) and a SwiGLU MLP."""
+    """Decoder backbone: pre-RMSNorm blocks of GQA attention (RoPE or ALiBi, optionally windowed) and a SwiGLU MLP."""
 
     vocab_size: int = 259  # byte tokenizer: 256 bytes + BOS/EOS/PAD
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 4
+    d_model: int = 128  # C: residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # H: query heads
+    n_kv_heads: int = 4  # K: key/value heads (grouped-query attention); divides n_heads
     head_dim: int = 0  # 0 means d_model // n_heads
     d_ff: int = 512  # SwiGLU hidden width
     max_seq_len: int = 256  # RoPE / KV-cache capacity
     rope_theta: float = 10000.0  # mHC paper Table 5 (RoPE theta 10000)
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # LM head = embedding matrix transposed
+    init_std: float = 0.02  # normal init std of weights; output projections get init_std / sqrt(2 n_layers)
     # Embedding rows are padded to a multiple of this so the vocab axis divides large mesh axes
     # (vocab 129280 does not divide 1024 devices). Padded rows are masked out of the softmax.
     vocab_pad_multiple: int = 1
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights and optimiser state
     # "auto": bfloat16 on GPU/TPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    attention_impl: Literal["xla", "cudnn"] = "xla"
+    # Token positions: rotary (RoPE), ALiBi logit biases (Press et al. 2021, arXiv 2108.12409) or none (NoPE).
+    position: Literal["rope", "alibi", "none"] = "rope"
+    attention_window: int = 0  # sliding window: a token sees itself and the window-1 tokens before it; 0 = full causal
+    global_every: int = 0  # with a window, every k-th block (k-1, 2k-1, ...) attends fully (Gemma); 0 = none do
+    # auto: splash on TPU, cuDNN on GPU (bf16/fp16), else chunked (CPU: from 1024 tokens) or xla (dense).
+    attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
+    attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -67,19 +80,21 @@ class ModelConfig:
 class ResidualConfig:
     """How each sublayer is wrapped: plain residual, Hyper-Connections, mHC or mHC-lite (mhc.md)."""
 
+    # The connection around each sublayer (one entry of mhc_jax.residual.RESIDUAL_KINDS).
     kind: Literal["plain", "hc", "mhc", "mhc_lite"] = "plain"
     n_streams: int = 4  # n in the papers; forced to 1 for `plain`
     sinkhorn_iters: int = 20  # t_max, mHC paper Eq. 9
-    sinkhorn_eps: float = 0.0
-    sinkhorn_log_domain: bool = False
+    sinkhorn_eps: float = 0.0  # added to every Sinkhorn denominator (DeepSeek-V4: 1e-6; 0 = paper)
+    sinkhorn_log_domain: bool = False  # Sinkhorn on log values with logsumexp (same result, other rounding)
     # "paper": Eq. 7-9. "deepseek_v4": sigmoid + 1e-6, softmax start + eps, transposed mixing.
     variant: Literal["paper", "deepseek_v4"] = "paper"
+    # n streams -> 1 before the final norm: their sum, or DeepSeek-V4's learned head.
     collapse: Literal["sum", "learned"] = "sum"
     alpha_init: float = 0.01  # a_pre, a_post, a_res init, mHC paper Table 5
     # Ablation switches (mHC paper Table 1): a disabled mapping becomes 1/n, ones, or identity.
     use_pre: bool = True
-    use_post: bool = True
-    use_res: bool = True
+    use_post: bool = True  # False: H_post = ones
+    use_res: bool = True  # False: H_res = identity
     hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
 
 
@@ -87,18 +102,18 @@ class ResidualConfig:
 class EngramConfig:
     """Engram conditional memory (engram.md)."""
 
-    enabled: bool = False
+    enabled: bool = False  # add Engram memory at the blocks in `layers`
     layers: tuple[int, ...] = (1,)  # 0-based block indices; the demo uses [1, 15] of 30
     max_ngram: int = 3  # orders 2..max_ngram
-    heads_per_ngram: int = 8  # K
-    head_dim: int = 32  # D_h: rows are concatenated to d_mem = (max_ngram - 1) * K * D_h
+    heads_per_ngram: int = 8  # hash heads per n-gram order: G = (max_ngram - 1) * heads_per_ngram ids per position
+    head_dim: int = 32  # W: width of one table row; a position's G rows concatenate to d_mem = G * W
     table_size: int = 4093  # base size per head; per-head primes start above it (demo: 5 * vocab)
     kernel_size: int = 4  # short conv kernel (paper)
     seed: int = 0  # hash seed (demo)
-    placement: Literal["device", "host"] = "device"
+    placement: Literal["device", "host"] = "device"  # tables in device memory (sharded rows) or pinned host memory
     shard_axis: str = "tensor"  # mesh axis the table rows are split over with placement=device
     lr_multiplier: float = 5.0  # Engram tables: 5x base LR, no weight decay (engram.md)
-    compress_tokenizer: bool = True
+    compress_tokenizer: bool = True  # hash normalised token classes (engram.md); False hashes raw ids
     # Table rows (sum of the per-head primes) are padded up to a multiple of this so the row axis divides
     # the mesh axis it is sharded over (primes divide nothing). Padded rows are never looked up.
     row_pad_multiple: int = 128
@@ -114,15 +129,15 @@ class DataConfig:
     """Where tokens come from. `dataset` is `pystdlib` (embedded default corpus), `text:PATH` (a local
     file or folder), or `tfds:NAME` (a prepared TFDS text dataset under `data_dir`)."""
 
-    dataset: str = "pystdlib"
+    dataset: str = "pystdlib"  # pystdlib, text:PATH or tfds:NAME
     data_dir: str = ""  # "" means ~/.cache/mhc_jax/tfds
-    text_key: str = "text"
-    train_split: str = "train"
-    eval_split: str = "validation"
+    text_key: str = "text"  # feature holding the text (tfds: datasets)
+    train_split: str = "train"  # split the trainer reads
+    eval_split: str = "validation"  # split evaluation reads
     tokenizer: str = "byte"  # "byte" or a path to a SentencePiece .model file
-    seq_len: int = 128
+    seq_len: int = 128  # T: tokens per row; <= model.max_seq_len
     batch_size: int = 16  # global batch, in rows of seq_len tokens
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0  # seed of the document shuffle (reseeded every epoch)
     worker_count: int = 0  # Grain worker processes; 0 = in-process
     prefetch: int = 2  # batches prefetched in a background thread
     read_threads: int = 2  # threads that read and tokenize documents (Grain ReadOptions.num_threads)
@@ -134,51 +149,56 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW with warmup then cosine or the mHC paper's step decay (x0.316 at 80%, x0.1 at 90%)."""
 
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     b1: float = 0.9  # mHC paper Table 5
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # AdamW decay of weight matrices (norms, mHC/HC coefficients, Engram tables: none)
+    warmup_steps: int = 100  # linear warmup from 0
+    # After warmup: cosine to min_lr_ratio * lr, the mHC paper's step decay, or constant.
     schedule: Literal["cosine", "step", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     clip_norm: float = 1.0  # 0 disables clipping
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    steps: int = 1000
-    seed: int = 0
+    steps: int = 1000  # optimiser steps in total
+    seed: int = 0  # parameter init seed
     grad_accum: int = 1  # micro-batches per step; batch_size must divide by it
+    # Recompute each block in the backward pass: nothing, everything, or all but the matmul outputs.
     remat: Literal["none", "full", "save_matmuls"] = "none"
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 8
+    log_every: int = 10  # steps between metric rows (and host syncs)
+    eval_every: int = 200  # steps between evaluations
+    eval_batches: int = 8  # batches per evaluation
     diagnostics_every: int = 100  # mHC composite gains; 0 disables
-    max_nonfinite_in_row: int = 5
+    max_nonfinite_in_row: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
     sample_tokens: int = 200  # generated at the end of train.py
-    sample_prompt: str = "def "
+    sample_prompt: str = "def "  # prompt of the sample generated at the end
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = measure with a matmul probe
     plots: bool = True  # PNGs of loss, lr, grad norm, tokens/s and mHC gains in workdir/plots at the end of a run
     profile_steps: tuple[int, ...] = ()  # [first, last] (1-based, inclusive): jax.profiler trace into workdir/profile
+
+
+MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor")  # MeshConfig's axes, in mesh order
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh. -1 takes the devices that the other axes leave."""
 
-    dcn_data: int = 1
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    dcn_data: int = 1  # data parallelism across slices (data-centre network)
+    data: int = -1  # data parallelism inside a slice
+    fsdp: int = 1  # FSDP / ZeRO-3: parameters and optimiser state sharded, batch split
+    tensor: int = 1  # tensor parallelism: heads, MLP width, vocabulary
     zero1: bool = False  # params replicated over fsdp, optimiser state sharded
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 200
-    keep: int = 3
-    async_save: bool = True
+    every: int = 200  # steps between checkpoints (and one at the end)
+    keep: int = 3  # newest checkpoints kept
+    async_save: bool = True  # write checkpoints in the background
 
 
 @dataclass(frozen=True)
@@ -223,7 +243,20 @@ def validate(cfg: Config) -> Config:
                  f"must divide model.d_model={m.d_model} (or set model.head_dim)")
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads", m.n_kv_heads,
              f"must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    if m.position == "rope":
+        _require(m.resolved_head_dim % 2 == 0, "model.head_dim", m.resolved_head_dim, "must be even (RoPE)")
+    _require(m.attention_window >= 0, "model.attention_window", m.attention_window, "must be >= 0 (0 = full causal)")
+    _require(m.global_every >= 0, "model.global_every", m.global_every, "must be >= 0 (0 = no global blocks)")
+    _require(m.global_every == 0 or m.attention_window > 0, "model.global_every", m.global_every,
+             "interleaves full blocks among windowed ones, so it needs model.attention_window > 0")
+    _require(m.attention_block >= 1, "model.attention_block", m.attention_block, "must be >= 1")
+    if m.attention_impl == "splash":
+        _require(m.position != "alibi", "model.position", m.position,
+                 "the splash kernel takes no logit bias: use rope or none, or attention_impl chunked/xla/cudnn")
+        _require(m.attention_block % 128 == 0, "model.attention_block", m.attention_block,
+                 "must be a multiple of 128 (TPU lanes) with attention_impl=splash")
+        _require(cfg.data.seq_len % 128 == 0, "data.seq_len", cfg.data.seq_len,
+                 "must be a multiple of 128 with model.attention_impl=splash (its blocks are 128-lane tiles)")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
@@ -246,6 +279,7 @@ def validate(cfg: Config) -> Config:
             _require(getattr(e, key) >= 1, f"engram.{key}", getattr(e, key), "must be >= 1")
         _require(e.lr_multiplier > 0, "engram.lr_multiplier", e.lr_multiplier, "must be > 0")
         _require(e.table_init_std > 0, "engram.table_init_std", e.table_init_std, "must be > 0")
+    _require(e.shard_axis in MESH_AXES, "engram.shard_axis", e.shard_axis, f"must be one of {MESH_AXES}")
 
     _require(bool(d.dataset), "data.dataset", d.dataset, "name a dataset: pystdlib, text:PATH or tfds:NAME")
     _require(d.dataset == "pystdlib" or d.dataset.startswith(("text:", "tfds:")), "data.dataset",
@@ -279,10 +313,10 @@ def validate(cfg: Config) -> Config:
     _require(t.profile_steps == () or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
              "training.profile_steps", t.profile_steps, "must be [] (off) or [first, last] with 1 <= first <= last")
 
-    for key in ("dcn_data", "data", "fsdp", "tensor"):
+    for key in MESH_AXES:
         v = getattr(cfg.mesh, key)
         _require(v == -1 or v >= 1, f"mesh.{key}", v, "must be >= 1, or -1 for the remaining devices")
-    _require([getattr(cfg.mesh, k) for k in ("dcn_data", "data", "fsdp", "tensor")].count(-1) <= 1,
+    _require([getattr(cfg.mesh, k) for k in MESH_AXES].count(-1) <= 1,
              "mesh", cfg.mesh, "at most one axis may be -1")
 
     _require(c.every >= 1, "checkpoint.every", c.every, "must be >= 1")
@@ -345,7 +379,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not allowed: must be a finite number")
+        return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
@@ -366,7 +406,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}={data!r} has the wrong type: expected a mapping of keys")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(str(k) for k in set(data) - set(names))
     if unknown:
         where = f"section '{prefix}'" if prefix else "the config"
         raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {where}; "
@@ -404,20 +444,43 @@ def resolve_config_path(path: str) -> str:
     raise ConfigError(f"config file {path!r} does not exist; give a path or one of: {', '.join(available)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line} "
+                                      f"of {key_node.start_mark.name}); keep one")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
     path = os.path.abspath(resolve_config_path(path))
     if path in seen:
         raise ConfigError(f"config {path} extends itself through 'base' ({' -> '.join(seen + (path,))})")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base={base!r} in {path} is not allowed: must be the path (or configs/ name) of "
+                          "another YAML config, e.g. base: tiny.yaml")
     base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
     if not os.path.isfile(base_path):
         base_path = base  # fall back to a name under configs/
@@ -435,7 +498,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override key {key!r} must be section.key (e.g. model.n_layers=2)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     if value is None or not isinstance(value, (int, float, bool, str, list)):
         value = raw
@@ -444,15 +507,22 @@ def parse_override(text: str) -> dict:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Loads `path` (following `base:`) or the defaults, applies `section.key=value` overrides, validates."""
-    data = _load_yaml_tree(path) if path else {}
+    return config_from_dict(_load_yaml_tree(path) if path else {}, overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config from a (possibly partial) dict, e.g. the one stored in a checkpoint, plus overrides."""
     for item in overrides:
         data = merge_dicts(data, parse_override(item))
     return from_dict(data)
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    """Writes `path` atomically (a temporary file renamed over it), so a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,24 +530,47 @@ def save_config(cfg: Config, path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: description} of a schema dataclass, read from this file: the comment lines right above
+    a field, then the comment on its line (the comment is the doc; a field without one has "")."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, line = [], node.lineno - 1
+            while line >= 1 and lines[line - 1].strip().startswith("#"):
+                above.insert(0, comments[line])
+                line -= 1
+            trailing = [comments[node.end_lineno]] if node.end_lineno in comments and \
+                not lines[node.end_lineno - 1].strip().startswith("#") else []
+            docs[node.target.id] = " ".join(above + trailing)
+    return docs
+
+
 def reference_markdown() -> str:
-    """A markdown table per section: key, type, default. `python -m mhc_jax.config` prints it."""
+    """A markdown table per section: key, type, default, description. `python -m mhc_jax.config` prints it."""
     out = []
     hints = typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
         cls = hints[section.name]
         doc = " ".join((cls.__doc__ or "").split())
         out.append(f"**`{section.name}`**: {doc}\n")
-        out.append("| key | type | default |\n|---|---|---|")
+        out.append("| key | type | default | description |\n|---|---|---|---|")
         section_hints = typing.get_type_hints(cls)
         default = cls()
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             tp = section_hints[f.name]
             type_name = " \\| ".join(repr(a) for a in get_args(tp)) if get_origin(tp) is Literal \
                 else ("list of " + _type_name(get_args(tp)[0]) if get_origin(tp) is tuple else _type_name(tp))
             value = getattr(default, f.name)
             value = list(value) if isinstance(value, tuple) else value
-            out.append(f"| `{section.name}.{f.name}` | {type_name} | `{value!r}` |")
+            out.append(f"| `{section.name}.{f.name}` | {type_name} | `{value!r}` | "
+                       f"{docs[f.name].replace('|', chr(92) + '|')} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

@@ -20,17 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.residual.hc import HyperConnection
-from mhc_jax.residual.mhc import ManifoldHyperConnection  # MHCLite is a subclass
+from mhc_jax.residual.base import StreamConnection
 from mhc_jax.residual.plain import PlainResidual
 
-Connection = HyperConnection | ManifoldHyperConnection
+Connection = StreamConnection  # HC, mHC, mHC-lite
 
 
 def connections(model: nnx.Module) -> list[Connection]:
     """The model's HC / mHC / mHC-lite connections, in sublayer order."""
-    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, (HyperConnection,
-                                                                             ManifoldHyperConnection))]
+    found = [node for _, node in nnx.iter_graph(model) if isinstance(node, StreamConnection)]
     return sorted(found, key=lambda c: c.sublayer_index)
 
 
@@ -56,18 +54,13 @@ def collect_h_res(model: nnx.Module, tokens_BT: jax.Array, **model_kwargs: Any) 
         if n_plain == 0:
             raise ValueError(f"{type(model).__name__} has no residual connections to inspect")
         return jnp.ones((n_plain, B, T, 1, 1), jnp.float32)
-    remat = getattr(model, "remat", None)
     try:
         for c in conns:
             c.capture_mappings = True
-        if remat is not None:
-            model.remat = "none"  # sowing inside a rematerialised block is not needed for diagnostics
-        return _forward_capture(model, tokens_BT, model_kwargs)
+        return _forward_capture(model, tokens_BT, model_kwargs)  # sowing works inside nnx.remat too
     finally:
         for c in conns:
             c.capture_mappings = False
-        if remat is not None:
-            model.remat = remat
 
 
 def _fwd_gain(m: np.ndarray) -> np.ndarray:
@@ -78,20 +71,20 @@ def _bwd_gain(m: np.ndarray) -> np.ndarray:
     return np.abs(m).sum(axis=-2).max(axis=-1)  # max absolute column sum
 
 
-def amax_gains(h_res_LBTnn: Any) -> dict[str, np.ndarray]:
-    """Per-layer and composite forward/backward Amax gains, each (L,) float64 averaged over B and T.
+def amax_gains(h_res_ZBTnn: Any) -> dict[str, np.ndarray]:
+    """Per-sublayer and composite forward/backward Amax gains, each (Z,) float64 averaged over B and T.
 
     Keys: per_layer_fwd, per_layer_bwd, composite_fwd, composite_bwd (composite[l] is the product of the
-    matrices of sublayers l..L-1, computed in float64)."""
-    h = np.asarray(h_res_LBTnn, np.float64)
+    matrices of sublayers l..Z-1, computed in float64)."""
+    h = np.asarray(h_res_ZBTnn, np.float64)
     if h.ndim < 3 or h.shape[-1] != h.shape[-2]:
-        raise ValueError(f"amax_gains needs (L, ..., n, n) matrices, got shape {h.shape}")
-    L = h.shape[0]
+        raise ValueError(f"amax_gains needs (Z, ..., n, n) matrices, got shape {h.shape}")
+    Z = h.shape[0]
     token_axes = tuple(range(1, h.ndim - 2))
-    comp_fwd, comp_bwd = np.zeros(L), np.zeros(L)
+    comp_fwd, comp_bwd = np.zeros(Z), np.zeros(Z)
     prod = np.broadcast_to(np.eye(h.shape[-1]), h.shape[1:])
-    for layer in reversed(range(L)):
-        prod = prod @ h[layer]  # H_{L-1} ... H_layer
+    for layer in reversed(range(Z)):
+        prod = prod @ h[layer]  # H_{Z-1} ... H_layer
         comp_fwd[layer] = _fwd_gain(prod).mean()
         comp_bwd[layer] = _bwd_gain(prod).mean()
     return {"per_layer_fwd": _fwd_gain(h).mean(axis=token_axes),
@@ -99,9 +92,9 @@ def amax_gains(h_res_LBTnn: Any) -> dict[str, np.ndarray]:
             "composite_fwd": comp_fwd, "composite_bwd": comp_bwd}
 
 
-def composite_matrices(h_res_LBTnn: Any) -> np.ndarray:
-    """(L, ..., n, n) composite maps H_{L-1} ... H_l in float64 (for heatmaps of the composite)."""
-    h = np.asarray(h_res_LBTnn, np.float64)
+def composite_matrices(h_res_ZBTnn: Any) -> np.ndarray:
+    """(Z, ..., n, n) composite maps H_{Z-1} ... H_l in float64 (for heatmaps of the composite)."""
+    h = np.asarray(h_res_ZBTnn, np.float64)
     out = np.empty_like(h)
     prod = np.broadcast_to(np.eye(h.shape[-1]), h.shape[1:])
     for layer in reversed(range(h.shape[0])):
@@ -141,15 +134,15 @@ def plot_gains(gains: Mapping[str, Mapping[str, np.ndarray]], path: str, title: 
     return path
 
 
-def plot_h_res_heatmaps(matrices_Knn: Any, path: str, titles: Sequence[str] | None = None) -> str:
-    """Heatmaps of K mixing matrices (mHC paper Figs. 7-8), each cell annotated with its value and each
+def plot_h_res_heatmaps(matrices_Xnn: Any, path: str, titles: Sequence[str] | None = None) -> str:
+    """Heatmaps of X mixing matrices (mHC paper Figs. 7-8), each cell annotated with its value and each
     panel with its row and column sums."""
     plt = _pyplot()
-    m = np.asarray(matrices_Knn, np.float64)
+    m = np.asarray(matrices_Xnn, np.float64)
     if m.ndim == 2:
         m = m[None]
-    K = m.shape[0]
-    fig, axes = plt.subplots(1, K, figsize=(2.8 * K, 3.0), squeeze=False)
+    X = m.shape[0]
+    fig, axes = plt.subplots(1, X, figsize=(2.8 * X, 3.0), squeeze=False)
     vmax = max(float(np.abs(m).max()), 1e-12)
     for k, ax in enumerate(axes[0]):
         ax.imshow(m[k], cmap="RdBu_r", vmin=-vmax, vmax=vmax)

@@ -5,6 +5,8 @@ traceback."""
 
 from __future__ import annotations
 
+import errno
+
 
 class MhcJaxError(Exception):
     """Base of every expected, user-facing failure; the message says what is wrong and what is allowed."""
@@ -24,3 +26,16 @@ class CheckpointError(MhcJaxError, RuntimeError):
 
 class TrainingError(MhcJaxError, RuntimeError):
     """A run that cannot go on (e.g. non-finite losses in a row); the message says what to change."""
+
+
+def disk_full(err: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind `err` (itself or a cause or context of it), if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        if "No space left on device" in str(err):  # tensorstore reports it as a plain status string
+            return OSError(errno.ENOSPC, "No space left on device")
+        err = err.__cause__ or err.__context__
+    return None

@@ -11,26 +11,26 @@ import sys
 
 import jax
 
+from mhc_jax.cli import entry_point
+from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator
+from mhc_jax.errors import ConfigError
+from mhc_jax.sharding import make_mesh
+from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
+from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
 
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    from mhc_jax.config import ConfigError
-    from mhc_jax.data import load_tokenizer, make_eval_iterator
-    from mhc_jax.sharding import make_mesh
-    from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
-    from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
     p.add_argument("--batches", type=int, default=0, help="eval batches (default: training.eval_batches)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    try:
-        mesh = make_mesh(load_config_from_workdir(args.workdir).mesh)
-        cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.batches < 0:
+        raise ConfigError(f"--batches={args.batches} is not allowed: must be >= 1 (0 = training.eval_batches)")
+    mesh = make_mesh(load_config_from_workdir(args.workdir, step=args.step).mesh)
+    cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
     with jax.set_mesh(mesh):
         out = evaluate_model(model, make_eval_iterator(cfg, mesh=mesh), args.batches or cfg.training.eval_batches,
                              token_byte_lengths(load_tokenizer(cfg.data.tokenizer)))

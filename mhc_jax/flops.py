@@ -26,41 +26,21 @@ V = padded vocabulary, T = sequence length, n = residual streams:
 
 from __future__ import annotations
 
-import math
-
 from mhc_jax.config import Config
+from mhc_jax.residual import learned_collapse, residual_kind
+from mhc_jax.residual.collapse import collapse_flops
+from mhc_jax.sinkhorn import sinkhorn_flops  # noqa: F401 (re-exported)
 
 BACKWARD_FACTOR = 3.0  # forward + backward (2x forward): Kaplan et al. 2020, "C = 6N"
 
 
-def _mixing(n: int, C: int) -> float:
-    """H_pre x (n C MACs), H_res x (n^2 C), H_post^T y (n C) for one sublayer and token."""
-    return 2.0 * n * C + 2.0 * n * n * C + 2.0 * n * C
-
-
-def sinkhorn_flops(n: int, iters: int) -> float:
-    """exp of the n x n logits, then per iteration a column and a row normalisation (n^2 sums + n^2
-    divisions each): mHC paper Eq. 9."""
-    return n * n + 4.0 * n * n * iters
-
-
 def residual_flops_per_token(cfg: Config) -> float:
-    """Forward FLOPs of all residual connections (2 per block) and the collapse head, per token."""
-    r, n, C = cfg.residual, cfg.n_streams, cfg.model.d_model
-    subs = 2 * cfg.model.n_layers
-    if r.kind == "plain":
-        per = 0.0
-    elif r.kind == "mhc":
-        per = 2.0 * n * C * (n * n + 2 * n) + sinkhorn_flops(n, r.sinkhorn_iters) + _mixing(n, C)
-    elif r.kind == "hc":
-        per = (2.0 * n * C * (n + 1) + 2.0 * n * C if r.hc_dynamic else 0.0) + _mixing(n, C)
-    elif r.kind == "mhc_lite":
-        perms = math.factorial(n)
-        per = 2.0 * n * C * (perms + 2 * n) + 2.0 * perms * n * n + _mixing(n, C)
-    else:
-        raise ValueError(f"residual.kind={r.kind!r} is not allowed: must be one of plain, hc, mhc, mhc_lite")
-    head = 2.0 * n * C * n + 2.0 * n * C if (r.collapse == "learned" and n > 1) else 0.0
-    return subs * per + head
+    """Forward FLOPs of all residual connections (2 per block) and the collapse head, per token; each
+    kind's formula sits next to its class (mhc_jax.residual.RESIDUAL_KINDS)."""
+    r, C = cfg.residual, cfg.model.d_model
+    per = residual_kind(r.kind).flops(r, C)
+    head = collapse_flops(r, C) if learned_collapse(cfg) else 0.0
+    return 2 * cfg.model.n_layers * per + head
 
 
 def engram_flops_per_token(cfg: Config) -> float:
@@ -81,11 +61,21 @@ def dense_flops_per_token(cfg: Config) -> float:
 
 
 def attention_flops_per_token(cfg: Config, seq_len: int | None = None, causal: bool = True) -> float:
-    """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer."""
+    """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer. In a block with a
+    sliding window W (model.attention_window) token t attends to min(t + 1, W) keys."""
+    from mhc_jax.model.masks import layer_windows
+
     m = cfg.model
     T = seq_len or cfg.data.seq_len
-    ctx = (T + 1) / 2.0 if causal else float(T)
-    return m.n_layers * 4.0 * m.n_heads * m.resolved_head_dim * ctx
+    keys = 0.0
+    for W in layer_windows(m.n_layers, m.attention_window, m.global_every):
+        if not causal:
+            keys += float(T)
+        elif W and W < T:
+            keys += (W * (W + 1) / 2.0 + (T - W) * W) / T
+        else:
+            keys += (T + 1) / 2.0
+    return 4.0 * m.n_heads * m.resolved_head_dim * keys
 
 
 def forward_flops_breakdown(cfg: Config, seq_len: int | None = None, causal: bool = True) -> dict[str, float]:

@@ -5,7 +5,8 @@ C model width, A integration nodes (alphas).
 
 * `attention_maps(model, tokens_BT)` -> (L, B, H, T, S) float32: softmax(q k^T / sqrt(D)) of every block's
   attention on a real forward pass (causal and same-document masked, RoPE applied, each query head with
-  its grouped KV head), recomputed from the attention input and weights the block uses.
+  its grouped KV head, sliding window and ALiBi as configured), recomputed from the attention input and
+  weights the block uses.
 * `integrated_gradients(model, tokens_1T, target, baseline)`: Sundararajan et al. 2017, Eq. 1, over the
   input embeddings e of the prompt for F(e) = the logit of token `target` at the last position:
       attr_t = sum_c (e - e')_tc * integral_0^1 dF(e' + a (e - e'))/de_tc da
@@ -36,7 +37,9 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.layers import apply_rope
+from mhc_jax.model.alibi import alibi_bias
 from mhc_jax.model.attention import Attention
+from mhc_jax.model.masks import visible_BTS
 
 
 def attention_probs(attn: Attention, x_BTC: jax.Array, positions_BT: jax.Array,
@@ -44,16 +47,19 @@ def attention_probs(attn: Attention, x_BTC: jax.Array, positions_BT: jax.Array,
     """(B, H, T, S) float32 attention weights of `attn` on input `x_BTC` (no cache: a full sequence)."""
     dt = attn.dtype
     x = x_BTC.astype(dt)
-    q_BTHD = apply_rope(jnp.einsum("btc,chd->bthd", x, attn.wq_CHD[...].astype(dt)), positions_BT, attn.rope_theta)
-    k_BSKD = apply_rope(jnp.einsum("btc,ckd->btkd", x, attn.wk_CKD[...].astype(dt)), positions_BT, attn.rope_theta)
+    q_BTHD = jnp.einsum("btc,chd->bthd", x, attn.wq_CHD[...].astype(dt))
+    k_BSKD = jnp.einsum("btc,ckd->btkd", x, attn.wk_CKD[...].astype(dt))
+    if attn.position == "rope":
+        q_BTHD = apply_rope(q_BTHD, positions_BT, attn.rope_theta)
+        k_BSKD = apply_rope(k_BSKD, positions_BT, attn.rope_theta)
     H, K = q_BTHD.shape[2], k_BSKD.shape[2]
     k_BSHD = jnp.repeat(k_BSKD, H // K, axis=2)  # query head h reads KV head h // (H / K)
     scores_BHTS = jnp.einsum("bthd,bshd->bhts", q_BTHD.astype(jnp.float32), k_BSHD.astype(jnp.float32))
     scores_BHTS = scores_BHTS / jnp.sqrt(jnp.float32(q_BTHD.shape[-1]))
-    T = x_BTC.shape[1]
-    causal_TS = jnp.tril(jnp.ones((T, T), bool))
-    visible_BTS = causal_TS[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    scores_BHTS = jnp.where(visible_BTS[:, None], scores_BHTS, -jnp.inf)
+    if attn.slopes is not None:  # ALiBi
+        scores_BHTS = scores_BHTS + alibi_bias(jnp.asarray(attn.slopes), positions_BT, positions_BT)
+    # The model's own mask: causal, same document, within the block's sliding window if any.
+    scores_BHTS = jnp.where(visible_BTS(segment_ids_BT, attn.window)[:, None], scores_BHTS, -jnp.inf)
     return jax.nn.softmax(scores_BHTS, axis=-1)
 
 
@@ -77,7 +83,7 @@ def _capture_maps(model: nnx.Module, tokens_BT: jax.Array, model_kwargs: dict[st
 
 def attention_maps(model: nnx.Module, tokens_BT: Any, **model_kwargs: Any) -> np.ndarray:
     """(L, B, H, T, T) float32 attention weights of every block and head for `tokens_BT` (model kwargs such
-    as `engram_ids_BTLk` or `segment_ids_BT` pass through). Rows sum to 1; entries above the diagonal are 0."""
+    as `engram_ids_BTEG` or `segment_ids_BT` pass through). Rows sum to 1; entries above the diagonal are 0."""
     originals = [block.attn for block in model.blocks]
     remat = model.remat
     try:
@@ -143,7 +149,7 @@ def _integrate(model, tokens_1T, embeds_TC, baseline_TC, target, model_kwargs, s
 
 
 def integrated_gradients(model: nnx.Module, tokens_1T: Any, target: int, baseline: int | Any, *, steps: int = 128,
-                         engram_ids_1TLk: Any | None = None) -> IGResult:
+                         engram_ids_1TEG: Any | None = None) -> IGResult:
     """Integrated-gradients attributions of each prompt token to the logit of `target` as the next token
     (after the last prompt position). `baseline`: a token id (its embedding at every position, e.g. the
     tokenizer's pad id) or (T, C) baseline embeddings."""
@@ -165,7 +171,7 @@ def integrated_gradients(model: nnx.Module, tokens_1T: Any, target: int, baselin
         baseline_TC = jnp.asarray(baseline, jnp.float32)
         if baseline_TC.shape != embeds_TC.shape:
             raise ValueError(f"baseline embeddings must have shape {embeds_TC.shape} (T, C), got {baseline_TC.shape}")
-    kwargs = {} if engram_ids_1TLk is None else {"engram_ids_BTLk": jnp.asarray(engram_ids_1TLk)}
+    kwargs = {} if engram_ids_1TEG is None else {"engram_ids_BTEG": jnp.asarray(engram_ids_1TEG)}
     attr, logit, base = _integrate(model, tokens_1T, embeds_TC, baseline_TC, int(target), kwargs, steps=steps)
     return IGResult(tokens=np.asarray(tokens_1T[0]), target=int(target),
                     attributions=np.asarray(attr, np.float64), logit=float(logit), baseline_logit=float(base))

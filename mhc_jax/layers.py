@@ -49,9 +49,9 @@ class RMSNorm(nnx.Module):
 def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
     """Rotates pairs (x[..., i], x[..., i + D/2]) by positions * theta^(-2i/D)."""
     d = x_BTHD.shape[-1]
-    inv_freq_F = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
-    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
-    cos_BT1F, sin_BT1F = jnp.cos(angles_BTF)[:, :, None, :], jnp.sin(angles_BTF)[:, :, None, :]
+    inv_freq_J = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    angles_BTJ = positions_BT.astype(jnp.float32)[..., None] * inv_freq_J
+    cos_BT1J, sin_BT1J = jnp.cos(angles_BTJ)[:, :, None, :], jnp.sin(angles_BTJ)[:, :, None, :]
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1J - x2 * sin_BT1J, x2 * cos_BT1J + x1 * sin_BT1J], axis=-1)
     return out.astype(x_BTHD.dtype)

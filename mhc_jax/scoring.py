@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 @nnx.jit
 def _token_logprobs(model, tokens_BT, targets_BT, segment_ids_BT, engram_ids):
     """(log p(target_t | tokens_<=t), target_t == argmax) for every position: (B, T) float32, (B, T) bool."""
-    logits_BTV = model(tokens_BT, segment_ids_BT=segment_ids_BT, engram_ids_BTLk=engram_ids)
+    logits_BTV = model(tokens_BT, segment_ids_BT=segment_ids_BT, engram_ids_BTEG=engram_ids)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return picked_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
@@ -113,7 +113,7 @@ class Scorer:
     def generate_until(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         """Greedy (or sampled, with `temperature` > 0 and `do_sample`) continuations of each context, cut
         at the first of `until` (a string or list) and at most `max_gen_toks` tokens (default 64)."""
-        from mhc_jax.generate import generate
+        from mhc_jax.sampling import generate
 
         outs = []
         for context, kwargs in requests:

@@ -1,8 +1,10 @@
 """Mesh construction and the single table that maps logical axis names to mesh axes.
 
 The model tags every parameter with logical axis names (`nnx.Param(..., axes=("embed", "mlp"))`) and
-activations with `constrain(x, ("batch", "length", "embed"))`. Only this file knows which mesh axis a
-logical name lands on, so changing the parallelism is a config change, never a model change.
+activations with their own names (`constrain(x, ("activation_batch", "activation_length", "activation_embed"))`).
+Only this file knows which mesh axis a logical name lands on, so changing the parallelism is a config
+change, never a model change. A parameter dimension that its mesh axis does not divide stays replicated
+over that axis; `undivided_params` names each one and the train state logs them at start-up.
 """
 
 from __future__ import annotations
@@ -20,17 +22,25 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from mhc_jax.config import Config, ConfigError, MeshConfig
+from mhc_jax.config import MESH_AXES, Config, ConfigError, MeshConfig
+from mhc_jax.engram.layer import table_shardings
 
 log = logging.getLogger(__name__)
-
-MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor")
 
 # Logical name -> mesh axis (or axes, or None for replicated). FSDP shards the "embed" dimension of
 # every weight (ZeRO-3); tensor parallelism splits heads, MLP width and the vocabulary.
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("dcn_data", "data", "fsdp"),
-    "length": None,
+    # Activations and batch arrays (every `constrain` call), named apart from the parameters' axes so that
+    # what an activation is split over is decided here, not by reusing a parameter's name.
+    "activation_batch": ("dcn_data", "data", "fsdp"),
+    "activation_length": None,
+    "activation_embed": None,  # fsdp splits the batch of activations (it splits weights' embed dimension)
+    "activation_streams": None,
+    "activation_heads": "tensor",
+    "activation_head_dim": None,
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
+    # Parameters (`param(..., axes=...)`).
     "embed": "fsdp",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -50,16 +60,14 @@ def rules_for(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | No
     """The rule table with the config's choices applied (where Engram rows go)."""
     rules = dict(LOGICAL_AXIS_RULES)
     if cfg is not None:
-        axis = cfg.engram.shard_axis
-        if axis not in MESH_AXES:
-            raise ConfigError(f"engram.shard_axis={axis!r} is not allowed: must be one of {MESH_AXES}")
-        rules["engram_rows"] = axis
+        rules["engram_rows"] = cfg.engram.shard_axis  # one of MESH_AXES (checked by config.validate)
     return rules
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: dict | None = None,
                     mesh: Mesh | None = None) -> PartitionSpec:
-    """("batch", "length", "embed") -> PartitionSpec(("dcn_data", "data", "fsdp"), None, "fsdp")...
+    """("activation_batch", "activation_length", "vocab") -> PartitionSpec(("dcn_data", "data", "fsdp"), None,
+    "tensor")...
     A mesh axis is used at most once per array; mesh axes of size 1 are dropped (cleaner specs)."""
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     used: set[str] = set()
@@ -176,7 +184,8 @@ def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
 
 def param_rules(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | None]:
     """Rules for the parameters: `rules_for(cfg)`, except that with mesh.zero1 no parameter is split over
-    `fsdp` (ZeRO-1: parameters replicated over fsdp, only the optimiser state is sharded)."""
+    `fsdp` (ZeRO-1: parameters replicated over fsdp, only the optimiser state is sharded; activations keep
+    their rules)."""
     rules = rules_for(cfg)
     if cfg is None or not cfg.mesh.zero1:
         return rules
@@ -185,7 +194,7 @@ def param_rules(cfg: Config | None = None) -> dict[str, str | tuple[str, ...] | 
         targets = tuple(t for t in ((target,) if isinstance(target, str) else tuple(target or ())) if t != "fsdp")
         return None if not targets else targets[0] if len(targets) == 1 else targets
 
-    return {name: (target if name == "batch" else drop(target)) for name, target in rules.items()}
+    return {name: (target if name.startswith("activation_") else drop(target)) for name, target in rules.items()}
 
 
 def train_state_shardings_of(state: Any, mesh: Mesh, cfg: Config | None = None) -> Any:
@@ -206,7 +215,6 @@ def train_state_shardings_of(state: Any, mesh: Mesh, cfg: Config | None = None) 
 
     shardings = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "host":
-        from mhc_jax.engram.layer import table_shardings
         shardings = table_shardings(state, shardings, cfg)
     return shardings
 
@@ -217,8 +225,9 @@ def train_state_shardings(model: nnx.Module, optimizer: nnx.Optimizer, mesh: Mes
 
 
 def undivided_params(state: Any, mesh: Mesh, cfg: Config | None = None) -> list[str]:
-    """Variables whose logical sharding was dropped because a mesh axis does not divide the dimension
-    (they end up replicated: harmless for test shapes, a memory problem for a large model)."""
+    """One line per variable dimension whose logical sharding was dropped because its mesh axis does not
+    divide it, naming the variable, the dimension and the mesh axis (the dimension ends up replicated over
+    that axis: harmless for test shapes, a memory problem for a large model)."""
     p_rules, o_rules = param_rules(cfg), rules_for(cfg)
     out = []
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -227,18 +236,24 @@ def undivided_params(state: Any, mesh: Mesh, cfg: Config | None = None) -> list[
             continue
         spec = logical_to_spec(param_axes(v), o_rules if isinstance(v, nnx.training.optimizer.OptState)
                                else p_rules, mesh)
-        if _divisible_spec(spec, _shape(v.get_value()), mesh) != spec:
-            out.append(f"{jax.tree_util.keystr(path)} {_shape(v.get_value())} wants {spec}")
+        shape = _shape(v.get_value())
+        kept = _divisible_spec(spec, shape, mesh)
+        for i, (wanted, got) in enumerate(zip(spec, kept)):
+            if wanted != got:
+                names = (wanted,) if isinstance(wanted, str) else tuple(wanted)
+                size = int(np.prod([mesh.shape[n] for n in names]))
+                out.append(f"{jax.tree_util.keystr(path)} {shape}: dimension {i} ({shape[i]}) is not divisible by "
+                           f"mesh axis {'x'.join(names)} ({size}), so it is replicated over it")
     return out
 
 
 def batch_spec(ndim: int, mesh: Mesh | None = None) -> PartitionSpec:
     """(batch, length, rest replicated): every batch array is (B, T, ...) and split over the batch axes."""
-    return logical_to_spec(("batch", "length", *([None] * (ndim - 2)))[:ndim], None, mesh)
+    return logical_to_spec(("activation_batch", "activation_length", *([None] * (ndim - 2)))[:ndim], None, mesh)
 
 
 def batch_ways(mesh: Mesh) -> int:
-    """How many ways the batch dimension is split: the product of the mesh axes "batch" maps to."""
+    """How many ways the batch dimension is split: the product of the mesh axes "activation_batch" maps to."""
     spec = batch_spec(2, mesh)
     names = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0] or ())
     return int(np.prod([mesh.shape[n] for n in names])) if names else 1
@@ -248,7 +263,7 @@ def check_global_batch(rows: int, mesh: Mesh, grad_accum: int = 1) -> None:
     """Raises a clear error unless every micro-batch of the global batch splits evenly over the batch axes."""
     ways = batch_ways(mesh)
     if rows % grad_accum or (rows // grad_accum) % ways:
-        raise ValueError(f"data.batch_size={rows} with training.grad_accum={grad_accum} gives micro-batches of "
+        raise ConfigError(f"data.batch_size={rows} with training.grad_accum={grad_accum} gives micro-batches of "
                          f"{rows / grad_accum:g} rows, which do not split over the {ways} ways of the batch mesh "
                          f"axes {batch_spec(2, mesh)[0]}; make data.batch_size a multiple of {ways * grad_accum}")
 

@@ -143,3 +143,9 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
     if recompute_backward:
         return _sinkhorn_recompute(x, *args)
     return _sinkhorn_forward(x, *args)
+
+
+def sinkhorn_flops(n: int, iters: int) -> float:
+    """exp of the n x n logits, then per iteration a column and a row normalisation (n^2 sums + n^2
+    divisions each): mHC paper Eq. 9."""
+    return n * n + 4.0 * n * n * iters

@@ -164,7 +164,7 @@ layer = cfg_e.engram.layers[0]
 
 
 @nnx.jit
-def gate_at_layer(model, tokens_BT, ids_BTk):
+def gate_at_layer(model, tokens_BT, ids_BTG):
     """The gate of the Engram module in block `layer`, on the streams that enter that block."""
     B, T = tokens_BT.shape
     positions, segments = jnp.broadcast_to(jnp.arange(T), (B, T)), jnp.ones((B, T), jnp.int32)
@@ -172,7 +172,7 @@ def gate_at_layer(model, tokens_BT, ids_BTk):
     for block in list(model.blocks)[:layer]:
         x, _ = block(x, positions, segments, None, None)
     engram = model.blocks[layer].engram
-    return engram.gate(x, engram.lookup(ids_BTk).astype(x.dtype))
+    return engram.gate(x, engram.lookup(ids_BTG).astype(x.dtype))
 
 
 gate = np.asarray(gate_at_layer(model_e, jnp.asarray(ids_T[None]), jnp.asarray(engram_ids[:, :, 0])))
@@ -194,7 +194,7 @@ assert gate.shape == (1, len(ids_T), cfg_e.n_streams) and np.all((gate > 0) & (g
 # the accelerator. Loading the same checkpoint both ways gives the same logits.
 
 # %%
-forward = nnx.jit(lambda model, t, i: model(t, engram_ids_BTLk=i))
+forward = nnx.jit(lambda model, t, i: model(t, engram_ids_BTEG=i))
 _, model_dev, _ = load_model_from_workdir(workdirs["engram"])
 _, model_host, _ = load_model_from_workdir(workdirs["engram"], ["engram.placement=host"])
 table = model_host.blocks[layer].engram.table[...]

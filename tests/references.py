@@ -35,3 +35,9 @@ def randomize(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> nnx.Modu
         if isinstance(var, nnx.Param):
             var[...] = jnp.asarray(scale * rng.standard_normal(np.shape(var[...])), var[...].dtype)
     return module
+
+
+def build(cls: type, cfg, *sublayer_index: int) -> nnx.Module:
+    """A residual connection (or the learned collapse head, which takes no sublayer index) built from the
+    config sections it takes: the residual section, d_model and the norm epsilon."""
+    return cls(cfg.residual, cfg.model.d_model, *sublayer_index, norm_eps=cfg.model.norm_eps, rngs=nnx.Rngs(0))

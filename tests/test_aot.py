@@ -91,3 +91,20 @@ def test_hbm_table_covers_every_generation_libtpu_describes(libtpu):
         generation, hbm = aot.chip_info(kind)
         assert generation == name.split(":")[0] and hbm in (16.0, 32.0, 95.0)
     assert jax.devices()[0].platform == "cpu"  # the report never needs a TPU
+
+
+def test_splash_attention_compiles_for_tpu_v4_megacore_with_windows_and_segments(libtpu):
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc("v4:2x2x1", "tpu", chip_config_name="megacore").devices
+    assert len(devices) == 4  # megacore: one device per v4 chip
+    # attention_impl=auto: traced on this CPU host, it must still pick splash for the TPU mesh's devices.
+    cfg = aot.for_tpu(load_config("configs/tiny.yaml", [
+        "model.attention_impl=auto", "model.attention_window=128", "model.global_every=2", "model.d_model=256",
+        "data.seq_len=256", "model.max_seq_len=256", "data.batch_size=8", "mesh.tensor=2"]))
+    compiled, mesh, _ = aot.compile_train_step(cfg, devices)
+    assert dict(mesh.shape) == {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 2}
+    # Each block runs the Pallas kernel three times: forward, dq and dkv (a windowed and a global block here).
+    calls = [line for line in compiled.as_text().splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    assert len(calls) == 3 * cfg.model.n_layers, len(calls)
+    assert compiled.memory_analysis().temp_size_in_bytes > 0

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mhc_jax.config import Config, ConfigError, MeshConfig, load_config
+from mhc_jax.data.layout import batch_spec, synthetic_batch
 from mhc_jax.data.packing import PackDocuments
 from mhc_jax.data.pipeline import (load_tokenizer, make_eval_iterator, make_train_iterator, open_split,
                                    restore_args, save_args)
@@ -208,6 +209,44 @@ def test_engram_ids_never_mix_documents(corpus: Path, tmp_path: Path) -> None:
             cols = batch["segment_ids"][r] == s
             alone = hasher(batch["inputs"][r:r + 1, cols])
             np.testing.assert_array_equal(batch["engram_ids"][r, cols], alone[0])
+
+
+def assert_matches_spec(batch: dict, spec: dict) -> None:
+    assert set(batch) == set(spec)
+    for key, s in spec.items():
+        assert (np.shape(batch[key]), np.asarray(batch[key]).dtype) == (s.shape, s.dtype), key
+
+
+@pytest.mark.parametrize("engram", [False, True])
+def test_pipeline_and_synthetic_batches_have_the_one_batch_layout(corpus: Path, tmp_path: Path, engram: bool) -> None:
+    cfg = make_cfg(corpus, tmp_path, f"engram.enabled={str(engram).lower()}", "engram.layers=[0, 1]")
+    spec = batch_spec(cfg)
+    assert_matches_spec(take(make_train_iterator(cfg), 1)[0], spec)
+    assert_matches_spec(synthetic_batch(cfg), spec)
+    if engram:  # (B, T, Engram layers, (max_ngram - 1) * heads_per_ngram)
+        assert spec["engram_ids"].shape == (B, T, 2, (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_ngram)
+
+
+def test_synthetic_batch_packs_documents_like_the_pipeline_and_takes_real_engram_ids(corpus: Path,
+                                                                                   tmp_path: Path) -> None:
+    from mhc_jax.engram.ids import EngramIds
+
+    cfg = make_cfg(corpus, tmp_path, "engram.enabled=true", "engram.layers=[1]")
+    tokens = np.asarray(load_tokenizer("byte").encode(corpus.read_text()), np.int32)
+    hasher = EngramIds(cfg, load_tokenizer("byte"))
+    batch = synthetic_batch(cfg, tokens=tokens, documents=3, masked=0.25, engram_ids=hasher)
+    np.testing.assert_array_equal(batch["inputs"][0], tokens[:T])
+    np.testing.assert_array_equal(batch["targets"][0], tokens[1:T + 1])
+    seg_T, pos_T = batch["segment_ids"][0], batch["positions"][0]
+    starts = np.flatnonzero(np.diff(seg_T, prepend=0))  # documents numbered 1.., positions restart at 0
+    assert list(seg_T[starts]) == [1, 2, 3] and (pos_T[starts] == 0).all()
+    np.testing.assert_array_equal(np.diff(pos_T)[np.diff(seg_T) == 0], 1)
+    assert 0.05 < 1 - batch["loss_mask"].mean() < 0.5
+    np.testing.assert_array_equal(batch["engram_ids"], hasher(batch["inputs"], batch["segment_ids"]))
+    random_ids = synthetic_batch(cfg)["engram_ids"]
+    assert (random_ids >= 0).all() and (random_ids < 2**31 - 1).all() and len(np.unique(random_ids)) > 100
+    with pytest.raises(ValueError, match="at least"):
+        synthetic_batch(cfg, tokens=tokens[:10])
 
 
 def test_eval_data_restarts_from_its_first_batch_and_masks_the_padded_tail(corpus: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from mhc_jax.residual import expand
 from mhc_jax.residual.hc import HyperConnection
 from mhc_jax.residual.mhc import ManifoldHyperConnection
 
-from references import randomize
+from references import build, randomize
 
 
 def make_cfg(kind: str, n: int = 4, **residual) -> Config:
@@ -109,9 +109,16 @@ def test_collect_h_res_orders_sublayers_attention_then_mlp():
         np.testing.assert_allclose(h[k], np.broadcast_to((1.0 + k) * np.eye(4), h[k].shape), atol=0)
 
 
+def test_capture_through_rematerialised_blocks_equals_capture_without_remat():
+    plain_model = Transformer(make_cfg("mhc"), rngs=nnx.Rngs(0))
+    remat_model = Transformer(make_cfg("mhc").replace(training={"remat": "full"}), rngs=nnx.Rngs(0))
+    chex.assert_trees_all_close(collect_h_res(remat_model, TOKENS), collect_h_res(plain_model, TOKENS), atol=1e-6)
+    assert remat_model.remat == "full"
+
+
 def test_mhc_composite_forward_gain_stays_at_most_one_at_any_depth():
     # 96 sublayers of real, strongly non-uniform mHC matrices (large random params and inputs).
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)), scale=1.0)
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0), scale=1.0)
     x = np.random.default_rng(3).standard_normal((96, 2, 8, 4, 16)).astype(np.float32)
     _, _, h = conn.mappings(jnp.asarray(x))
     g = amax_gains(h)
@@ -123,7 +130,7 @@ def test_mhc_composite_forward_gain_stays_at_most_one_at_any_depth():
 
 def test_unconstrained_hc_composite_gain_compounds_over_depth():
     # Unconstrained H_res a little above identity (rows summing to ~1.4), as HC drifts in training.
-    conn = randomize(HyperConnection(make_cfg("hc"), 0, rngs=nnx.Rngs(0)), scale=0.1)
+    conn = randomize(build(HyperConnection, make_cfg("hc"), 0), scale=0.1)
     conn.static_alpha[...] = conn.static_alpha[...].at[:, 1:].set(jnp.eye(4) + 0.1)
     x = np.random.default_rng(3).standard_normal((32, 1, 8, 4, 16)).astype(np.float32)
     _, _, h = conn.mappings(jnp.asarray(x))

@@ -45,7 +45,7 @@ def randomise_conv(engram: Engram, seed: int = 1) -> None:
     engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(seed), engram.conv[...].shape)
 
 
-def numpy_engram(engram: Engram, x_BTnC: np.ndarray, ids_BTk: np.ndarray, seg_BT: np.ndarray | None) -> np.ndarray:
+def numpy_engram(engram: Engram, x_BTnC: np.ndarray, ids_BTG: np.ndarray, seg_BT: np.ndarray | None) -> np.ndarray:
     """float64 reference written from engram.md (lookup, gate, conv with dilation, residual)."""
     p = {k: np.asarray(v, np.float64) for k, v in [
         ("table", engram.table[...]), ("wv", engram.value_proj[...]), ("conv", engram.conv[...])]}
@@ -54,7 +54,7 @@ def numpy_engram(engram: Engram, x_BTnC: np.ndarray, ids_BTk: np.ndarray, seg_BT
     eps = engram.eps
     rms = lambda a: a / np.sqrt(np.mean(a * a, axis=-1, keepdims=True) + eps)
     Bx, Tx, n, Cx = x_BTnC.shape
-    rows = ids_BTk + head_offsets_of(engram)
+    rows = ids_BTG + head_offsets_of(engram)
     e = p["table"][rows].reshape(Bx, Tx, -1)
     v = e @ p["wv"]
     k = np.einsum("btm,nmc->btnc", e, wk)
@@ -254,15 +254,15 @@ def test_transformer_with_engram_builds_runs_and_counts_params(kind: str):
     assert count_params(model) == expected_param_count(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T)))
     ids = jnp.asarray(np.stack([random_ids(cfg, layer, (B, T), seed=layer) for layer in (0, 1)], axis=2))
-    logits = model(tokens, engram_ids_BTLk=ids)
+    logits = model(tokens, engram_ids_BTEG=ids)
     chex.assert_shape(logits, (B, T, cfg.model.padded_vocab_size))
     assert bool(jnp.all(jnp.isfinite(logits)))
     # Engram changes the output once its conv is non-zero (the memory path is live).
     for block in model.blocks:
         randomise_conv(block.engram)
     other_ids = jnp.asarray(np.stack([random_ids(cfg, layer, (B, T), seed=9 + layer) for layer in (0, 1)], 2))
-    assert not np.allclose(np.asarray(model(tokens, engram_ids_BTLk=ids)),
-                           np.asarray(model(tokens, engram_ids_BTLk=other_ids)))
+    assert not np.allclose(np.asarray(model(tokens, engram_ids_BTEG=ids)),
+                           np.asarray(model(tokens, engram_ids_BTEG=other_ids)))
 
 
 def test_transformer_decode_with_engram_equals_full_forward():
@@ -271,11 +271,11 @@ def test_transformer_decode_with_engram_equals_full_forward():
     randomise_conv(model.blocks[1].engram)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (B, T)))
     ids = jnp.asarray(random_ids(cfg, 1, (B, T)))[:, :, None]
-    full = model(tokens, engram_ids_BTLk=ids)
+    full = model(tokens, engram_ids_BTEG=ids)
     cache = model.init_cache(B, cfg.model.max_seq_len)
     outs = []
     for t in range(T):
         pos = jnp.full((B, 1), t, jnp.int32)
-        logits, cache = model.decode(tokens[:, t:t + 1], pos, cache, engram_ids_BTLk=ids[:, t:t + 1])
+        logits, cache = model.decode(tokens[:, t:t + 1], pos, cache, engram_ids_BTEG=ids[:, t:t + 1])
         outs.append(logits)
     chex.assert_trees_all_close(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-4)

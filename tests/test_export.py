@@ -35,7 +35,7 @@ def logits_of(model, tokenizer, text: str) -> np.ndarray:
     engram = None
     if model.cfg.engram.enabled:
         engram = jnp.asarray(EngramIds(model.cfg, tokenizer)(ids))
-    return np.asarray(nnx.jit(lambda m, t, e: m(t, engram_ids_BTLk=e))(model, jnp.asarray(ids), engram))
+    return np.asarray(nnx.jit(lambda m, t, e: m(t, engram_ids_BTEG=e))(model, jnp.asarray(ids), engram))
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ train step."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import pytest
 from flax import nnx
 
 from mhc_jax.config import Config, MeshConfig, load_config
+from mhc_jax.data import synthetic_batch
 from mhc_jax.flops import forward_flops_breakdown, model_flops_per_token
 from mhc_jax.model.transformer import Transformer
 from mhc_jax.sharding import batch_shardings, make_mesh, train_state_shardings
@@ -59,8 +59,7 @@ def test_model_flops_agree_with_compiled_cost_analysis(kind: str):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     graphdef, state = nnx.split((model, optimizer))
     B, T = cfg.data.batch_size, cfg.data.seq_len
-    batch = {k: np.zeros((B, T), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
-    batch["loss_mask"] = np.ones((B, T), np.float32)
+    batch = synthetic_batch(cfg)
     step = make_sharded_step(graphdef, train_state_shardings(model, optimizer, mesh, cfg), batch_shardings(batch, mesh))
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()

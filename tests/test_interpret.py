@@ -37,7 +37,7 @@ def setup():
 
 def test_maps_have_every_layer_and_head_and_are_causal_distributions(setup):
     cfg, mesh, model, _, tokens, engram = setup
-    maps = attention_maps(model, tokens, engram_ids_BTLk=jnp.asarray(engram))
+    maps = attention_maps(model, tokens, engram_ids_BTEG=jnp.asarray(engram))
     T = tokens.shape[1]
     chex.assert_shape(maps, (cfg.model.n_layers, 1, cfg.model.n_heads, T, T))
     np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_integrated_gradients_are_complete_within_one_percent(setup, mhc_model, 
     model, engram = mhc_model, None
     target = tok.encode(target_char)[0]
     # Outside the mesh context: a single row does not split over the 8-device batch axis.
-    res = integrated_gradients(model, tokens, target, tok.pad_id, steps=64, engram_ids_1TLk=engram)
+    res = integrated_gradients(model, tokens, target, tok.pad_id, steps=64, engram_ids_1TEG=engram)
     logits = model(jnp.asarray(tokens))
     pad_row = model.embed_VC[...][tok.pad_id]
     base = model(jnp.asarray(tokens), embeds_BTC=jnp.broadcast_to(pad_row, (1, tokens.shape[1], pad_row.shape[0])))
@@ -105,7 +105,7 @@ def test_a_token_equal_to_its_baseline_gets_zero_attribution(setup):
     embeds = np.asarray(jnp.take(model.embed_VC[...], jnp.asarray(tokens[0]), axis=0))
     baseline = np.repeat(embeds[:1] * 0 + np.asarray(model.embed_VC[...][tok.pad_id]), len(embeds), axis=0)
     baseline[2] = embeds[2]
-    res = integrated_gradients(model, tokens, tok.encode("x")[0], baseline, steps=16, engram_ids_1TLk=engram)
+    res = integrated_gradients(model, tokens, tok.encode("x")[0], baseline, steps=16, engram_ids_1TEG=engram)
     assert res.attributions[2] == 0.0 and np.abs(res.attributions).max() > 0
 
 
@@ -125,8 +125,8 @@ def test_pictures_are_written(setup, tmp_path):
     _, mesh, model, tok, tokens, engram = setup
     labels = token_labels(tok, tokens[0])
     assert labels[0] == "<bos>" and labels[1:4] == ["f", "o", "r"]
-    maps = attention_maps(model, tokens, engram_ids_BTLk=jnp.asarray(engram))
-    res = integrated_gradients(model, tokens, tok.encode("x")[0], tok.pad_id, steps=8, engram_ids_1TLk=engram)
+    maps = attention_maps(model, tokens, engram_ids_BTEG=jnp.asarray(engram))
+    res = integrated_gradients(model, tokens, tok.encode("x")[0], tok.pad_id, steps=8, engram_ids_1TEG=engram)
     for path in (plot_attention_maps(maps[:, 0], labels, str(tmp_path / "attn.png")),
                  plot_attributions(res, labels, "x", str(tmp_path / "ig.png"))):
         with open(path, "rb") as f:

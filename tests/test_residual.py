@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import typing
 
 import chex
 import jax
@@ -11,15 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax.config import Config, ResidualConfig
 from mhc_jax.model import Transformer, count_params, expected_param_count
-from mhc_jax.residual import make_residual
+from mhc_jax.residual import RESIDUAL_KINDS, make_residual
 from mhc_jax.residual.collapse import LearnedCollapse, collapse_param_count
 from mhc_jax.residual.hc import HyperConnection, hc_param_count
 from mhc_jax.residual.mhc import ManifoldHyperConnection, mhc_param_count
 from mhc_jax.residual.mhc_lite import MHCLite, mhc_lite_param_count
 
-from references import randomize, ref_sinkhorn, ref_v4_comb
+from references import build, randomize, ref_sinkhorn, ref_v4_comb
 
 C = 16
 NORM_EPS = 1e-6
@@ -92,7 +93,7 @@ def close(a, b, atol=1e-5):
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_mhc_mappings_match_float64_equations_7_to_9(n):
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc", n), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc", n), 0))
     x = streams(n)
     h_pre, h_post, h_res = conn.mappings(jnp.asarray(x))
     chex.assert_shape((h_pre, h_post, h_res), [(2, 3, n), (2, 3, n), (2, 3, n, n)])
@@ -102,7 +103,7 @@ def test_mhc_mappings_match_float64_equations_7_to_9(n):
 
 
 def test_mhc_output_applies_all_three_mappings_in_paper_orientation():
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)), scale=1.0)
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0), scale=1.0)
     x = streams()
     out = conn(jnp.asarray(x), branch_jax)
     close(out, ref_connection_output(x, *ref_mhc_mappings(conn, x)))
@@ -112,7 +113,7 @@ def test_mhc_output_applies_all_three_mappings_in_paper_orientation():
 
 
 def test_changing_h_res_changes_the_output():
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0))
     x = jnp.asarray(streams())
     before = conn(x, branch_jax)
     b = conn.bias[...]
@@ -122,7 +123,7 @@ def test_changing_h_res_changes_the_output():
 
 
 def test_h_post_carries_factor_two_and_h_pre_is_a_plain_sigmoid():
-    conn = ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0))
+    conn = build(ManifoldHyperConnection, make_cfg("mhc"), 0)
     conn.phi[...] = jnp.zeros_like(conn.phi[...])  # projection off: only the bias b = 0 remains
     h_pre, h_post, h_res = conn.mappings(jnp.asarray(streams()))
     close(h_pre, np.full((2, 3, 4), 0.5), atol=0)
@@ -132,7 +133,7 @@ def test_h_post_carries_factor_two_and_h_pre_is_a_plain_sigmoid():
 
 @pytest.mark.parametrize("slice_name,start,stop", [("pre", 0, 4), ("post", 4, 8), ("res", 8, 24)])
 def test_fused_projection_slices_are_pre_post_res_in_order(slice_name, start, stop):
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0))
     x = jnp.asarray(streams())
     before = conn.mappings(x)
     # Random, not a constant or a ramp: Sinkhorn is invariant to adding row and column offsets.
@@ -146,7 +147,7 @@ def test_fused_projection_slices_are_pre_post_res_in_order(slice_name, start, st
 @pytest.mark.parametrize("alpha_init", [0.01, 0.3])
 def test_mhc_init_is_what_the_config_says(alpha_init):
     n = 4
-    conn = ManifoldHyperConnection(make_cfg("mhc", n, alpha_init=alpha_init), 0, rngs=nnx.Rngs(0))
+    conn = build(ManifoldHyperConnection, make_cfg("mhc", n, alpha_init=alpha_init), 0)
     for a in (conn.alpha_pre, conn.alpha_post, conn.alpha_res):
         assert a[...] == np.float32(alpha_init)
     np.testing.assert_array_equal(P(conn.bias), 0.0)
@@ -156,7 +157,7 @@ def test_mhc_init_is_what_the_config_says(alpha_init):
 
 
 def test_mhc_coefficients_are_float32_for_bfloat16_streams():
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0))
     x = jnp.asarray(streams()).astype(jnp.bfloat16)
     h_pre, h_post, h_res = conn.mappings(x)
     assert {h.dtype for h in (h_pre, h_post, h_res)} == {jnp.dtype(jnp.float32)}
@@ -169,14 +170,14 @@ def test_mhc_coefficients_are_float32_for_bfloat16_streams():
 
 def test_log_domain_mhc_equals_standard():
     x = jnp.asarray(streams())
-    std = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)))
-    log = randomize(ManifoldHyperConnection(make_cfg("mhc", sinkhorn_log_domain=True), 0, rngs=nnx.Rngs(0)))
+    std = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0))
+    log = randomize(build(ManifoldHyperConnection, make_cfg("mhc", sinkhorn_log_domain=True), 0))
     for a, b in zip(std.mappings(x), log.mappings(x)):
         close(a, b, atol=2e-6)
 
 
 def test_deepseek_v4_variant_matches_its_numpy_reference():
-    conn = randomize(ManifoldHyperConnection(make_cfg("mhc", variant="deepseek_v4"), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(build(ManifoldHyperConnection, make_cfg("mhc", variant="deepseek_v4"), 0))
     x = streams()
     pre, post, res = ref_mhc_projections(conn, x)
     comb = ref_v4_comb(res.reshape(2, 3, 4, 4), 20, 1e-6)
@@ -209,8 +210,8 @@ def test_ablation_switches_give_one_over_n_ones_identity(kind):
 
 def test_single_ablation_switch_leaves_the_other_mappings_alone():
     x = jnp.asarray(streams())
-    full = randomize(ManifoldHyperConnection(make_cfg("mhc"), 0, rngs=nnx.Rngs(0)))
-    no_res = randomize(ManifoldHyperConnection(make_cfg("mhc", use_res=False), 0, rngs=nnx.Rngs(0)))
+    full = randomize(build(ManifoldHyperConnection, make_cfg("mhc"), 0))
+    no_res = randomize(build(ManifoldHyperConnection, make_cfg("mhc", use_res=False), 0))
     (a_pre, a_post, _), (b_pre, b_post, b_res) = full.mappings(x), no_res.mappings(x)
     close(a_pre, b_pre, atol=0)
     close(a_post, b_post, atol=0)
@@ -221,7 +222,7 @@ def test_single_ablation_switch_leaves_the_other_mappings_alone():
 
 
 def test_mhc_lite_is_exactly_doubly_stochastic_without_iteration():
-    conn = randomize(MHCLite(make_cfg("mhc_lite"), 0, rngs=nnx.Rngs(0)), scale=3.0)
+    conn = randomize(build(MHCLite, make_cfg("mhc_lite"), 0), scale=3.0)
     _, _, h_res = conn.mappings(jnp.asarray(streams(shape=(4, 8))))
     h = np.asarray(h_res, np.float64)
     np.testing.assert_allclose(h.sum(-1), 1.0, atol=1e-6)
@@ -231,7 +232,7 @@ def test_mhc_lite_is_exactly_doubly_stochastic_without_iteration():
 
 def test_mhc_lite_matches_permutation_mixture_reference():
     n = 3
-    conn = randomize(MHCLite(make_cfg("mhc_lite", n), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(build(MHCLite, make_cfg("mhc_lite", n), 0))
     x = streams(n)
     pre, post, res = ref_mhc_projections(conn, x)
     perms = np.stack([np.eye(n)[list(p)] for p in itertools.permutations(range(n))])  # 3! = 6
@@ -249,7 +250,7 @@ def test_mhc_lite_matches_permutation_mixture_reference():
 def test_hc_init_is_one_hot_pre_ones_post_identity_res():
     n = 4
     for k in range(6):
-        conn = HyperConnection(make_cfg("hc", n), k, rngs=nnx.Rngs(0))
+        conn = build(HyperConnection, make_cfg("hc", n), k)
         h_pre, h_post, h_res = conn.mappings(jnp.asarray(streams(n)))
         np.testing.assert_array_equal(np.asarray(h_pre), np.broadcast_to(np.eye(n)[k % n], (2, 3, n)))
         np.testing.assert_array_equal(np.asarray(h_post), 1.0)
@@ -259,7 +260,7 @@ def test_hc_init_is_one_hot_pre_ones_post_identity_res():
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_hc_output_matches_float64_reference(dynamic):
     n = 4
-    conn = randomize(HyperConnection(make_cfg("hc", n, hc_dynamic=dynamic), 2, rngs=nnx.Rngs(0)))
+    conn = randomize(build(HyperConnection, make_cfg("hc", n, hc_dynamic=dynamic), 2))
     x = streams(n).astype(np.float64)
     alpha = np.broadcast_to(P(conn.static_alpha), (2, 3, n, n + 1))
     beta = np.broadcast_to(P(conn.static_beta), (2, 3, n))
@@ -304,7 +305,7 @@ def test_hc_at_init_reproduces_the_pre_norm_residual_network():
 
 def test_learned_collapse_matches_reference():
     n = 4
-    head = randomize(LearnedCollapse(make_cfg("mhc", n, collapse="learned"), rngs=nnx.Rngs(0)))
+    head = randomize(build(LearnedCollapse, make_cfg("mhc", n, collapse="learned")))
     x = streams(n)
     v = x.astype(np.float64).reshape(2, 3, -1)
     v = v / np.sqrt(np.mean(v * v, -1, keepdims=True) + NORM_EPS)
@@ -333,11 +334,23 @@ def test_param_count_formulas_match_the_modules():
         return sum(int(np.size(v)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     for n in (1, 2, 4):
         cfg = make_cfg("mhc", n)
-        assert count(ManifoldHyperConnection(cfg, 0, rngs=nnx.Rngs(0))) == mhc_param_count(cfg) \
+        assert count(build(ManifoldHyperConnection, cfg, 0)) == mhc_param_count(cfg.residual, C) \
             == n * C * (n * n + 2 * n) + n * n + 2 * n + 3
-        assert count(MHCLite(cfg, 0, rngs=nnx.Rngs(0))) == mhc_lite_param_count(cfg)
-        assert count(HyperConnection(cfg, 0, rngs=nnx.Rngs(0))) == hc_param_count(cfg)
-        assert count(LearnedCollapse(cfg, rngs=nnx.Rngs(0))) == collapse_param_count(cfg)
+        assert count(build(MHCLite, cfg, 0)) == mhc_lite_param_count(cfg.residual, C)
+        assert count(build(HyperConnection, cfg, 0)) == hc_param_count(cfg.residual, C)
+        assert count(build(LearnedCollapse, cfg)) == collapse_param_count(cfg.residual, C)
+
+
+def test_registry_covers_every_configurable_kind_and_its_param_count_matches_the_module():
+    def count(m):
+        return sum(int(np.size(v)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert tuple(RESIDUAL_KINDS) == typing.get_args(typing.get_type_hints(ResidualConfig)["kind"])
+    for name, kind in RESIDUAL_KINDS.items():
+        cfg = make_cfg(name)
+        conn = make_residual(cfg, 0, rngs=nnx.Rngs(0))
+        assert type(conn) is kind.connection
+        assert count(conn) == kind.param_count(cfg.residual, C)
+        assert kind.flops(cfg.residual, C) >= 0.0
 
 
 def test_mhc_gradients_reach_every_parameter():

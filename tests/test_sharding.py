@@ -3,6 +3,8 @@ the single-device ones, cross-mesh checkpoint restore, and multi-process detecti
 
 from __future__ import annotations
 
+import ast
+import logging
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # conftest sets it in CI
@@ -18,10 +20,12 @@ from jax.sharding import PartitionSpec as P
 
 from mhc_jax import sharding
 from mhc_jax.config import Config, ConfigError, MeshConfig
+from mhc_jax.data import synthetic_batch
 from mhc_jax.model.transformer import Transformer
 from mhc_jax.sharding import (batch_shardings, check_global_batch, make_mesh, resolve_mesh_shape,
                               train_state_shardings)
 from mhc_jax.train.optimizer import make_optimizer
+from mhc_jax.train.state import abstract_train_state
 from mhc_jax.train.step import loss_and_grads, make_sharded_step, train_step
 
 B, T = 8, 16
@@ -42,20 +46,8 @@ def make_cfg(kind: str = "plain", engram: bool = False, **mesh) -> Config:
 
 
 def make_batch(cfg: Config, seed: int = 0) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.model.vocab_size, size=(B, T + 1))
-    segments = np.repeat(np.array([[1] * (T // 2) + [2] * (T - T // 2)]), B, axis=0)  # two packed documents
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments,
-             "positions": np.tile(np.arange(T), (B, 1)), "loss_mask": (rng.random((B, T)) > 0.1)}
-    batch = {k: jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32) for k, v in batch.items()}
-    if cfg.engram.enabled:
-        from mhc_jax.engram.layer import layer_primes
-
-        # Valid table ids: entry [..., l, j] below head j's prime of layer l (what the hasher produces).
-        primes_Lk = np.stack([layer_primes(cfg, layer).reshape(-1) for layer in cfg.engram.layers])
-        batch["engram_ids"] = jnp.asarray(rng.integers(0, np.broadcast_to(primes_Lk, (B, T, *primes_Lk.shape))),
-                                          jnp.int32)
-    return batch
+    """Two packed documents per row, 10% of the loss masked, valid Engram table ids."""
+    return jax.tree.map(jnp.asarray, synthetic_batch(cfg, seed, documents=2, masked=0.1))
 
 
 def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
@@ -130,6 +122,37 @@ def test_zero1_replicates_params_over_fsdp_but_shards_moments():
     assert _spec_of(_adam_mu(sh, "decay"), *wq) == P("fsdp", "tensor", None)
     assert _spec_of(sh[0], "embed_VC") == P("tensor", None)
     assert _spec_of(_adam_mu(sh, "decay"), "embed_VC") == P("tensor", "fsdp")
+
+
+def test_a_parameter_the_mesh_does_not_divide_is_named_with_its_axis_at_start_up(caplog):
+    cfg = make_cfg().replace(model={"vocab_pad_multiple": 1})  # 259 rows do not split over tensor=2
+    with caplog.at_level(logging.WARNING, logger="mhc_jax.train.state"):
+        abstract_train_state(cfg, mesh_of((4, 1, 2)))
+    lines = [r.getMessage() for r in caplog.records if "embed_VC" in r.getMessage()]
+    assert len(lines) == 1 and "dimension 0 (259) is not divisible by mesh axis tensor (2)" in lines[0], lines
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mhc_jax.train.state"):
+        abstract_train_state(make_cfg(), mesh_of((4, 1, 2)))  # vocab padded to 264: every axis divides
+    assert not caplog.records
+
+
+def test_every_constrain_call_names_activation_axes_of_the_rules_table():
+    package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mhc_jax")
+    calls = 0
+    for folder, _, files in os.walk(package):
+        for name in (f for f in files if f.endswith(".py")):
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            consts = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+                      for t in node.targets if isinstance(t, ast.Name)}
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "constrain":
+                    axes = node.args[1]
+                    axes = ast.literal_eval(consts[axes.id] if isinstance(axes, ast.Name) else axes)
+                    assert all(a is None or (a.startswith("activation_") and a in sharding.LOGICAL_AXIS_RULES)
+                               for a in axes), (name, node.lineno, axes)
+                    calls += 1
+    assert calls >= 4
 
 
 def test_batch_rows_split_over_data_and_fsdp_and_bad_batch_raises():

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from mhc_jax.config import load_config
+from mhc_jax.data import synthetic_batch
 from mhc_jax.generate import generate
 from mhc_jax.model import Transformer
 from mhc_jax.train.checkpoint import Checkpointer
@@ -39,15 +40,6 @@ def losses(workdir):
     return [rows[s] for s in sorted(rows)]
 
 
-def random_batch(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    toks = rng.integers(0, cfg.model.vocab_size, (B, T + 1)).astype(np.int32)
-    mask = (rng.random((B, T)) > 0.2).astype(np.float32)
-    return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((B, T), np.int32),
-            "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1)), "loss_mask": mask}
-
-
 def test_loss_goes_down_in_a_few_dozen_steps(tmp_path):
     cfg = tiny("training.steps=40", "training.eval_every=40", "optimizer.lr=1e-2")
     result = run(cfg, str(tmp_path), progress=False)
@@ -61,12 +53,26 @@ def test_loss_goes_down_in_a_few_dozen_steps(tmp_path):
 def test_gradient_accumulation_equals_one_big_batch():
     cfg = tiny()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    batch = jax.tree.map(jnp.asarray, random_batch(cfg))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg, masked=0.2))
     loss1, g1, n1 = loss_and_grads(model, batch, 1)
     loss4, g4, n4 = loss_and_grads(model, batch, 4)  # 4 micro-batches of 2 rows
     assert float(n1) == float(n4) == float(batch["loss_mask"].sum())
     chex.assert_trees_all_close(loss1, loss4, rtol=1e-6)
     chex.assert_trees_all_close(g1, g4, rtol=1e-5, atol=1e-8)
+
+
+def test_train_step_accumulates_over_the_grad_accum_it_is_given():
+    cfg = tiny()
+    batch = synthetic_batch(cfg, masked=0.2)
+    metrics = {}
+    for k in (1, 4):
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        metrics[k] = train_step(model, make_optimizer(cfg, model), batch, grad_accum=k)
+    chex.assert_trees_all_close(metrics[4]["loss"], metrics[1]["loss"], rtol=1e-6)
+    chex.assert_trees_all_close(metrics[4]["grad_norm"], metrics[1]["grad_norm"], rtol=1e-5)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="training.grad_accum=3"):  # 8 rows do not split into 3
+        train_step(model, make_optimizer(cfg, model), batch, grad_accum=3)
 
 
 def test_weight_decay_groups_follow_the_documented_rule():

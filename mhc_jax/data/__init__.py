@@ -1,16 +1,20 @@
-"""Tokens for training: tokenizers, text datasets (TFDS builders, no TensorFlow) and the Grain pipeline.
+"""Tokens for training: tokenizers, text datasets (TFDS builders, no TensorFlow), the Grain pipeline and
+the one batch layout (`batch_spec`, `synthetic_batch`).
 
-`load_tokenizer` is cheap to import; the pipeline (Grain, JAX) is imported on first use.
+The tokenizers and the batch layout import without Grain and TFDS; the pipeline functions
+(`make_train_iterator`, `make_eval_iterator`) load mhc_jax.data.pipeline on first use. Package code imports
+them from mhc_jax.data.pipeline directly.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mhc_jax.data.layout import BATCH_KEYS, batch_spec, synthetic_batch
 from mhc_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer", "make_train_iterator",
-           "make_eval_iterator"]
+__all__ = ["BATCH_KEYS", "ByteTokenizer", "SentencePieceTokenizer", "Tokenizer", "batch_spec", "load_tokenizer",
+           "make_eval_iterator", "make_train_iterator", "synthetic_batch"]
 
 
 def __getattr__(name: str) -> Any:

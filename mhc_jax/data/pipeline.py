@@ -2,14 +2,9 @@
 this process's rows -> Engram ids -> prefetch (threads, or `data.worker_count` processes) -> global arrays
 sharded over the mesh's batch axes.
 
-Every batch is a dict (B = data.batch_size / process_count local rows, T = data.seq_len):
-
-    inputs       int32   (B, T)  token ids; BOS starts each document; padding = tokenizer.pad_id
-    targets      int32   (B, T)  the next token of the same document (EOS after its last token)
-    segment_ids  int32   (B, T)  documents numbered from 1 within a row; 0 = padding
-    positions    int32   (B, T)  restart at 0 where a document (or the rest of a split one) starts in the row
-    loss_mask    float32 (B, T)  1 where `targets` counts, 0 on padding
-    engram_ids   int32   (B, T, L, k)  only with engram.enabled (mhc_jax.engram.ids.EngramIds)
+Every batch has the one layout of mhc_jax.data.layout (inputs, targets, segment_ids, positions, loss_mask,
+and engram_ids with engram.enabled, from mhc_jax.engram.ids.EngramIds), with B = data.batch_size /
+process_count local rows and T = data.seq_len.
 
 Every process builds the same global batch (so batches do not depend on the process count) and keeps its
 contiguous slice of rows. With a mesh the arrays are global `jax.Array`s sharded over the batch axes
@@ -33,16 +28,16 @@ from jax.sharding import Mesh
 
 from mhc_jax.config import Config, ConfigError
 from mhc_jax.data.corpus import DataError, TextSource, open_text_source
+from mhc_jax.data.layout import BATCH_KEYS  # noqa: F401 (re-exported)
 from mhc_jax.data.packing import PackDocuments, TokenizeDocument
 from mhc_jax.data.tokenizer import Tokenizer, load_tokenizer
+from mhc_jax.engram.ids import EngramIds
 from mhc_jax.sharding import batch_shardings, global_batch
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DataError", "load_tokenizer", "make_train_iterator", "make_eval_iterator", "open_split",
            "save_args", "restore_args"]
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def open_split(cfg: Config, split: str) -> TextSource:
@@ -118,8 +113,6 @@ def _build(cfg: Config, split: str, *, train: bool, mesh: Mesh | None, process_i
     tokenizer = _tokenizer_for(cfg)
     engram_ids = None
     if cfg.engram.enabled:
-        from mhc_jax.engram.ids import EngramIds
-
         engram_ids = EngramIds(cfg, tokenizer)
 
     source = open_split(cfg, split)

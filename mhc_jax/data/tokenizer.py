@@ -22,6 +22,9 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
+from mhc_jax.cli import entry_point
+from mhc_jax.errors import ConfigError, DataError
+
 BYTE_VOCAB_SIZE = 259
 BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258
 SPM_UNK_ID, SPM_BOS_ID, SPM_EOS_ID, SPM_PAD_ID = 0, 1, 2, 3
@@ -99,6 +102,11 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=259)"
 
 
+class TokenizerFileMissing(ConfigError, FileNotFoundError):
+    """data.tokenizer names a .model file that does not exist (a ConfigError, and the FileNotFoundError
+    that file-based callers expect)."""
+
+
 class SentencePieceTokenizer:
     """A SentencePiece model trained by `train_sentencepiece` (byte fallback, identity normalisation).
 
@@ -111,7 +119,7 @@ class SentencePieceTokenizer:
 
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise TokenizerFileMissing(
                 f"SentencePiece model {path!r} does not exist; train one with `python -m "
                 f"mhc_jax.data.tokenizer train --dataset pystdlib --vocab-size 4096 --out {path}` "
                 f"or set data.tokenizer=byte")
@@ -120,17 +128,17 @@ class SentencePieceTokenizer:
         try:
             self._sp.Load(path)
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"{path!r} is not a SentencePiece model file ({err}); give a .model file "
+            raise ConfigError(f"{path!r} is not a SentencePiece model file ({err}); give a .model file "
                              f"written by `python -m mhc_jax.data.tokenizer train` or data.tokenizer=byte") from err
         self.vocab_size = int(self._sp.GetPieceSize())
         self.bos_id, self.eos_id, self.pad_id = (int(self._sp.bos_id()), int(self._sp.eos_id()),
                                                  int(self._sp.pad_id()))
         for role, value in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)):
             if value < 0:
-                raise ValueError(f"SentencePiece model {path!r} has no {role} token; retrain it with "
+                raise ConfigError(f"SentencePiece model {path!r} has no {role} token; retrain it with "
                                  f"`python -m mhc_jax.data.tokenizer train` (which defines BOS, EOS and PAD)")
         if self._sp.PieceToId("<0xE2>") == self._sp.unk_id():
-            raise ValueError(f"SentencePiece model {path!r} was trained without byte_fallback, so it cannot "
+            raise ConfigError(f"SentencePiece model {path!r} was trained without byte_fallback, so it cannot "
                              f"round-trip unseen text; retrain it with `python -m mhc_jax.data.tokenizer train`")
         self._space_bytes = [self._sp.PieceToId(f"<0x{b:02X}>") for b in _SPM_SPACE.encode("utf-8")]
         # Precomputed per-id tables: decoding and Engram compression read every token many times.
@@ -186,7 +194,7 @@ def load_tokenizer(name_or_path: str) -> ByteTokenizer | SentencePieceTokenizer:
     if name_or_path == "byte":
         return ByteTokenizer()
     if not name_or_path:
-        raise ValueError("data.tokenizer is empty; use 'byte' or a path to a SentencePiece .model file")
+        raise ConfigError("data.tokenizer is empty; use 'byte' or a path to a SentencePiece .model file")
     return SentencePieceTokenizer(os.path.expanduser(name_or_path))
 
 
@@ -198,7 +206,7 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, out_path: str
 
     out_path = os.fspath(out_path)
     if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-fallback model needs 4 special + 256 "
+        raise ConfigError(f"vocab_size={vocab_size} is too small: a byte-fallback model needs 4 special + 256 "
                          f"byte pieces plus the corpus' characters; use >= 300 (e.g. 4096)")
 
     def capped() -> Iterable[str]:
@@ -222,12 +230,13 @@ def train_sentencepiece(documents: Iterable[str], vocab_size: int, out_path: str
             unk_id=SPM_UNK_ID, bos_id=SPM_BOS_ID, eos_id=SPM_EOS_ID, pad_id=SPM_PAD_ID,
             minloglevel=2, num_threads=os.cpu_count() or 1)
     except RuntimeError as err:
-        raise ValueError(f"SentencePiece training for {out_path!r} failed: {err}") from err
+        raise DataError(f"SentencePiece training for {out_path!r} failed: {err}") from err
     if prefix != out_path:
         os.replace(prefix + ".model", out_path)
     return SentencePieceTokenizer(out_path)
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mhc_jax.data.tokenizer",
                                      description="Train a SentencePiece BPE tokenizer on a dataset.")

@@ -1,10 +1,10 @@
 """Engram n-gram hashing on the host, in numpy int64, bit-exact with the reference demo (engram.md).
 
-For layer L and order n the reference mixes the suffix n-gram of compressed ids with odd multipliers,
+For Engram layer l and order n the reference mixes the suffix n-gram of compressed ids with odd multipliers,
 
     mix_n = (x_t * m_0) XOR (x_{t-1} * m_1) XOR ... XOR (x_{t-n+1} * m_{n-1}),
 
-and head k of that order takes id = mix_n mod p_{L,n,k} (all heads of one order share mix_n). JAX without
+and head k of that order takes id = mix_n mod p_{l,n,k} (all heads of one order share mix_n). JAX without
 x64 cannot do this int64 arithmetic in-graph (MaxText's int32 port lost parity), so it runs here, on the
 host, once per token, in the input pipeline or in generation.
 
@@ -143,8 +143,9 @@ class NgramHasher:
 
     def __call__(self, ids_BT: np.ndarray, layer_id: int,
                  segment_ids_BT: np.ndarray | None = None) -> np.ndarray:
-        """Table ids (B, T, (max_ngram - 1) * K) int64. With `segment_ids_BT`, a token of another document
-        counts as pad, so no n-gram reaches across a document boundary (the reference demo has none)."""
+        """Table ids (B, T, G) int64, G = (max_ngram - 1) * heads_per_ngram. With `segment_ids_BT`, a token of
+        another document counts as pad, so no n-gram reaches across a document boundary (the reference demo
+        has none)."""
         if layer_id not in self.multipliers:
             raise ValueError(f"layer_id={layer_id} is not an Engram layer; configured: {self.layer_ids}")
         x = np.asarray(ids_BT)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 class EngramIds:
-    """`ids(tokens_BT, segment_ids_BT)` -> int32 (B, T, len(engram.layers), (max_ngram - 1) * K), layers in
+    """`ids(tokens_BT, segment_ids_BT)` -> int32 (B, T, E, G): E = len(engram.layers) in
     config order; entry [..., l, j] lies in [0, primes[layer l][j]) (the layer adds per-head row offsets)."""
 
     def __init__(self, cfg: Config, tokenizer: TokenizerLike):
@@ -54,7 +54,7 @@ class EngramIds:
 
     def last(self, history_BT: np.ndarray, n_new: int = 1) -> np.ndarray:
         """Ids of the last `n_new` positions of `history_BT` (generation): the same call as training on the
-        trailing window, which is all an n-gram of order <= max_ngram can see. (B, n_new, L, k) int32."""
+        trailing window, which is all an n-gram of order <= max_ngram can see. (B, n_new, E, G) int32."""
         history_BT = np.asarray(history_BT)
         if not 1 <= n_new <= history_BT.shape[1]:
             raise ValueError(f"n_new={n_new} must be in [1, history length {history_BT.shape[1]}]")

@@ -2,7 +2,7 @@
 
 For position t with table ids (precomputed on the host, mhc_jax.engram.ids):
 
-    e_t   = concat of the (max_ngram - 1) * K rows                       (d_mem)
+    e_t   = concat of the G = (max_ngram - 1) * heads_per_ngram rows     (d_mem)
     k_m   = W_K^(m) e_t,  v = W_V e_t                                    (one key per stream, shared value)
     s_m   = <RMSNorm(h_t^(m)), RMSNorm(k_m)> / sqrt(d)
     g_m   = sigmoid(sign(s_m) * sqrt(max(|s_m|, 1e-6)))                  (signed sqrt: demo and DeepSeek-V4.1)
@@ -85,7 +85,7 @@ def engram_param_count(cfg: Config, layer_id: int) -> int:
 
 
 def table_bytes(cfg: Config, layer_id: int) -> int:
-    """Memory of one layer's table: rows x D_h x bytes per element (param_dtype)."""
+    """Memory of one layer's table: rows x W (engram.head_dim) x bytes per element (param_dtype)."""
     itemsize = jnp.dtype(cfg.model.param_dtype).itemsize
     return table_rows(cfg, layer_id) * cfg.engram.head_dim * itemsize
 
@@ -97,48 +97,48 @@ def table_bytes(cfg: Config, layer_id: int) -> int:
 _ROW_GATHER = lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
 
 
-def _gather_rows(table_RD: jax.Array, ids_N: jax.Array) -> jax.Array:
+def _gather_rows(table_RW: jax.Array, ids_N: jax.Array) -> jax.Array:
     # promise_in_bounds: ids come from the hasher (< prime) plus offsets, and it adds no clamp constants
     # (which would live in device memory and break the host-side computation).
-    return lax.gather(table_RD, ids_N[:, None], _ROW_GATHER, slice_sizes=(1, table_RD.shape[1]),
+    return lax.gather(table_RW, ids_N[:, None], _ROW_GATHER, slice_sizes=(1, table_RW.shape[1]),
                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def device_lookup(table_RD: jax.Array, ids_N: jax.Array) -> jax.Array:
+def device_lookup(table_RW: jax.Array, ids_N: jax.Array) -> jax.Array:
     """Rows of a device-resident (possibly row-sharded) table; the gradient is a scatter-add, so rows not
     looked up get exactly zero."""
-    return jnp.take(table_RD, ids_N, axis=0, mode="clip")
+    return jnp.take(table_RW, ids_N, axis=0, mode="clip")
 
 
-def host_lookup(table_RD: jax.Array, ids_N: jax.Array) -> jax.Array:
+def host_lookup(table_RW: jax.Array, ids_N: jax.Array) -> jax.Array:
     """Rows of a host-resident table: gathered on the host, only the rows are copied to the device. The
     gradient is a scatter-add of the row gradients, returned in the table's memory space. A table still in
     device memory (state not placed with `table_shardings`) is copied to the host, loudly."""
-    space = jax.typeof(table_RD).memory_space
+    space = jax.typeof(table_RW).memory_space
     if space != jax.memory.Space.Host:
         log.warning("Engram placement=host but the table is in %s memory: copying the whole table to the host "
                     "on every call; place the state with mhc_jax.engram.layer.table_shardings", space)
-    return _host_lookup((tuple(table_RD.shape), str(table_RD.dtype), space == jax.memory.Space.Host),
-                        table_RD, ids_N)
+    return _host_lookup((tuple(table_RW.shape), str(table_RW.dtype), space == jax.memory.Space.Host),
+                        table_RW, ids_N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _host_lookup(meta: tuple, table_RD: jax.Array, ids_N: jax.Array) -> jax.Array:
+def _host_lookup(meta: tuple, table_RW: jax.Array, ids_N: jax.Array) -> jax.Array:
     del meta
-    table_host = jax.device_put(table_RD, jax.memory.Space.Host)  # no-op when already there
+    table_host = jax.device_put(table_RW, jax.memory.Space.Host)  # no-op when already there
     ids_host = jax.device_put(ids_N, jax.memory.Space.Host)
     rows = compute_on("device_host")(jax.jit(_gather_rows))(table_host, ids_host)
     return jax.device_put(rows, jax.memory.Space.Device)
 
 
-def _host_lookup_fwd(meta: tuple, table_RD: jax.Array, ids_N: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _host_lookup(meta, table_RD, ids_N), ids_N
+def _host_lookup_fwd(meta: tuple, table_RW: jax.Array, ids_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _host_lookup(meta, table_RW, ids_N), ids_N
 
 
-def _host_lookup_bwd(meta: tuple, ids_N: jax.Array, grad_ND: jax.Array) -> tuple[jax.Array, None]:
+def _host_lookup_bwd(meta: tuple, ids_N: jax.Array, grad_NW: jax.Array) -> tuple[jax.Array, None]:
     shape, dtype, on_host = meta
-    grad_RD = jnp.zeros(shape, dtype).at[ids_N].add(grad_ND.astype(dtype), mode="promise_in_bounds")
-    return (jax.device_put(grad_RD, jax.memory.Space.Host) if on_host else grad_RD), None
+    grad_RW = jnp.zeros(shape, dtype).at[ids_N].add(grad_NW.astype(dtype), mode="promise_in_bounds")
+    return (jax.device_put(grad_RW, jax.memory.Space.Host) if on_host else grad_RW), None
 
 
 _host_lookup.defvjp(_host_lookup_fwd, _host_lookup_bwd)
@@ -179,7 +179,7 @@ def _scales(norms: nnx.List) -> jax.Array:
 
 
 class Engram(nnx.Module):
-    """`engram(x_BTnC, ids_BTk, segment_ids_BT, state)` -> (Y_BTnC, new_state or None)."""
+    """`engram(x_BTnC, ids_BTG, segment_ids_BT, state)` -> (Y_BTnC, new_state or None)."""
 
     def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
         e, m = cfg.engram, cfg.model
@@ -228,24 +228,24 @@ class Engram(nnx.Module):
     def init_cache(self, batch: int) -> EngramState:
         return {"conv": jnp.zeros((batch, self.context, self.n_streams, self.d_model), self.dtype)}
 
-    def lookup(self, ids_BTk: jax.Array) -> jax.Array:
-        """Table ids (B, T, k) -> concatenated rows e (B, T, d_mem)."""
-        B, T, k = ids_BTk.shape
-        if k != self.n_ids:
+    def lookup(self, ids_BTG: jax.Array) -> jax.Array:
+        """Table ids (B, T, G) -> concatenated rows e (B, T, d_mem)."""
+        B, T, G = ids_BTG.shape
+        if G != self.n_ids:
             raise ValueError(f"Engram layer {self.layer_id} expects {self.n_ids} ids per position "
-                             f"((max_ngram - 1) * heads_per_ngram), got shape {ids_BTk.shape}")
-        rows_N = (ids_BTk.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)).reshape(-1)
+                             f"((max_ngram - 1) * heads_per_ngram), got shape {ids_BTG.shape}")
+        rows_N = (ids_BTG.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)).reshape(-1)
         lookup = host_lookup if self.placement == "host" else device_lookup
-        rows_ND = lookup(self.table[...], rows_N)
-        return rows_ND.reshape(B, T, k * self.head_dim)
+        rows_NW = lookup(self.table[...], rows_N)
+        return rows_NW.reshape(B, T, G * self.head_dim)
 
-    def __call__(self, x_BTnC: jax.Array, ids_BTk: jax.Array, segment_ids_BT: jax.Array | None = None,
+    def __call__(self, x_BTnC: jax.Array, ids_BTG: jax.Array, segment_ids_BT: jax.Array | None = None,
                  state: EngramState | None = None) -> tuple[jax.Array, EngramState | None]:
         B, T, n, C = x_BTnC.shape
         if n != self.n_streams:
             raise ValueError(f"Engram layer {self.layer_id} was built for {self.n_streams} streams, got {n}")
         dt = self.dtype
-        e_BTM = self.lookup(ids_BTk).astype(dt)
+        e_BTM = self.lookup(ids_BTG).astype(dt)
         v_BTC = jnp.einsum("btm,mc->btc", e_BTM, self.value_proj[...].astype(dt))
         u_BTnC = self.gate(x_BTnC, e_BTM)[..., None] * v_BTC[:, :, None, :].astype(jnp.float32)
         normed_BTnC = (rms_norm(u_BTnC, self.eps) * _scales(self.conv_norms)).astype(dt)
@@ -276,13 +276,13 @@ class Engram(nnx.Module):
             boundary_BT = jnp.concatenate([jnp.ones((B, 1), bool),
                                            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
             first_BT = lax.cummax(jnp.where(boundary_BT, t_T, 0), axis=1)
-        w_KnC = self.conv[...].astype(normed_BTnC.dtype)
+        w_QnC = self.conv[...].astype(normed_BTnC.dtype)
         out = jnp.zeros_like(normed_BTnC, dtype=jnp.float32)
         for i in range(self.kernel_size):
             lag = (self.kernel_size - 1 - i) * self.dilation
             tap_BTnC = lax.dynamic_slice_in_dim(hist_BSnC, P - lag, T, axis=1)
             if state is None and segment_ids_BT is not None and lag > 0:
                 tap_BTnC = jnp.where(((t_T - lag) >= first_BT)[:, :, None, None], tap_BTnC, 0)
-            out = out + (tap_BTnC * w_KnC[i]).astype(jnp.float32)
+            out = out + (tap_BTnC * w_QnC[i]).astype(jnp.float32)
         new_state = None if state is None else {"conv": hist_BSnC[:, T:]}
         return out, new_state

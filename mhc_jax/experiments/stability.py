@@ -8,7 +8,8 @@ loss, the gradient norm and the Amax gains of the composite residual map (mhc_ja
 `--diag-every` steps on a fixed batch. Prints a table, writes `stability.json` and `stability.png` to --out.
 
 Data: ../shared/data/tinyshakespeare.txt (relative to the repository) when it exists, else the embedded
-default corpus, tokenised by the byte tokenizer through mhc_jax.data.
+default corpus, through the input pipeline (mhc_jax.data.pipeline, byte tokenizer); every run sees the
+same batches.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.config import Config
+from mhc_jax.data.layout import BATCH_KEYS
+from mhc_jax.data.pipeline import make_train_iterator
 from mhc_jax.diagnostics import amax_gains, collect_h_res
 from mhc_jax.model import Transformer
+from mhc_jax.residual import RESIDUAL_KINDS
+from mhc_jax.train.optimizer import make_optimizer
+from mhc_jax.train.step import train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")
@@ -48,45 +54,10 @@ def base_config(args: argparse.Namespace) -> Config:
         training={"steps": args.steps, "seed": args.seed})
 
 
-def _corpus_text() -> str:
-    """Fallback text when the data pipeline is not importable."""
-    if os.path.isfile(SHAKESPEARE):
-        with open(SHAKESPEARE, encoding="utf-8") as f:
-            return f.read()
-    import inspect
-    import json as json_mod
-    import argparse as argparse_mod
-    return "\n".join(inspect.getsource(m) for m in (json_mod.decoder, json_mod.encoder, argparse_mod))
-
-
-def _packed_batches(cfg: Config, n_batches: int, seed: int) -> list[Batch]:
-    from mhc_jax.data.tokenizer import ByteTokenizer
-    tokens = np.asarray(ByteTokenizer().encode(_corpus_text()), np.int32)
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_batches):
-        starts = rng.integers(0, len(tokens) - T - 1, B)
-        rows = np.stack([tokens[s:s + T + 1] for s in starts])
-        out.append({"inputs": rows[:, :-1], "targets": rows[:, 1:], "segment_ids": np.ones((B, T), np.int32),
-                    "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-                    "loss_mask": np.ones((B, T), np.float32)})
-    return out
-
-
-def make_batches(cfg: Config, n_batches: int, seed: int) -> tuple[list[Batch], str]:
-    """The same `n_batches` batches for every run: from the data pipeline when it is there."""
-    try:
-        from mhc_jax.data import make_train_iterator
-    except (ImportError, AttributeError):
-        return _packed_batches(cfg, n_batches, seed), "byte tokenizer + random windows (pipeline unavailable)"
+def make_batches(cfg: Config, n_batches: int) -> list[Batch]:
+    """The same `n_batches` batches of the input pipeline for every run."""
     it = make_train_iterator(cfg)
-    batches = []
-    for _ in range(n_batches):
-        b = next(it)
-        batches.append({k: np.asarray(v) for k, v in b.items() if k in
-                        ("inputs", "targets", "segment_ids", "positions", "loss_mask")})
-    return batches, "mhc_jax.data pipeline"
+    return [{k: np.asarray(v) for k, v in next(it).items() if k in BATCH_KEYS} for _ in range(n_batches)]
 
 
 def gains_summary(model: nnx.Module, tokens_BT: jax.Array) -> dict[str, Any]:
@@ -97,9 +68,6 @@ def gains_summary(model: nnx.Module, tokens_BT: jax.Array) -> dict[str, Any]:
 
 
 def train_one(cfg: Config, batches: Sequence[Batch], diag_tokens: jax.Array, diag_every: int) -> dict[str, Any]:
-    from mhc_jax.train.optimizer import make_optimizer
-    from mhc_jax.train.step import train_step
-
     model = Transformer(cfg, rngs=nnx.Rngs(cfg.training.seed))
     optimizer = make_optimizer(cfg, model)
     rec: dict[str, Any] = {"kind": cfg.residual.kind, "lr": cfg.optimizer.lr, "loss": [], "grad_norm": [],
@@ -147,7 +115,7 @@ def plot(runs: Sequence[dict[str, Any]], lrs: Sequence[float], path: str) -> str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = sorted({r["kind"] for r in runs}, key=["plain", "hc", "mhc", "mhc_lite"].index)
+    kinds = sorted({r["kind"] for r in runs}, key=list(RESIDUAL_KINDS).index)
     fig, axes = plt.subplots(len(lrs), 4, figsize=(18, 3.6 * len(lrs)), squeeze=False)
     for row, lr in enumerate(lrs):
         for r in (r for r in runs if r["lr"] == lr):
@@ -177,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lrs", default="3e-3,3e-2", help="comma-separated learning rates")
-    p.add_argument("--kinds", default="plain,hc,mhc", help="comma-separated residual kinds")
+    p.add_argument("--kinds", default="plain,hc,mhc",
+                   help=f"comma-separated residual kinds of {', '.join(RESIDUAL_KINDS)}")
     p.add_argument("--out", default="runs/stability")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=4)
@@ -189,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     lrs = [float(x) for x in args.lrs.split(",") if x]
     kinds = [k for k in args.kinds.split(",") if k]
-    bad = [k for k in kinds if k not in ("plain", "hc", "mhc", "mhc_lite")]
+    bad = [k for k in kinds if k not in RESIDUAL_KINDS]
     if bad or not kinds:
-        p.error(f"--kinds {args.kinds!r}: allowed kinds are plain, hc, mhc, mhc_lite")
+        p.error(f"--kinds {args.kinds!r}: allowed kinds are {', '.join(RESIDUAL_KINDS)}")
     if not lrs or any(lr <= 0 for lr in lrs):
         p.error(f"--lrs {args.lrs!r}: give positive learning rates, e.g. 3e-3,3e-2")
     if args.steps < 1:
@@ -199,9 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     diag_every = args.diag_every or max(1, args.steps // 10)
 
     base = base_config(args)
-    batches, source = make_batches(base, args.steps, args.seed)
+    batches = make_batches(base, args.steps)
     diag_tokens = jnp.asarray(batches[0]["inputs"][:2])
-    print(f"data: {base.data.dataset} via {source}; model d={args.d_model} layers={args.layers} "
+    print(f"data: {base.data.dataset}; model d={args.d_model} layers={args.layers} "
           f"seq={args.seq} batch={args.batch} n={args.n_streams}; {args.steps} steps per run")
     runs = []
     for lr in lrs:
@@ -216,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "stability.json"), "w") as f:
-        json.dump({"args": vars(args), "data": {"dataset": base.data.dataset, "source": source},
+        json.dump({"args": vars(args), "data": {"dataset": base.data.dataset},
                    "table": table, "runs": runs}, f, indent=1)
     png = plot(runs, lrs, os.path.join(args.out, "stability.png"))
     print(f"\nwrote {os.path.join(args.out, 'stability.json')} and {png}")

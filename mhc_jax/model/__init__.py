@@ -1,4 +1,22 @@
-"""The decoder backbone: small modules, each in a file named after it."""
+"""The decoder backbone: small modules, each in a file named after it.
+
+Shape legend. An array's name ends in its shape, one letter per dimension (`x_BTnC` is batch x time x
+streams x channels); each letter means one thing everywhere in the package:
+
+    B  batch rows                          T  time: positions of the current input
+    S  key positions a query can see (T, or the KV-cache slots; the Engram conv's past + current positions)
+    C  d_model, the residual stream width  n  residual streams (residual.n_streams; 1 for plain)
+    H  query heads                         K  key/value heads (grouped-query attention)
+    D  attention head_dim                  J  rotary frequencies (D / 2)
+    F  d_ff, the SwiGLU hidden width       V  padded vocabulary
+    L  transformer blocks (n_layers)       Z  sublayers: 2 per block (attention, MLP), one connection each
+    E  Engram layers (engram.layers)       G  Engram table ids per position ((max_ngram - 1) * heads_per_ngram)
+    M  d_mem: one position's G Engram rows concatenated (G * W)
+    R  rows of one Engram table            W  width of one Engram row (engram.head_dim)
+    N  looked-up Engram rows, flattened    Q  Engram conv kernel taps (engram.kernel_size)
+    X  a stack of matrices to plot (diagnostics)
+    1  a broadcast dimension of size 1
+"""
 
 from mhc_jax.model.transformer import Transformer, count_params, expected_param_count
 

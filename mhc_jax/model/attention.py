@@ -1,21 +1,112 @@
-"""Causal multi-head self-attention with grouped-query KV heads, RoPE, packed-document masking and an
-optional KV cache for generation. The attention itself is `jax.nn.dot_product_attention`."""
+"""Causal multi-head self-attention with grouped-query KV heads, packed-document masking, an optional
+sliding window (`window`, given per block), RoPE / ALiBi / no positions, and a KV cache for generation
+(a ring buffer of the last `window` tokens in windowed blocks).
+
+The attention product itself has four implementations (`model.attention_impl`), all applying the one mask
+rule of mhc_jax.model.masks: `xla` (dense jax.nn.dot_product_attention, O(T^2) memory), `chunked`
+(mhc_jax.model.chunked_attention: blockwise online softmax, O(T x block) memory), `cudnn` (cuDNN flash
+attention on NVIDIA GPUs, bf16/fp16) and `splash` (the TPU Pallas kernel, mhc_jax.model.splash_attention).
+`auto` picks one per backend (`resolve_impl`) and logs the choice once.
+
+Shapes: B batch, T new tokens, S keys (cache slots + new tokens), H query heads, K kv heads, D head dim.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ModelConfig
+from mhc_jax.errors import ConfigError
 from mhc_jax.layers import apply_rope, param
+from mhc_jax.model.alibi import alibi_bias, alibi_slopes
+from mhc_jax.model.chunked_attention import chunked_attention
+from mhc_jax.model.masks import visible, visible_BTS
+from mhc_jax.model.splash_attention import LANES, splash_attention
 from mhc_jax.sharding import constrain
 
-KVCache = dict[str, jax.Array]  # {"k": (B, S, K, D), "v": (B, S, K, D)}
+log = logging.getLogger(__name__)
+
+KVCache = dict[str, jax.Array]  # {"k": (B, S, K, D), "v": (B, S, K, D), "pos": (B, S) int32, -1 = empty slot}
+
+# On CPU, dense attention is faster while its T^2 scores stay small (benchmarks/attention.py); from this
+# length on `auto` uses the chunked kernel, whose memory is linear in T.
+CPU_CHUNKED_FROM = 1024
+_logged: set[tuple[str, ...]] = set()
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the current mesh's devices (the AOT report compiles for a TPU
+    topology from a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and getattr(mesh, "abstract_device", None) is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str, platform: str, *, seq_len: int, dtype: jnp.dtype, position: str, block: int,
+                 head_dim: int = 64) -> str:
+    """`auto` -> the best implementation for `platform` and these shapes; other choices pass through."""
+    if impl != "auto":
+        return impl
+    blockwise = "xla" if seq_len <= block else "chunked"  # where no fused kernel applies
+    if platform == "tpu":
+        return "splash" if position != "alibi" and seq_len % LANES == 0 else blockwise
+    if platform == "gpu":
+        # cuDNN flash attention: half precision, head dims that are multiples of 8 up to 128.
+        fits = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+        return "cudnn" if fits else blockwise
+    return "chunked" if seq_len >= CPU_CHUNKED_FROM else "xla"
+
+
+def _log_choice_once(requested: str, chosen: str, platform: str, seq_len: int) -> None:
+    key = (requested, chosen, platform, str(seq_len))
+    if key not in _logged:
+        _logged.add(key)
+        log.info("attention_impl=%s: using %s attention on %s (sequence length %d)", requested, chosen,
+                 platform, seq_len)
+
+
+def attend(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_BT: jax.Array,
+           positions_BT: jax.Array, *, impl: str, window: int = 0, slopes: tuple[float, ...] | None = None,
+           block: int = 512) -> jax.Array:
+    """Causal self-attention of packed rows by `impl` (already resolved, not `auto`); ALiBi if `slopes`."""
+    if impl == "chunked":
+        return chunked_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, positions_BT, window=window,
+                                 slopes=slopes, block=block)
+    bias = None if slopes is None else alibi_bias(jnp.asarray(slopes), positions_BT, positions_BT)
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, bias=bias,
+                                            mask=visible_BTS(segment_ids_BT, window)[:, None], implementation="xla")
+    if impl == "cudnn":
+        platform = target_platform()
+        if platform != "gpu":
+            raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but this program runs on "
+                              f"{platform}; use auto, xla or chunked")
+        if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ConfigError(f"model.attention_impl='cudnn' needs bfloat16 or float16 activations, got "
+                              f"{q_BTHD.dtype}; set model.dtype=bfloat16")
+        # cuDNN takes no segment ids: the same-document mask goes in as a (B, 1, T, T) bias.
+        same_segment_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        return jax.nn.dot_product_attention(
+            q_BTHD, k_BTKD, v_BTKD, bias=None if bias is None else bias.astype(q_BTHD.dtype),
+            mask=same_segment_BTT[:, None], is_causal=True,
+            local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
+    if impl == "splash":
+        if slopes is not None:
+            raise ConfigError("model.attention_impl='splash' takes no logit bias, so not model.position=alibi")
+        return splash_attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, window=window, block=block,
+                                interpret=target_platform() != "tpu")
+    raise ConfigError(f"model.attention_impl={impl!r} is not allowed: must be auto, xla, chunked, cudnn or splash")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs, window: int = 0):
+        """`window`: this block's sliding window (0 = full causal); blocks differ only in it, and the caller
+        (Transformer, from masks.layer_windows) passes it explicitly."""
         C, H, K, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         init = nnx.initializers.normal(cfg.init_std)
         pdt = jnp.dtype(cfg.param_dtype)  # float32 master weights by default
@@ -24,41 +115,64 @@ class Attention(nnx.Module):
         self.wv_CKD = param(rngs, init, (C, K, D), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo_HDC = param(rngs, nnx.initializers.normal(out_std), (H, D, C), ("heads", "head_dim", "embed"), pdt)
         self.rope_theta = cfg.rope_theta
+        self.position = cfg.position
+        self.slopes = tuple(alibi_slopes(H).tolist()) if cfg.position == "alibi" else None
+        self.window = window
         self.impl = cfg.attention_impl
+        self.block = cfg.attention_block
         self.dtype = dtype
 
     def __call__(self, x_BTC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         """Without a cache: tokens attend to earlier tokens of the same segment (packed documents never
-        see each other). With a cache (generation): the new tokens are written at slots
-        `positions_BT[0, 0]...` and attend to every filled slot at or before their own position."""
+        see each other), within the window if any. With a cache (generation): the new tokens at
+        `positions_BT` attend to the cached tokens and to each other by position (causal, in-window), and
+        are then written to slots position % cache length."""
         dt = self.dtype
         x = x_BTC.astype(dt)
         q_BTHD = jnp.einsum("btc,chd->bthd", x, self.wq_CHD[...].astype(dt))
         k_BTKD = jnp.einsum("btc,ckd->btkd", x, self.wk_CKD[...].astype(dt))
         v_BTKD = jnp.einsum("btc,ckd->btkd", x, self.wv_CKD[...].astype(dt))
-        q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta)
-        k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta)
-        q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
+        if self.position == "rope":
+            q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta)
+            k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta)
+        q_BTHD = constrain(q_BTHD, ("activation_batch", "activation_length", "activation_heads",
+                                    "activation_head_dim"))
 
         if cache is None:
-            same_segment_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-            out_BTHD = jax.nn.dot_product_attention(
-                q_BTHD, k_BTKD, v_BTKD, mask=same_segment_BTS[:, None], is_causal=True,
-                implementation=None if self.impl == "xla" else self.impl)
+            platform, T = target_platform(), q_BTHD.shape[1]
+            impl = resolve_impl(self.impl, platform, seq_len=T, dtype=dt, position=self.position, block=self.block,
+                                head_dim=q_BTHD.shape[-1])
+            _log_choice_once(self.impl, impl, platform, T)
+            out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, positions_BT, impl=impl,
+                              window=self.window, slopes=self.slopes, block=self.block)
         else:
-            start = positions_BT[0, 0]
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k_BTKD.astype(cache["k"].dtype), (0, start, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v_BTKD.astype(cache["v"].dtype), (0, start, 0, 0))
-            cache = {"k": k_all, "v": v_all}
-            slots_S = jnp.arange(k_all.shape[1])
-            visible_BTS = slots_S[None, None, :] <= positions_BT[:, :, None]
-            out_BTHD = jax.nn.dot_product_attention(q_BTHD, k_all.astype(dt), v_all.astype(dt),
-                                                    mask=visible_BTS[:, None])
+            out_BTHD, cache = self._decode(q_BTHD, k_BTKD, v_BTKD, positions_BT, cache)
         out_BTC = jnp.einsum("bthd,hdc->btc", out_BTHD, self.wo_HDC[...].astype(dt))
         return out_BTC, cache
 
+    def _decode(self, q_BTHD, k_BTKD, v_BTKD, positions_BT, cache):
+        """Attends over [cached slots, new tokens] (so a prompt longer than a ring still sees its own
+        window), then writes the last min(T, slots) new tokens into their ring slots."""
+        dt = self.dtype
+        k_BSKD = jnp.concatenate([cache["k"].astype(dt), k_BTKD], axis=1)
+        v_BSKD = jnp.concatenate([cache["v"].astype(dt), v_BTKD], axis=1)
+        pos_BS = jnp.concatenate([cache["pos"], positions_BT.astype(jnp.int32)], axis=1)
+        mask_BTS = visible(positions_BT[:, :, None], pos_BS[:, None, :], None, None, self.window)
+        mask_BTS &= pos_BS[:, None, :] >= 0  # empty slots
+        bias = None if self.slopes is None else alibi_bias(jnp.asarray(self.slopes), positions_BT, pos_BS)
+        out_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, bias=bias, mask=mask_BTS[:, None])
+        slots, n = cache["pos"].shape[1], min(positions_BT.shape[1], cache["pos"].shape[1])
+        slot_Bn = positions_BT[:, -n:] % slots
+        write = jax.vmap(lambda buf, s, new: buf.at[s].set(new.astype(buf.dtype)))
+        new_cache = {"k": write(cache["k"], slot_Bn, k_BTKD[:, -n:]), "v": write(cache["v"], slot_Bn, v_BTKD[:, -n:]),
+                     "pos": write(cache["pos"], slot_Bn, positions_BT[:, -n:].astype(jnp.int32))}
+        return out_BTHD, new_cache
 
-def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype, window: int = 0) -> KVCache:
+    """An empty cache: `max_len` slots, or only `window` (a ring buffer) in a windowed block."""
+    slots = min(window, max_len) if window else max_len
+    shape = (batch, slots, cfg.n_kv_heads, cfg.resolved_head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch, slots), -1, jnp.int32)}

@@ -24,5 +24,6 @@ class MLP(nnx.Module):
         x = x_BTC.astype(self.dtype)
         gate_BTF = x @ self.w_gate_CF[...].astype(self.dtype)
         up_BTF = x @ self.w_up_CF[...].astype(self.dtype)
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "length", "mlp"))
+        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF,
+                          ("activation_batch", "activation_length", "activation_mlp"))
         return h_BTF @ self.w_down_FC[...].astype(self.dtype)

@@ -1,40 +1,59 @@
-"""Residual connections around each sublayer, chosen by `residual.kind`.
+"""Residual connections around each sublayer, chosen by `residual.kind` from one registry.
 
 Every connection is an nnx.Module called as `conn(x_BTnC, branch) -> x_BTnC`, where x holds the n residual
 streams (n = 1 for `plain`) and `branch` is the sublayer (norm + attention, or norm + MLP) mapping
 (batch, time, channels) to (batch, time, channels). The model only ever sees this interface, so swapping
-plain for HC or mHC is a config change.
+plain for HC or mHC is a config change. `RESIDUAL_KINDS` maps each kind to its class and closed-form
+costs; the model, the parameter count, the FLOP count (mhc_jax.flops) and the benchmarks all read it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax.config import Config
-from mhc_jax.residual.plain import PlainResidual, SumCollapse
+from mhc_jax.config import Config, ResidualConfig
+from mhc_jax.residual.base import Branch, StreamConnection  # noqa: F401 (re-exported)
+from mhc_jax.residual.collapse import LearnedCollapse, collapse_param_count
+from mhc_jax.residual.hc import HyperConnection, hc_flops, hc_param_count
+from mhc_jax.residual.mhc import ManifoldHyperConnection, mhc_flops, mhc_param_count
+from mhc_jax.residual.mhc_lite import MHCLite, mhc_lite_flops, mhc_lite_param_count
+from mhc_jax.residual.plain import PlainResidual, SumCollapse, plain_flops, plain_param_count
 
-Branch = Callable[[jax.Array], jax.Array]
+
+@dataclass(frozen=True)
+class ResidualKind:
+    """One `residual.kind`. `connection(residual, d_model, sublayer_index, norm_eps=..., rngs=...)` builds
+    the connection around one sublayer; `param_count(residual, d_model)` and `flops(residual, d_model)`
+    (forward FLOPs per token, mhc_jax.flops conventions) are the closed-form costs of one connection."""
+
+    connection: type[nnx.Module]
+    param_count: Callable[[ResidualConfig, int], int]
+    flops: Callable[[ResidualConfig, int], float]
+
+
+RESIDUAL_KINDS: dict[str, ResidualKind] = {
+    "plain": ResidualKind(PlainResidual, plain_param_count, plain_flops),
+    "hc": ResidualKind(HyperConnection, hc_param_count, hc_flops),
+    "mhc": ResidualKind(ManifoldHyperConnection, mhc_param_count, mhc_flops),
+    "mhc_lite": ResidualKind(MHCLite, mhc_lite_param_count, mhc_lite_flops),
+}
+
+
+def residual_kind(name: str) -> ResidualKind:
+    if name not in RESIDUAL_KINDS:
+        raise ValueError(f"residual.kind={name!r} is not allowed: must be one of {', '.join(RESIDUAL_KINDS)}")
+    return RESIDUAL_KINDS[name]
 
 
 def make_residual(cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs) -> nnx.Module:
     """The connection around sublayer `sublayer_index` (attention of block b is 2b, its MLP 2b + 1)."""
-    kind = cfg.residual.kind
-    if kind == "plain":
-        return PlainResidual()
-    if kind == "hc":
-        from mhc_jax.residual.hc import HyperConnection
-        return HyperConnection(cfg, sublayer_index, rngs=rngs)
-    if kind == "mhc":
-        from mhc_jax.residual.mhc import ManifoldHyperConnection
-        return ManifoldHyperConnection(cfg, sublayer_index, rngs=rngs)
-    if kind == "mhc_lite":
-        from mhc_jax.residual.mhc_lite import MHCLite
-        return MHCLite(cfg, sublayer_index, rngs=rngs)
-    raise ValueError(f"residual.kind={kind!r} is not allowed: must be one of plain, hc, mhc, mhc_lite")
+    return residual_kind(cfg.residual.kind).connection(cfg.residual, cfg.model.d_model, sublayer_index,
+                                                       norm_eps=cfg.model.norm_eps, rngs=rngs)
 
 
 def expand(x_BTC: jax.Array, n_streams: int) -> jax.Array:
@@ -42,32 +61,21 @@ def expand(x_BTC: jax.Array, n_streams: int) -> jax.Array:
     return jnp.broadcast_to(x_BTC[:, :, None, :], (*x_BTC.shape[:2], n_streams, x_BTC.shape[-1]))
 
 
+def learned_collapse(cfg: Config) -> bool:
+    """Whether the streams end in DeepSeek-V4's learned head (else a sum; one stream is always a sum)."""
+    return cfg.residual.collapse == "learned" and cfg.n_streams > 1
+
+
 def make_collapse(cfg: Config, *, rngs: nnx.Rngs) -> nnx.Module:
     """(B, T, n, C) -> (B, T, C) before the final norm: a sum of the streams, or DeepSeek-V4's learned head."""
-    if cfg.residual.collapse == "sum" or cfg.n_streams == 1:
+    if not learned_collapse(cfg):
         return SumCollapse()
-    from mhc_jax.residual.collapse import LearnedCollapse
-    return LearnedCollapse(cfg, rngs=rngs)
+    return LearnedCollapse(cfg.residual, cfg.model.d_model, norm_eps=cfg.model.norm_eps, rngs=rngs)
 
 
 def residual_param_count(cfg: Config) -> int:
     """Closed-form parameter count of all connections plus the collapse head (for tests and FLOPs)."""
-    kind, n, C = cfg.residual.kind, cfg.n_streams, cfg.model.d_model
-    n_sub = 2 * cfg.model.n_layers
-    if kind == "plain":
-        per = 0
-    elif kind == "hc":
-        from mhc_jax.residual.hc import hc_param_count
-        per = hc_param_count(cfg)
-    elif kind == "mhc":
-        from mhc_jax.residual.mhc import mhc_param_count
-        per = mhc_param_count(cfg)
-    else:
-        from mhc_jax.residual.mhc_lite import mhc_lite_param_count
-        per = mhc_lite_param_count(cfg)
-    head = 0
-    if cfg.residual.collapse == "learned" and n > 1:
-        from mhc_jax.residual.collapse import collapse_param_count
-        head = collapse_param_count(cfg)
-    del C
-    return n_sub * per + head
+    r, C = cfg.residual, cfg.model.d_model
+    per = residual_kind(r.kind).param_count(r, C)
+    head = collapse_param_count(r, C) if learned_collapse(cfg) else 0
+    return 2 * cfg.model.n_layers * per + head

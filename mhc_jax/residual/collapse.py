@@ -13,18 +13,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax.config import ResidualConfig
 from mhc_jax.layers import param, rms_norm
 from mhc_jax.residual.mhc import V4_EPS
 
 
 class LearnedCollapse(nnx.Module):
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        n, C = cfg.n_streams, cfg.model.d_model
+    def __init__(self, residual: ResidualConfig, d_model: int, *, norm_eps: float, rngs: nnx.Rngs):
+        n, C = residual.n_streams, d_model
         self.n = n
-        self.norm_eps = cfg.model.norm_eps
+        self.norm_eps = norm_eps
         self.fn = param(rngs, nnx.initializers.lecun_normal(), (n * C, n), ("embed", "streams"))
-        self.scale = param(rngs, nnx.initializers.constant(cfg.residual.alpha_init), (), ())
+        self.scale = param(rngs, nnx.initializers.constant(residual.alpha_init), (), ())
         self.base = param(rngs, nnx.initializers.zeros, (n,), ("streams",))
 
     def weights(self, x_BTnC: jax.Array) -> jax.Array:
@@ -42,7 +42,13 @@ class LearnedCollapse(nnx.Module):
         return out.astype(x_BTnC.dtype)
 
 
-def collapse_param_count(cfg: Config) -> int:
+def collapse_param_count(residual: ResidualConfig, d_model: int) -> int:
     """fn (nC x n), scale, base (n)."""
-    n, C = cfg.n_streams, cfg.model.d_model
+    n, C = residual.n_streams, d_model
     return n * C * n + 1 + n
+
+
+def collapse_flops(residual: ResidualConfig, d_model: int) -> float:
+    """Forward FLOPs per token: the weight projection (nC x n) and the weighted sum of the streams."""
+    n, C = residual.n_streams, d_model
+    return 2.0 * n * C * n + 2.0 * n * C

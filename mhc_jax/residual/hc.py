@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax.config import ResidualConfig
 from mhc_jax.layers import RMSNorm, param
-from mhc_jax.residual.mhc import Mappings, StreamConnection, ablate
+from mhc_jax.residual.base import Mappings, StreamConnection, ablate, mixing_flops
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -39,10 +39,11 @@ def _const(value: np.ndarray):
 class HyperConnection(StreamConnection):
     """Dynamic (or static) HC around one sublayer; `conn(x_BTnC, branch) -> x_BTnC`."""
 
-    def __init__(self, cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs):
-        r = cfg.residual
-        super().__init__(cfg, sublayer_index)
-        n, C = self.n, cfg.model.d_model
+    def __init__(self, residual: ResidualConfig, d_model: int, sublayer_index: int, *, norm_eps: float,
+                 rngs: nnx.Rngs):
+        r = residual
+        super().__init__(r, sublayer_index)
+        n, C = self.n, d_model
         self.dynamic = r.hc_dynamic
         static_alpha = np.zeros((n, n + 1), np.float32)
         static_alpha[sublayer_index % n, 0] = 1.0  # A_m0: one-hot on stream k mod n
@@ -52,7 +53,7 @@ class HyperConnection(StreamConnection):
         norm = w_alpha = w_beta = s_alpha = s_beta = None
         if self.dynamic:
             scale = nnx.initializers.constant(r.alpha_init)
-            norm = RMSNorm(C, eps=cfg.model.norm_eps, dtype=jnp.float32, rngs=rngs)
+            norm = RMSNorm(C, eps=norm_eps, dtype=jnp.float32, rngs=rngs)
             w_alpha = param(rngs, nnx.initializers.zeros, (C, n + 1), ("embed", "mhc"))
             w_beta = param(rngs, nnx.initializers.zeros, (C,), ("embed",))
             s_alpha = param(rngs, scale, (), ())
@@ -78,12 +79,18 @@ class HyperConnection(StreamConnection):
                 jnp.einsum("...nc,c->...n", h, self.w_beta[...], precision=_HI))
         h_pre = alpha[..., 0]
         h_res = jnp.swapaxes(alpha[..., 1:], -1, -2)  # A_r^T: HC mixes as A_r^T H
-        return ablate(self.cfg, h_pre, beta, h_res)
+        return ablate(self.residual, h_pre, beta, h_res)
 
 
-def hc_param_count(cfg: Config) -> int:
+def hc_param_count(residual: ResidualConfig, d_model: int) -> int:
     """Parameters of one HC connection: static A (n x (n+1)) and B (n); dynamic: norm scale (C),
     W_a (C x (n+1)), W_b (C), s_a, s_b."""
-    n, C = cfg.n_streams, cfg.model.d_model
+    n, C = residual.n_streams, d_model
     static = n * (n + 1) + n
-    return static + (C + C * (n + 1) + C + 2 if cfg.residual.hc_dynamic else 0)
+    return static + (C + C * (n + 1) + C + 2 if residual.hc_dynamic else 0)
+
+
+def hc_flops(residual: ResidualConfig, d_model: int) -> float:
+    """Forward FLOPs per token of one HC connection: the dynamic tanh projections (if on) and the mixing."""
+    n, C = residual.n_streams, d_model
+    return (2.0 * n * C * (n + 1) + 2.0 * n * C if residual.hc_dynamic else 0.0) + mixing_flops(n, C)

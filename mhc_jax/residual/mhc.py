@@ -23,81 +23,29 @@ with a_pre = a_post = a_res = residual.alpha_init (0.01, paper Table 5), b = 0 a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax.config import ResidualConfig
 from mhc_jax.layers import param, rms_norm
-from mhc_jax.sinkhorn import sinkhorn_knopp
-
-Branch = Callable[[jax.Array], jax.Array]
-Mappings = tuple[jax.Array, jax.Array, jax.Array]
+# Re-exported: the shared pieces used to live here.
+from mhc_jax.residual.base import (_HI, Branch, Mappings, StreamConnection, ablate, acting_h_res,  # noqa: F401
+                                  apply_mappings, mixing_flops)
+from mhc_jax.sinkhorn import sinkhorn_flops, sinkhorn_knopp
 
 V4_EPS = 1e-6  # DeepSeek-V4 kernels: H_pre = sigmoid + 1e-6 and the Sinkhorn eps
-_HI = jax.lax.Precision.HIGHEST  # keep f32 coefficient matmuls out of TF32 / bf16 passes on accelerators
-
-
-def ablate(cfg: Config, h_pre: jax.Array, h_post: jax.Array, h_res: jax.Array) -> Mappings:
-    """mHC paper Table 1: a disabled mapping becomes H_pre = 1/n, H_post = 1, H_res = identity."""
-    r, n = cfg.residual, h_pre.shape[-1]
-    if not r.use_pre:
-        h_pre = jnp.full_like(h_pre, 1.0 / n)
-    if not r.use_post:
-        h_post = jnp.ones_like(h_post)
-    if not r.use_res:
-        h_res = jnp.broadcast_to(jnp.eye(n, dtype=h_res.dtype), h_res.shape)
-    return h_pre, h_post, h_res
-
-
-def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: jax.Array,
-                   h_res: jax.Array, *, transposed: bool = False) -> jax.Array:
-    """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_j.
-    Mixing runs in float32 (the coefficients stay float32); the result has the stream dtype."""
-    x32 = x_BTnC.astype(jnp.float32)
-    h_in_BTC = jnp.einsum("...n,...nc->...c", h_pre, x32, precision=_HI).astype(x_BTnC.dtype)
-    y32_BTC = branch(h_in_BTC).astype(jnp.float32)
-    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
-    res_BTnC = jnp.einsum(mix, h_res, x32, precision=_HI)
-    return (res_BTnC + h_post[..., :, None] * y32_BTC[..., None, :]).astype(x_BTnC.dtype)
-
-
-def acting_h_res(h_res: jax.Array, transposed: bool) -> jax.Array:
-    """The matrix A with new = A @ x (paper orientation), from a connection's native h_res."""
-    return jnp.swapaxes(h_res, -1, -2) if transposed else h_res
-
-
-class StreamConnection(nnx.Module):
-    """What HC, mHC and mHC-lite share: per-token `mappings(x)`, then x_{l+1} = H_res x + H_post^T F(H_pre x);
-    with `capture_mappings` (set by diagnostics.collect_h_res) the acting H_res is sown."""
-
-    def __init__(self, cfg: Config, sublayer_index: int, transposed: bool = False):
-        self.cfg = cfg
-        self.n = cfg.n_streams
-        self.sublayer_index = sublayer_index
-        self.transposed = transposed
-        self.capture_mappings = False
-
-    def mappings(self, x_BTnC: jax.Array) -> Mappings:
-        raise NotImplementedError
-
-    def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        h_pre, h_post, h_res = self.mappings(x_BTnC)
-        if self.capture_mappings:
-            self.sow(nnx.Intermediate, "h_res", acting_h_res(h_res, self.transposed))
-        return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
 
 
 class ManifoldHyperConnection(StreamConnection):
     """mHC around one sublayer; `conn(x_BTnC, branch) -> x_BTnC`. See the module docstring."""
 
-    def __init__(self, cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs):
-        r = cfg.residual
-        super().__init__(cfg, sublayer_index, transposed=r.variant == "deepseek_v4")
-        n, C = self.n, cfg.model.d_model
-        self.norm_eps = cfg.model.norm_eps
+    def __init__(self, residual: ResidualConfig, d_model: int, sublayer_index: int, *, norm_eps: float,
+                 rngs: nnx.Rngs):
+        r = residual
+        super().__init__(r, sublayer_index, transposed=r.variant == "deepseek_v4")
+        n, C = self.n, d_model
+        self.norm_eps = norm_eps
         k = self.res_dim + 2 * n
         self.phi = param(rngs, nnx.initializers.lecun_normal(), (n * C, k), ("embed", "mhc"))
         self.bias = param(rngs, nnx.initializers.zeros, (k,), ("mhc",))
@@ -120,7 +68,7 @@ class ManifoldHyperConnection(StreamConnection):
 
     def res_mapping(self, res_logits: jax.Array) -> jax.Array:
         """(..., n^2) gated logits -> native h_res (..., n, n) by Sinkhorn-Knopp (paper Eq. 9)."""
-        r, n = self.cfg.residual, self.n
+        r, n = self.residual, self.n
         logits = res_logits.reshape(*res_logits.shape[:-1], n, n)
         if not self.transposed:
             return sinkhorn_knopp(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain)
@@ -141,11 +89,18 @@ class ManifoldHyperConnection(StreamConnection):
             h_pre = h_pre + V4_EPS
         h_post = 2.0 * jax.nn.sigmoid(self.alpha_post[...] * post + b[self.n:2 * self.n])  # Eq. 8: factor 2
         h_res = self.res_mapping(self.alpha_res[...] * res + b[2 * self.n:])
-        return ablate(self.cfg, h_pre, h_post, h_res)
+        return ablate(self.residual, h_pre, h_post, h_res)
 
 
-def mhc_param_count(cfg: Config) -> int:
+def mhc_param_count(residual: ResidualConfig, d_model: int) -> int:
     """Parameters of one mHC connection: phi (nC x (n^2 + 2n)), b (n^2 + 2n), a_pre, a_post, a_res."""
-    n, C = cfg.n_streams, cfg.model.d_model
+    n, C = residual.n_streams, d_model
     k = n * n + 2 * n
     return n * C * k + k + 3
+
+
+def mhc_flops(residual: ResidualConfig, d_model: int) -> float:
+    """Forward FLOPs per token of one mHC connection: the fused coefficient projection (paper Eq. 14),
+    Sinkhorn-Knopp on the n x n logits (Eq. 9) and the stream mixing."""
+    n, C = residual.n_streams, d_model
+    return 2.0 * n * C * (n * n + 2 * n) + sinkhorn_flops(n, residual.sinkhorn_iters) + mixing_flops(n, C)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.config import Config
+from mhc_jax.config import ResidualConfig
+from mhc_jax.residual.base import mixing_flops
 from mhc_jax.residual.mhc import ManifoldHyperConnection
 
 
@@ -34,8 +35,9 @@ def permutation_matrices(n: int) -> np.ndarray:
 class MHCLite(ManifoldHyperConnection):
     """mHC with H_res = softmax-weighted permutation matrices; `conn(x_BTnC, branch) -> x_BTnC`."""
 
-    def __init__(self, cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs):
-        super().__init__(cfg, sublayer_index, rngs=rngs)
+    def __init__(self, residual: ResidualConfig, d_model: int, sublayer_index: int, *, norm_eps: float,
+                 rngs: nnx.Rngs):
+        super().__init__(residual, d_model, sublayer_index, norm_eps=norm_eps, rngs=rngs)
         self.transposed = False
 
     @property
@@ -48,8 +50,16 @@ class MHCLite(ManifoldHyperConnection):
                           precision=jax.lax.Precision.HIGHEST)
 
 
-def mhc_lite_param_count(cfg: Config) -> int:
+def mhc_lite_param_count(residual: ResidualConfig, d_model: int) -> int:
     """Parameters of one mHC-lite connection: phi (nC x (n! + 2n)), b (n! + 2n), three gating scalars."""
-    n, C = cfg.n_streams, cfg.model.d_model
+    n, C = residual.n_streams, d_model
     k = math.factorial(n) + 2 * n
     return n * C * k + k + 3
+
+
+def mhc_lite_flops(residual: ResidualConfig, d_model: int) -> float:
+    """Forward FLOPs per token of one mHC-lite connection: the fused projection (n! + 2n columns), the
+    convex mix of n! permutation matrices and the stream mixing."""
+    n, C = residual.n_streams, d_model
+    perms = math.factorial(n)
+    return 2.0 * n * C * (perms + 2 * n) + 2.0 * perms * n * n + mixing_flops(n, C)

@@ -37,6 +37,11 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             self._file = open(self.path, "a", buffering=1)
+            if self._file.tell() > 0:  # a run killed mid-row left a torn last line: end it, rows stay whole
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        self._file.write("\n")
             try:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -62,8 +67,14 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str, kind: str | None = None) -> list[dict[str, Any]]:
-    """The rows of workdir/metrics.jsonl (optionally of one kind: 'train', 'eval', 'diagnostics')."""
+    """The rows of workdir/metrics.jsonl (optionally of one kind: 'train', 'eval', 'diagnostics',
+    'checkpoint_fallback')."""
     path = os.path.join(workdir, "metrics.jsonl")
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the torn last row of a killed run (rewritten by the resumed run)
+                continue
     return [r for r in rows if kind is None or r["kind"] == kind]

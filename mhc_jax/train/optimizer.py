@@ -89,5 +89,11 @@ def make_tx(cfg: Config, params: Any) -> optax.GradientTransformation:
     return optax.apply_if_finite(optax.chain(*chain, groups), max_consecutive_errors=10**9)
 
 
+def nonfinite_in_row(optimizer: nnx.Optimizer) -> jax.Array:
+    """Updates skipped in a row for non-finite gradients up to now: optax.apply_if_finite's device-side
+    counter in the optimiser state (checkpointed with it, so it survives a resume)."""
+    return optimizer.opt_state.notfinite_count[...]
+
+
 def make_optimizer(cfg: Config, model: nnx.Module) -> nnx.Optimizer:
     return nnx.Optimizer(model, make_tx(cfg, nnx.state(model, nnx.Param)), wrt=nnx.Param)

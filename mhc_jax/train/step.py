@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.train.optimizer import nonfinite_in_row
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
@@ -22,7 +24,7 @@ Metrics = dict[str, jax.Array]
 def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the loss mask, and the number of tokens counted."""
     logits_BTV = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                       engram_ids_BTLk=batch.get("engram_ids"))
+                       engram_ids_BTEG=batch.get("engram_ids"))
     nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
@@ -69,25 +71,27 @@ def to_device_memory(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device) if _in_host_memory(x) else x, tree)
 
 
-def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch) -> Metrics:
-    """One optimisation step in place on `model` and `optimizer`; returns scalar metrics.
+def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accum: int = 1) -> Metrics:
+    """One optimisation step in place on `model` and `optimizer`, the gradient accumulated over
+    `grad_accum` micro-batches (training.grad_accum); returns scalar metrics.
 
     Host-resident Engram tables (engram.placement=host) stay in host memory for the forward and backward
     passes (rows are gathered on the host). The optimiser update (global-norm clipping, Adam, the
     non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
     the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
     JAX's optimizer-state offloading pattern."""
-    loss, grads, count = loss_and_grads(model, batch, model.cfg.training.grad_accum)
+    loss, grads, count = loss_and_grads(model, batch, grad_accum)
     grads = to_device_memory(grads)
     for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
         nnx.update(node, to_device_memory(nnx.state(node)))
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm, "tokens": count,
-            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))}
+            "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+            "nonfinite_in_row": nonfinite_in_row(optimizer)}
 
 
-train_step = nnx.jit(step_fn, donate_argnums=(0, 1))
+train_step = nnx.jit(step_fn, donate_argnums=(0, 1), static_argnames=("grad_accum",))
 
 
 @nnx.jit
@@ -96,13 +100,13 @@ def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return loss_sum_and_count(model, batch)
 
 
-def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any):
+def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any, grad_accum: int = 1):
     """`step(state, batch) -> (state, metrics)` as a `jax.jit` with explicit in/out shardings and the
     state donated, where state = nnx.state((model, optimizer)). The same step as `train_step`."""
 
     def pure(state: Any, batch: Batch) -> tuple[Any, Metrics]:
         model, optimizer = nnx.merge(graphdef, state)
-        metrics = step_fn(model, optimizer, batch)
+        metrics = step_fn(model, optimizer, batch, grad_accum)
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(pure, in_shardings=(state_shardings, batch_shardings),

@@ -1,0 +1,65 @@
+"""The one place where command-line entry points turn expected failures into one line.
+
+Every CLI's `main(argv) -> int` is decorated with `@entry_point`: an `MhcJaxError` (bad config, bad data,
+unreadable checkpoint, a run that cannot go on) prints `error: <message>` on stderr and returns 2, a full
+disk prints the path and what to free, Ctrl-C returns 130; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from mhc_jax.errors import MhcJaxError, disk_full
+
+Main = Callable[[Sequence[str] | None], int]
+
+
+def error_line(err: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for a bug (which keeps its traceback)."""
+    if isinstance(err, MhcJaxError):
+        return f"error: {err}"
+    full = disk_full(err)
+    if full is not None:
+        where = f" writing {full.filename}" if full.filename else ""
+        return (f"error: no space left on device{where}; free space there (or point --workdir / "
+                f"data.data_dir at a larger disk) and re-run: the last good checkpoint is kept")
+    return None
+
+
+class _ExpectedFailureFilter(logging.Filter):
+    """Drops log records that carry an expected failure's traceback (e.g. Orbax's background save thread
+    logging a full disk): the main thread reports the same failure once, as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or error_line(exc) is None
+
+
+def entry_point(main: Main) -> Main:
+    """Decorates a CLI `main(argv) -> int` so that expected failures end as one line and exit 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        quiet = _ExpectedFailureFilter()
+        loggers = [logging.getLogger(), logging.getLogger("absl")]
+        for logger in loggers:
+            logger.addFilter(quiet)
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - re-raised below unless it is an expected failure
+            line = error_line(err)
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            return 2
+        finally:
+            for logger in loggers:
+                logger.removeFilter(quiet)
+
+    return wrapped
