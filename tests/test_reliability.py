@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import damage
-from conftest import REPO_ROOT, SHAKESPEARE
+from conftest import PROSE_FILE, REPO_ROOT
 from mhc_jax.config import ConfigError, load_config
 from mhc_jax.errors import TrainingError
 from mhc_jax.generate import check_sampling, fit_prompt
@@ -29,7 +29,7 @@ from mhc_jax.train.metrics import read_metrics
 from mhc_jax.train.state import init_train_state, restore_train_state
 
 BASE = ["data.batch_size=8", "training.sample_tokens=0", "training.diagnostics_every=0",
-        f"data.dataset=text:{SHAKESPEARE}", "training.peak_flops=1e12", "training.eval_every=100",
+        f"data.dataset=text:{PROSE_FILE}", "training.peak_flops=1e12", "training.eval_every=100",
         "checkpoint.every=2", "checkpoint.keep=3"]
 
 
@@ -322,7 +322,7 @@ def test_every_cli_turns_expected_failures_into_one_error_line(trained, tmp_path
     _one_error_line(capsys, generate_main(["--workdir", broken]), "no readable checkpoint")
     _one_error_line(capsys, aot_main(["--config", "tiny", "--topology", "v4:2x2x1", "--set", "model.d_model=3"]),
                     "model.d_model=3")
-    _one_error_line(capsys, tokenizer_main(["train", "--dataset", f"text:{SHAKESPEARE}", "--vocab-size", "100",
+    _one_error_line(capsys, tokenizer_main(["train", "--dataset", f"text:{PROSE_FILE}", "--vocab-size", "100",
                                             "--out", str(tmp_path / "t.model")]), "vocab_size=100")
 
 

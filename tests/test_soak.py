@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 import damage
-from conftest import REPO_ROOT, SHAKESPEARE
+from conftest import PROSE_FILE, REPO_ROOT
 from mhc_jax.config import load_config
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import read_metrics
 from mhc_jax.train.state import load_model_from_workdir
 
 ARGS = ["data.batch_size=8", "training.sample_tokens=0", "training.diagnostics_every=0",
-        f"data.dataset=text:{SHAKESPEARE}", "training.peak_flops=1e12", "training.eval_every=100000",
+        f"data.dataset=text:{PROSE_FILE}", "training.peak_flops=1e12", "training.eval_every=100000",
         "training.log_every=1", "checkpoint.every=2", "checkpoint.keep=3", "checkpoint.async_save=true"]
 
 

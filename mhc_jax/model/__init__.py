@@ -16,6 +16,7 @@ streams x channels); each letter means one thing everywhere in the package:
     N  looked-up Engram rows, flattened    Q  Engram conv kernel taps (engram.kernel_size)
     U  a batch's unique Engram rows, padded (sparse tables: cfg.engram_row_bucket)
     X  a stack of matrices to plot (diagnostics)
+    A  integration points between baseline and input (integrated gradients, mhc_jax.interpret)
     1  a broadcast dimension of size 1
 """
 

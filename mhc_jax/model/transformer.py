@@ -103,10 +103,13 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
-                 engram_ids_BTEG: jax.Array | None = None, engram_rows_EUW: jax.Array | None = None) -> jax.Array:
+                 engram_ids_BTEG: jax.Array | None = None, engram_rows_EUW: jax.Array | None = None,
+                 embeds_BTC: jax.Array | None = None) -> jax.Array:
         """engram_ids_BTEG: table ids per Engram layer (config order) and hash head (the batch layout, mhc_jax.data);
-        with engram.update=sparse, slots into engram_rows_EUW (the batch's unique rows per layer)."""
-        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW)
+        with engram.update=sparse, slots into engram_rows_EUW (the batch's unique rows per layer).
+        embeds_BTC: input embeddings used instead of the rows of `tokens_BT` (integrated gradients)."""
+        logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW,
+                              embeds_BTC)
         return logits
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: list[LayerCache],
@@ -124,13 +127,14 @@ class Transformer(nnx.Module):
             caches.append(c)
         return caches
 
-    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, cache, engram_rows_EUW=None):
+    def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, cache, engram_rows_EUW=None,
+             embeds_BTC=None):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        x_BTC = jnp.take(self.embed_VC[...], tokens_BT, axis=0).astype(self.dtype)
+        x_BTC = (jnp.take(self.embed_VC[...], tokens_BT, axis=0) if embeds_BTC is None else embeds_BTC).astype(self.dtype)
         x_BTnC = constrain(expand(x_BTC, self.n_streams), STREAM_AXES)
         engram_layers = self.cfg.engram.layers
         new_cache = None if cache is None else []

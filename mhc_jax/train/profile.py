@@ -36,7 +36,7 @@ class StepProfiler:
         done = step  # steps completed so far; the step about to run is `step + 1` in the logs
         if done + 1 == self.first and not self.active:
             jax.block_until_ready(state)  # earlier steps' work stays out of the trace
-            jax.profiler.start_trace(self.dir, create_perfetto_trace=True)  # + a .trace.json.gz for Perfetto
+            jax.profiler.start_trace(self.dir)  # writes an .xplane.pb and a .trace.json.gz (Perfetto opens it)
             self.active = True
         elif done == self.last and self.active:
             self.stop(state)
