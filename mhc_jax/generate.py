@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.config import Config
+from mhc_jax.distributed import replicated, to_host
 
 EngramIdFn = Callable[[np.ndarray], np.ndarray]  # tokens (B, T) -> int32 (B, T, L, k)
 
@@ -44,15 +45,19 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k
     return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+# The PRNG key travels as its raw uint32 data (`jax.random.key_data`), which can be a replicated global
+# array on several processes like every other input.
 @nnx.jit(static_argnums=(5, 6, 7))
-def _decode_and_sample(model, tokens_BT, positions_BT, cache, engram_ids, temperature, top_k, top_p, key):
+def _decode_and_sample(model, tokens_BT, positions_BT, cache, engram_ids, temperature, top_k, top_p, key_data):
     logits, cache = model.decode(tokens_BT, positions_BT, cache, engram_ids)
+    key = jax.random.wrap_key_data(key_data)
     return sample_token(logits[:, -1], key, temperature, top_k, top_p), cache
 
 
 @nnx.jit(static_argnums=(4, 5, 6))
-def _full_and_sample(model, tokens_BT, engram_ids, last, temperature, top_k, top_p, key):
+def _full_and_sample(model, tokens_BT, engram_ids, last, temperature, top_k, top_p, key_data):
     logits = model(tokens_BT, engram_ids_BTLk=engram_ids)
+    key = jax.random.wrap_key_data(key_data)
     return sample_token(jnp.take(logits, last, axis=1), key, temperature, top_k, top_p), None
 
 
@@ -60,7 +65,10 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, engram_ids: EngramIdFn | None = None,
              use_cache: bool = True, eos_id: int | None = None) -> list[int]:
     """Continues `prompt_ids` by up to `max_new_tokens` tokens (stops early at `eos_id`). With
-    `use_cache=False` every step recomputes the whole sequence (a reference for the cached path)."""
+    `use_cache=False` every step recomputes the whole sequence (a reference for the cached path).
+
+    On several processes every process must call it with the same arguments under the model's mesh
+    (`jax.set_mesh`): the inputs become replicated global arrays and all return the same tokens."""
     cfg: Config = model.cfg
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token (e.g. the tokenizer's BOS id)")
@@ -80,18 +88,23 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
         if pad_to is not None:
             arr = np.pad(arr, ((0, 0), (0, pad_to - arr.shape[1])))
         out = engram_ids(arr)
-        return jnp.asarray(out if pad_to is not None else out[:, -last_n:])
+        return replicated(out if pad_to is not None else out[:, -last_n:])
+
+    def key_data(k: jax.Array) -> jax.Array:
+        return replicated(np.asarray(jax.random.key_data(k)))
 
     if use_cache:
         cache = model.init_cache(1, cfg.model.max_seq_len)
+        if jax.process_count() > 1:
+            cache = jax.tree.map(lambda a: replicated(np.asarray(a)), cache)
         step_tokens = np.asarray(tokens, np.int32)[None]
         positions = np.arange(len(tokens), dtype=np.int32)[None]
         step_ids = ids_of(tokens, len(tokens))
         for _ in range(max_new_tokens):
             key, sub = jax.random.split(key)
-            nxt, cache = _decode_and_sample(model, jnp.asarray(step_tokens), jnp.asarray(positions), cache,
-                                            step_ids, temperature, top_k, top_p, sub)
-            token = int(nxt[0])
+            nxt, cache = _decode_and_sample(model, replicated(step_tokens), replicated(positions), cache,
+                                            step_ids, temperature, top_k, top_p, key_data(sub))
+            token = int(to_host(nxt)[0])
             tokens.append(token)
             if token == eos_id:
                 break
@@ -104,9 +117,9 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
             key, sub = jax.random.split(key)
             buf = np.zeros((1, total), np.int32)
             buf[0, :len(tokens)] = tokens
-            nxt, _ = _full_and_sample(model, jnp.asarray(buf), ids_of(tokens, 0, pad_to=total),
-                                      len(tokens) - 1, temperature, top_k, top_p, sub)
-            token = int(nxt[0])
+            nxt, _ = _full_and_sample(model, replicated(buf), ids_of(tokens, 0, pad_to=total),
+                                      len(tokens) - 1, temperature, top_k, top_p, key_data(sub))
+            token = int(to_host(nxt)[0])
             tokens.append(token)
             if token == eos_id:
                 break
@@ -126,7 +139,10 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int
 
 def main(argv: list[str] | None = None) -> int:
     from mhc_jax.data.tokenizer import load_tokenizer
-    from mhc_jax.train.state import load_model_from_workdir
+    from mhc_jax.distributed import add_launch_args, is_main_process, maybe_initialize_distributed, resolve_launch
+    from mhc_jax.errors import ConfigError
+    from mhc_jax.sharding import make_mesh
+    from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
@@ -137,14 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    add_launch_args(p)
     args = p.parse_args(argv)
-    cfg, model, step = load_model_from_workdir(args.workdir, step=args.step)
+    try:
+        maybe_initialize_distributed(resolve_launch(args))
+        mesh = make_mesh(load_config_from_workdir(args.workdir).mesh)
+        cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     max_new = min(args.max_new_tokens, cfg.model.max_seq_len - 1 - len(tokenizer.encode(args.prompt)))
-    text = generate_text(model, tokenizer, args.prompt, max_new, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(f"[checkpoint step {step}]")
-    print(args.prompt + text)
+    with jax.set_mesh(mesh):  # every process generates (the parameters are sharded over all of them)
+        text = generate_text(model, tokenizer, args.prompt, max_new, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if is_main_process():
+        print(f"[checkpoint step {step}]")
+        print(args.prompt + text)
     return 0
 
 

@@ -4,6 +4,11 @@ Data flows one way: config -> Grain batches (global arrays on the mesh) -> the j
 metrics, and every `checkpoint.every` steps an Orbax checkpoint of model, optimiser, step, data-iterator
 state and config. Re-running with the same workdir resumes from the newest readable checkpoint; SIGTERM or
 SIGINT saves a checkpoint before exiting.
+
+`run` is a sequence of named steps over one `Session`: `build` (mesh, state, data, sinks), `restore`,
+then per step `train_step`, `log_metrics`, `diagnose`, `evaluate`, `save_checkpoint`, and at the end
+`sample`. Multi-process: every process runs every step (each program is SPMD over the global mesh);
+process 0 alone prints and writes metrics / TensorBoard; Orbax checkpoints with every process taking part.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from mhc_jax.config import Config, load_config, save_config, to_dict
 from mhc_jax.errors import ConfigError, TrainingError
 from mhc_jax.data import load_tokenizer, make_eval_iterator, make_train_iterator
 from mhc_jax.flops import model_flops_per_token
-from mhc_jax.sharding import batch_shardings, make_mesh, maybe_initialize_distributed
+from mhc_jax.distributed import is_main_process, maybe_initialize_distributed, to_host
+from mhc_jax.sharding import batch_shardings, make_mesh
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
-from mhc_jax.train.metrics import MetricsWriter, measure_peak_flops
+from mhc_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from mhc_jax.train.optimizer import lr_schedule
 from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
 from mhc_jax.train.step import make_sharded_step
@@ -53,7 +59,7 @@ def _ensure_workdir(workdir: str) -> None:
         return
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per process: no races
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -100,136 +106,218 @@ class _Preemption:
             signal.signal(sig, old)
 
 
+@dataclass
+class Session:
+    """Everything one training run holds; the named steps below read and update it."""
+
+    cfg: Config
+    workdir: str
+    mesh: jax.sharding.Mesh
+    writer: MetricsWriter
+    ckpt: Checkpointer
+    tokenizer: Any
+    byte_lengths: np.ndarray
+    schedule: Any
+    flops_per_token: float
+    peak: float
+    graphdef: Any
+    state: Any
+    shardings: Any
+    train_iter: Any
+    result: RunResult
+    start: int = 0
+    step_fn: Any = None
+    pending: list[tuple[int, dict[str, jax.Array]]] = field(default_factory=list)
+    nonfinite_run: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    bar: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return is_main_process()
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (a no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def build(cfg: Config, workdir: str) -> Session:
+    """Workdir, mesh, sinks, tokenizer and a freshly initialised train state sharded on the mesh (call
+    under `jax.set_mesh(session.mesh)` from here on)."""
+    _ensure_workdir(workdir)
+    _check_resumable(workdir, cfg)
+    _barrier("mhc_jax:config-checked")  # every process read the saved config before process 0 rewrites it
+    if is_main_process() and "://" not in workdir:
+        save_config(cfg, os.path.join(workdir, CONFIG_FILE))
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    with jax.set_mesh(mesh):
+        graphdef, state, shardings = init_train_state(cfg, mesh)
+        train_iter = make_train_iterator(cfg, mesh=mesh)
+    return Session(
+        cfg=cfg, workdir=workdir, mesh=mesh, writer=MetricsWriter(workdir, enabled=is_main_process()),
+        ckpt=Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint), tokenizer=tokenizer,
+        byte_lengths=token_byte_lengths(tokenizer), schedule=lr_schedule(cfg.optimizer, cfg.training.steps),
+        flops_per_token=model_flops_per_token(cfg), peak=peak_flops_per_device(cfg.training.peak_flops),
+        graphdef=graphdef, state=state, shardings=shardings, train_iter=train_iter,
+        result=RunResult(step=0, status="finished", workdir=workdir))
+
+
+def restore(s: Session) -> int:
+    """Loads the newest readable checkpoint (state and data-iterator position), if any; returns the step."""
+    t = s.cfg.training
+    if s.ckpt.latest_step() is not None:
+        s.state, data_state, _, s.start = restore_train_state(s.ckpt, s.graphdef, s.state, s.shardings)
+        if data_state is not None:
+            s.train_iter.set_state(data_state)
+        if s.is_main:
+            print(f"resumed from {s.ckpt.directory}/{s.start} (step {s.start})", flush=True)
+    s.result.step = s.start
+    if s.start >= t.steps and s.is_main:
+        print(f"already trained to step {s.start} >= training.steps={t.steps}; nothing to do", flush=True)
+    return s.start
+
+
+def train_step(s: Session, step: int) -> dict[str, jax.Array]:
+    """One optimisation step on the next batch (compiled on first use); queues its metrics for logging."""
+    batch = next(s.train_iter)
+    if s.step_fn is None:
+        s.step_fn = make_sharded_step(s.graphdef, s.shardings, batch_shardings(batch, s.mesh))
+    s.state, metrics = s.step_fn(s.state, batch)
+    s.pending.append((step, metrics))
+    return batch
+
+
+def log_metrics(s: Session) -> None:
+    """Writes the queued steps' metrics (process 0), updates the progress bar, and stops the run after
+    `training.max_nonfinite_in_row` non-finite steps in a row (every process sees the same metrics)."""
+    if not s.pending:
+        return
+    cfg, t = s.cfg, s.cfg.training
+    host = jax.device_get([m for _, m in s.pending])  # scalars, replicated on every process
+    step_time = (time.perf_counter() - s.window_start) / len(s.pending)
+    tokens_per_s = 0.0
+    for (step, _), m in zip(s.pending, host):
+        tokens_per_s = float(m["tokens"]) / max(step_time, 1e-9)
+        row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(s.schedule(step)),
+               "tokens_per_s": tokens_per_s, "step_time": step_time,
+               "mfu": s.flops_per_token * tokens_per_s / (s.peak * jax.device_count()),
+               "nonfinite": bool(m["nonfinite"])}
+        s.writer.write(step + 1, "train", row)
+        s.nonfinite_run = s.nonfinite_run + 1 if m["nonfinite"] else 0
+        s.result.train_loss = float(m["loss"])
+        if s.nonfinite_run >= t.max_nonfinite_in_row:
+            raise TrainingError(
+                f"loss or gradients were NaN/Inf for {s.nonfinite_run} steps in a row (up to step {step + 1}); "
+                f"those updates were skipped. Lower optimizer.lr (now {cfg.optimizer.lr}), enable "
+                f"clipping, or raise training.max_nonfinite_in_row (now {t.max_nonfinite_in_row}).")
+    if s.bar is not None:
+        s.bar.update(len(s.pending))
+        s.bar.set_postfix(loss=f"{s.result.train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+    s.pending.clear()
+    s.window_start = time.perf_counter()
+
+
+def evaluate(s: Session, step: int) -> dict[str, float]:
+    """Eval loss / perplexity / bits per byte over `training.eval_batches` batches (every process runs
+    the jitted reduction; process 0 writes and prints)."""
+    model, _ = nnx.merge(s.graphdef, s.state)
+    out = evaluate_model(model, make_eval_iterator(s.cfg, mesh=s.mesh), s.cfg.training.eval_batches,
+                         s.byte_lengths)
+    s.writer.write(step, "eval", out)
+    if s.is_main:
+        print(f"\nstep {step}: eval loss {out['loss']:.4f}  ppl {out['perplexity']:.2f}  "
+              f"bpb {out['bits_per_byte']:.4f}", flush=True)
+    return out
+
+
+def diagnose(s: Session, step: int, batch: dict[str, jax.Array]) -> None:
+    """mHC / HC composite Amax gains on the first row of `batch` (a no-op for the plain residual)."""
+    if s.cfg.residual.kind == "plain":
+        return
+    from mhc_jax.diagnostics import amax_gains, collect_h_res
+    model, _ = nnx.merge(s.graphdef, s.state)
+    h_res = collect_h_res(model, batch["inputs"][:1], engram_ids_BTLk=None if "engram_ids" not in batch
+                          else batch["engram_ids"][:1])
+    gains = amax_gains(to_host(h_res))  # gathered: on a pod no process holds all of it
+    s.writer.write(step, "diagnostics", {
+        "composite_fwd_max": float(gains["composite_fwd"].max()),
+        "composite_bwd_max": float(gains["composite_bwd"].max()),
+        "layer_fwd_max": float(gains["per_layer_fwd"].max()),
+        "layer_bwd_max": float(gains["per_layer_bwd"].max())})
+
+
+def save_checkpoint(s: Session, step: int) -> None:
+    """Orbax checkpoint of state, data-iterator position and metadata; every process takes part (each
+    writes its shards; Orbax writes the metadata once)."""
+    s.ckpt.save(step, nnx.to_pure_dict(s.state), s.train_iter.get_state(),
+                {"step": step, "config": to_dict(s.cfg)}, force=True)
+
+
+def sample(s: Session) -> str:
+    """The end-of-run text sample. Every process runs the same generation (the parameters are sharded over
+    all of them), so every process returns the same text."""
+    from mhc_jax.generate import generate_text
+    t = s.cfg.training
+    model, _ = nnx.merge(s.graphdef, s.state)
+    budget = s.cfg.model.max_seq_len - 2 - len(s.tokenizer.encode(t.sample_prompt))
+    return t.sample_prompt + generate_text(model, s.tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
+                                           temperature=0.8, top_k=40, seed=t.seed)
+
+
+def _stop_requested(preempt: _Preemption, done: int, log_every: int) -> bool:
+    """Whether to save and stop after step `done`. On several processes all must agree (one may be
+    signalled before the others), so the flags are combined every `training.log_every` steps."""
+    if jax.process_count() == 1:
+        return preempt.signal is not None
+    if done % log_every:
+        return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(preempt.signal is not None))
+    return bool(np.any(flags))
+
+
 def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
     """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final step's summary."""
     maybe_initialize_distributed()
-    _ensure_workdir(workdir)
-    _check_resumable(workdir, cfg)
-    is_main = jax.process_index() == 0
-    if is_main and "://" not in workdir:
-        save_config(cfg, os.path.join(workdir, CONFIG_FILE))
-    mesh = make_mesh(cfg.mesh)
+    s = build(cfg, workdir)
     t = cfg.training
-    writer = MetricsWriter(workdir, enabled=is_main)
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    byte_lengths = token_byte_lengths(tokenizer)
-    schedule = lr_schedule(cfg.optimizer, t.steps)
-    flops_per_token = model_flops_per_token(cfg)
-    peak = t.peak_flops or measure_peak_flops()
-    result = RunResult(step=0, status="finished", workdir=workdir)
-
-    with jax.set_mesh(mesh), _Preemption() as preempt:
-        graphdef, state, shardings = init_train_state(cfg, mesh)
-        train_iter = make_train_iterator(cfg, mesh=mesh)
-        start = 0
-        if ckpt.latest_step() is not None:
-            state, data_state, meta, start = restore_train_state(ckpt, graphdef, state, shardings)
-            if data_state is not None:
-                train_iter.set_state(data_state)
-            print(f"resumed from {ckpt.directory}/{start} (step {start})", flush=True)
-        result.step = start
-        if start >= t.steps:
-            print(f"already trained to step {start} >= training.steps={t.steps}; nothing to do", flush=True)
-
-        step_fn = None
-        pending: list[tuple[int, dict[str, jax.Array]]] = []
-        nonfinite_run = 0
-        window_start = time.perf_counter()
-        bar = None
-        if progress and is_main:
+    with jax.set_mesh(s.mesh), _Preemption() as preempt:
+        start = restore(s)
+        if progress and s.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
-
-        def flush() -> None:
-            nonlocal nonfinite_run, window_start
-            if not pending:
-                return
-            host = jax.device_get([m for _, m in pending])
-            elapsed = time.perf_counter() - window_start
-            step_time = elapsed / len(pending)
-            for (s, _), m in zip(pending, host):
-                tokens_per_s = float(m["tokens"]) / max(step_time, 1e-9)
-                row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(schedule(s)),
-                       "tokens_per_s": tokens_per_s, "step_time": step_time,
-                       "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
-                       "nonfinite": bool(m["nonfinite"])}
-                writer.write(s + 1, "train", row)
-                nonfinite_run = nonfinite_run + 1 if m["nonfinite"] else 0
-                result.train_loss = float(m["loss"])
-                if nonfinite_run >= t.max_nonfinite_in_row:
-                    raise TrainingError(
-                        f"loss or gradients were NaN/Inf for {nonfinite_run} steps in a row (up to step {s + 1}); "
-                        f"those updates were skipped. Lower optimizer.lr (now {cfg.optimizer.lr}), enable "
-                        f"clipping, or raise training.max_nonfinite_in_row (now {t.max_nonfinite_in_row}).")
-            if bar is not None:
-                bar.update(len(pending))
-                bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            pending.clear()
-            window_start = time.perf_counter()
-
-        def run_eval(step: int) -> dict[str, float]:
-            model, _ = nnx.merge(graphdef, state)
-            out = evaluate_model(model, make_eval_iterator(cfg, mesh=mesh), t.eval_batches, byte_lengths)
-            writer.write(step, "eval", out)
-            if is_main:
-                print(f"\nstep {step}: eval loss {out['loss']:.4f}  ppl {out['perplexity']:.2f}  "
-                      f"bpb {out['bits_per_byte']:.4f}", flush=True)
-            return out
-
-        def run_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
-            if cfg.residual.kind == "plain":
-                return
-            from mhc_jax.diagnostics import amax_gains, collect_h_res
-            model, _ = nnx.merge(graphdef, state)
-            tokens = batch["inputs"][:1]
-            h_res = collect_h_res(model, tokens, engram_ids_BTLk=None if "engram_ids" not in batch
-                                  else batch["engram_ids"][:1])
-            gains = {k: np.asarray(v) for k, v in amax_gains(h_res).items()}
-            writer.write(step, "diagnostics", {
-                "composite_fwd_max": float(gains["composite_fwd"].max()),
-                "composite_bwd_max": float(gains["composite_bwd"].max()),
-                "layer_fwd_max": float(gains["per_layer_fwd"].max()),
-                "layer_bwd_max": float(gains["per_layer_bwd"].max())})
-
-        step = start
+            s.bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+        s.window_start = time.perf_counter()
         try:
             for step in range(start, t.steps):
-                batch = next(train_iter)
-                if step_fn is None:
-                    step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh))
-                state, metrics = step_fn(state, batch)
-                pending.append((step, metrics))
+                batch = train_step(s, step)
                 done = step + 1
                 last = done == t.steps
-                if done % t.log_every == 0 or last or preempt.signal is not None:
-                    flush()
+                stop = _stop_requested(preempt, done, t.log_every)
+                if done % t.log_every == 0 or last or stop:
+                    log_metrics(s)
                 if t.diagnostics_every and (done % t.diagnostics_every == 0 or last):
-                    run_diagnostics(done, batch)
+                    diagnose(s, done, batch)
                 if done % t.eval_every == 0 or last:
-                    result.eval = run_eval(done)
-                if done % cfg.checkpoint.every == 0 or last or preempt.signal is not None:
-                    ckpt.save(done, nnx.to_pure_dict(state), train_iter.get_state(),
-                              {"step": done, "config": to_dict(cfg)}, force=True)
-                result.step = done
-                if preempt.signal is not None:
-                    result.status = "preempted"
+                    s.result.eval = evaluate(s, done)
+                if done % cfg.checkpoint.every == 0 or last or stop:
+                    save_checkpoint(s, done)
+                s.result.step = done
+                if stop:
+                    s.result.status = "preempted"
                     break
-            flush()
+            log_metrics(s)
         finally:
-            ckpt.close()
-            if bar is not None:
-                bar.close()
-
-        if result.status == "finished" and is_main and t.sample_tokens > 0 and start < t.steps:
-            from mhc_jax.generate import generate_text
-            model, _ = nnx.merge(graphdef, state)
-            budget = cfg.model.max_seq_len - 2 - len(tokenizer.encode(t.sample_prompt))
-            result.sample = t.sample_prompt + generate_text(
-                model, tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
-                temperature=0.8, top_k=40, seed=t.seed)
-    writer.close()
-    if preempt.signal is not None:
-        print(f"\nstopped by signal {preempt.signal} at step {result.step}; checkpoint saved in "
-              f"{ckpt.directory}. Re-run the same command to resume.", flush=True)
-    return result
+            s.ckpt.close()
+            if s.bar is not None:
+                s.bar.close()
+        if s.result.status == "finished" and t.sample_tokens > 0 and start < t.steps:
+            s.result.sample = sample(s)
+    s.writer.close()
+    if s.result.status == "preempted" and s.is_main:
+        print(f"\nstopped by signal {preempt.signal or 'on another process'} at step {s.result.step}; checkpoint saved in "
+              f"{s.ckpt.directory}. Re-run the same command to resume.", flush=True)
+    return s.result
