@@ -52,6 +52,8 @@ class ModelConfig:
     # "auto": bfloat16 on GPU/TPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     attention_impl: Literal["xla", "cudnn"] = "xla"
+    # Runs of identical blocks as one lax.scan over stacked parameters (compile time flat in depth); see README "Scan over layers".
+    scan_layers: bool = False
 
     @property
     def resolved_head_dim(self) -> int:

@@ -40,6 +40,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "engram_rows": "tensor",  # replaced by engram.shard_axis, see rules_for()
     "engram_mem": None,
     "conv": None,
+    "layers": None,  # the stacked-layer axis of model.scan_layers: every device holds every layer's shard
 }
 
 

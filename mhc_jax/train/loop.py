@@ -29,7 +29,7 @@ from mhc_jax.errors import ConfigError, TrainingError
 from mhc_jax.data import load_tokenizer, make_eval_iterator, make_train_iterator
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.distributed import is_main_process, maybe_initialize_distributed, to_host
-from mhc_jax.sharding import batch_shardings, make_mesh
+from mhc_jax.sharding import batch_shardings, batch_ways, make_mesh
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
 from mhc_jax.train.metrics import MetricsWriter, peak_flops_per_device
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # Sections that must match between a checkpoint and the config resuming from it (the rest, e.g. steps
 # or logging intervals, may change between runs).
 _SHAPE_SECTIONS = ("model", "residual", "engram")
+_DIAG_TOKENS = 128  # tokens per row the Amax-gain diagnostics look at
 
 
 @dataclass
@@ -235,13 +236,20 @@ def evaluate(s: Session, step: int) -> dict[str, float]:
 
 
 def diagnose(s: Session, step: int, batch: dict[str, jax.Array]) -> None:
-    """mHC / HC composite Amax gains on the first row of `batch` (a no-op for the plain residual)."""
+    """mHC / HC composite Amax gains (a no-op for the plain residual) over the first `_DIAG_TOKENS` tokens
+    of one row per batch shard: rows that split evenly over the batch axes (a single row would not, and
+    the partitioner would replicate it), few enough to gather on one host."""
     if s.cfg.residual.kind == "plain":
+        return
+    if s.cfg.model.scan_layers:  # the mappings are sown per connection; a scan body's sows do not escape
+        log.warning("training.diagnostics_every needs model.scan_layers=false; skipping the Amax gains")
         return
     from mhc_jax.diagnostics import amax_gains, collect_h_res
     model, _ = nnx.merge(s.graphdef, s.state)
-    h_res = collect_h_res(model, batch["inputs"][:1], engram_ids_BTLk=None if "engram_ids" not in batch
-                          else batch["engram_ids"][:1])
+    rows, T = batch_ways(s.mesh), min(_DIAG_TOKENS, batch["inputs"].shape[1])  # causal: a prefix is exact
+    part = {k: v[:rows, :T] for k, v in batch.items()}
+    h_res = collect_h_res(model, part["inputs"], positions_BT=part["positions"],
+                          segment_ids_BT=part["segment_ids"], engram_ids_BTLk=part.get("engram_ids"))
     gains = amax_gains(to_host(h_res))  # gathered: on a pod no process holds all of it
     s.writer.write(step, "diagnostics", {
         "composite_fwd_max": float(gains["composite_fwd"].max()),
