@@ -93,7 +93,8 @@ def test_topologies_have_one_device_per_chip_with_the_chips_whole_hbm(libtpu, to
     topo = aot.tpu_topology(topology)
     assert len(topo.devices) == devices == aot.n_chips_of(topology)  # megacore on v4 / v5p
     usable = aot.usable_hbm_bytes(topo.devices[0]) / 2**30
-    assert 0.85 * hbm_gib < usable <= hbm_gib, usable  # read from the device's compiler, not a table
+    # read from the device's compiler, not the table (v5p's compiler allows 95.74 GiB of the table's 95)
+    assert 0.85 * hbm_gib < usable < 1.02 * hbm_gib, usable
 
 
 def test_hbm_table_covers_every_generation_libtpu_describes(libtpu):
