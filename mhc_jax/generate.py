@@ -139,10 +139,9 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int
 
 def main(argv: list[str] | None = None) -> int:
     from mhc_jax.data.tokenizer import load_tokenizer
-    from mhc_jax.distributed import add_launch_args, is_main_process, maybe_initialize_distributed, resolve_launch
+    from mhc_jax.distributed import add_launch_args, is_main_process, resolve_launch
     from mhc_jax.errors import ConfigError
-    from mhc_jax.sharding import make_mesh
-    from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
+    from mhc_jax.train.state import join_and_load_model
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
@@ -156,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     add_launch_args(p)
     args = p.parse_args(argv)
     try:
-        maybe_initialize_distributed(resolve_launch(args))
-        mesh = make_mesh(load_config_from_workdir(args.workdir).mesh)
-        cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
+        cfg, model, step, mesh = join_and_load_model(args.workdir, resolve_launch(args), args.step)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
