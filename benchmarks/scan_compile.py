@@ -39,24 +39,31 @@ def main() -> None:
     args = p.parse_args()
     devices = list(tpu_topology(args.topology).devices)
     depths = (12, 30) if args.quick else (12, 30, 60)
-    rows = []
+    rows: list[dict] = []
     for layers in depths:
-        row = {"layers": layers}
+        row: dict = {"layers": layers}
+        rows.append(row)
         for scan in (True, False):
             row["scanned_s" if scan else "unrolled_s"] = compile_seconds(layers, scan, devices)
+            _write(args.out, args.topology, len(devices), rows)  # partial results survive an interruption
         row["unrolled_over_scanned"] = row["unrolled_s"] / row["scanned_s"]
-        rows.append(row)
         print(f"{layers:3d} layers: scanned {row['scanned_s']:7.1f} s  unrolled {row['unrolled_s']:7.1f} s  "
               f"ratio {row['unrolled_over_scanned']:.1f}x", flush=True)
-    result = {"config": CONFIG, "topology": args.topology, "devices": len(devices),
-              "overrides": ["data.batch_size=8", "training.grad_accum=1", "mesh.fsdp=-1", "mesh.tensor=1"],
-              "rows": rows, "scanned_growth_deepest_over_12": rows[-1]["scanned_s"] / rows[0]["scanned_s"],
-              "note": "lower + compile seconds on the CPU host that ran it; compare ratios, not times"}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    result = _write(args.out, args.topology, len(devices), rows)
     print(f"scanned {depths[-1]}/{depths[0]} layers: {result['scanned_growth_deepest_over_12']:.2f}x; wrote "
           f"{os.path.relpath(args.out)}")
+
+
+def _write(path: str, topology: str, n_devices: int, rows: list[dict]) -> dict:
+    scanned = [r["scanned_s"] for r in rows if "scanned_s" in r]
+    result = {"config": CONFIG, "topology": topology, "devices": n_devices,
+              "overrides": ["data.batch_size=8", "training.grad_accum=1", "mesh.fsdp=-1", "mesh.tensor=1"],
+              "rows": rows, "scanned_growth_deepest_over_12": scanned[-1] / scanned[0] if scanned else None,
+              "note": "lower + compile seconds on the CPU host that ran it; compare ratios, not times"}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":

@@ -202,7 +202,11 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        x_BTC = jnp.take(self.embed_VC[...], tokens_BT, axis=0).astype(self.dtype)
+        # FSDP gathers the table's embed dimension before the lookup (as for any weight), so the looked-up
+        # rows come out split over the batch like the tokens; gathering from the fsdp-split table would
+        # give rows split over embed, which the partitioner can only re-split by replicating them.
+        embed_VC = constrain(self.embed_VC[...], ("vocab", None))
+        x_BTC = jnp.take(embed_VC, tokens_BT, axis=0).astype(self.dtype)
         x_BTnC = constrain(expand(x_BTC, self.n_streams), ("batch", "length", "streams", "embed"))
         if cache is None:  # training / scoring: stacked runs scan, single blocks run as themselves
             for group in self.blocks:
