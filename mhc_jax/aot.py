@@ -289,8 +289,10 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report.compiled_flops_per_device = float(cost.get("flops", 0.0))
     # XLA's cost analysis counts a loop body once: the grad_accum micro-batch scan runs it grad_accum times.
+    # With model.scan_layers the layer scan's body (one layer per run) is counted once too, so the compiled
+    # count is then no measure of the step (compiled/model is left at 0 = not comparable).
     report.compiled_flops_per_step = report.compiled_flops_per_device * len(devices) * cfg.training.grad_accum
-    if report.model_flops_per_step:
+    if report.model_flops_per_step and not cfg.model.scan_layers:
         report.compiled_over_model_flops = report.compiled_flops_per_step / report.model_flops_per_step
     return report
 
@@ -311,7 +313,8 @@ def format_report(r: FitReport) -> str:
         f"FLOPs per step: compiled {r.compiled_flops_per_step:.3e} ({r.compiled_flops_per_device:.3e} per device and "
         f"micro-batch, x{r.grad_accum} micro-batches; includes remat recompute), "
         f"model {r.model_flops_per_step:.3e} ({r.model_flops_per_token:.3e} per token); compiled/model "
-        f"{r.compiled_over_model_flops:.2f}",
+        + (f"{r.compiled_over_model_flops:.2f}" if r.compiled_over_model_flops else "n/a (scanned layers: XLA "
+           "counts a loop body once)"),
         f"compile time: lower {r.lower_seconds:.1f} s, compile {r.compile_seconds:.1f} s (this host)",
     ]
     if r.replicated_by_divisibility:
