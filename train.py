@@ -10,6 +10,7 @@ Re-running with the same --workdir resumes from its newest checkpoint. Overrides
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 
 from mhc_jax.cli import entry_point, exit_process
@@ -23,13 +24,19 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: workdir/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. residual.kind=plain")
+    from mhc_jax.distributed import add_launch_args
+    add_launch_args(p)
     args = p.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
 
     from mhc_jax.config import load_config
+    from mhc_jax.distributed import is_main_process, maybe_initialize_distributed, resolve_launch
 
+    maybe_initialize_distributed(resolve_launch(args))  # before anything touches the devices
     cfg = load_config(args.config, args.overrides)
     name = os.path.splitext(os.path.basename(args.config))[0]
     workdir = args.workdir or os.path.join("workdir", name)
+
+    import jax
 
     from mhc_jax.train.loop import run
 
@@ -37,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.status == "preempted":
         return 143
     if result.status == "nothing_to_train":  # run() said so in one line
+        return 0
+    # Every process ran the whole program, the sample included; a digest shows that they all agree.
+    digest = hashlib.sha256(result.sample.encode()).hexdigest()[:16]
+    if not is_main_process():
+        print(f"process {jax.process_index()}: finished at step {result.step}, sample digest {digest}")
         return 0
     print()
     print(f"finished at step {result.step}: train loss {result.train_loss:.4f}", end="")
@@ -48,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--- sample " + "-" * 60)
         print(result.sample)
         print("-" * 71)
+    if jax.process_count() > 1:
+        print(f"process 0: finished at step {result.step}, sample digest {digest}")
     print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
     print(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
     if result.plots:

@@ -39,10 +39,11 @@ from mhc_jax.errors import ConfigError
 
 GiB = 2**30
 
-# HBM per chip and JAX devices per chip, by the device_kind libtpu reports. Sources (Cloud TPU docs,
-# "System architecture" pages): v4 32 GiB HBM2 per chip, 2 TensorCores, which the v4 topology exposes as
-# 2 devices (measured: v4:2x2x1 has 8 devices); v5e 16 GiB, 1 TensorCore; v5p 95 GiB, 2 TensorCores as one
-# megacore device; v6e (Trillium) 32 GiB, 1 TensorCore.
+# HBM per chip by the device_kind libtpu reports. Sources (Cloud TPU docs, "System architecture" pages):
+# v4 32 GiB HBM2 per chip, 2 TensorCores; v5e 16 GiB, 1 TensorCore; v5p 95 GiB, 2 TensorCores; v6e
+# (Trillium) 32 GiB, 1 TensorCore. v4 and v5p run in megacore mode: the chip's two TensorCores are ONE JAX
+# device with the whole HBM (as MaxText's train_compile topologies declare), so `tpu_topology` asks libtpu
+# for chip_config_name="megacore" there (v4:2x2x1 is then 4 devices, not 8 TensorCore devices).
 #   https://cloud.google.com/tpu/docs/v4  https://cloud.google.com/tpu/docs/v5e
 #   https://cloud.google.com/tpu/docs/v5p  https://cloud.google.com/tpu/docs/v6e
 TPU_CHIPS: dict[str, tuple[str, float]] = {
@@ -67,6 +68,9 @@ class FitReport:
     devices_per_chip: int
     hbm_per_chip_gib: float
     hbm_per_device_gib: float
+    # What the compiler lets one program use on one device (HBM minus the runtime's reserve), read from
+    # the device itself (see `usable_hbm_bytes`); the verdict compares against it.
+    hbm_usable_per_device_gib: float
     mesh: dict[str, int]
     zero1: bool
     params: int
@@ -97,20 +101,48 @@ class FitReport:
     error: str = ""
 
 
+MEGACORE_GENERATIONS = ("v4", "v5p")  # two TensorCores per chip, run as one device
+
+
 def tpu_topology(name: str, num_slices: int = 1) -> Any:
-    """libtpu's description of a TPU topology (no TPU needed); raises a clear error without libtpu."""
+    """libtpu's description of a TPU topology (no TPU needed), as it runs: v4 / v5p in megacore mode (one
+    device per chip). Raises a clear error without libtpu."""
     try:
         import libtpu  # noqa: F401
     except ImportError as err:
         raise ConfigError("the AOT report needs libtpu: pip install -e \".[tpu]\"") from err
     from jax.experimental import topologies
 
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    kwargs: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+    if name.split(":")[0] in MEGACORE_GENERATIONS:
+        kwargs["chip_config_name"] = "megacore"
     try:
         return topologies.get_topology_desc(name, "tpu", **kwargs)
     except Exception as err:  # noqa: BLE001 - libtpu rejects unknown names with assorted error types
         raise ConfigError(f"--topology {name!r} is not a TPU topology libtpu knows ({' '.join(str(err).split())[:200]}); "
                           f"use e.g. v4:2x2x1, v5e:4x4, v5p:2x2x1") from err
+
+
+_AVAILABLE = re.compile(r"(?:exceeds available HBM \(|\sof\s+)([0-9.]+)([KMGT]?)(?:\)|\s+hbm)", re.IGNORECASE)
+
+
+def usable_hbm_bytes(device: Any) -> int:
+    """HBM one program may use on `device`, as the TPU compiler knows it. libtpu's compile-only devices have
+    no memory_stats(), so a deliberately oversized 1 TiB program is compiled and the capacity read from its
+    RESOURCE_EXHAUSTED message ("... exceeds available HBM (30.75G)"). 0 if the message does not say."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    one = NamedSharding(Mesh(np.asarray([device]), ("d",)), PartitionSpec())
+    huge = jax.ShapeDtypeStruct((2**38,), jnp.float32, sharding=one)
+    try:
+        jax.jit(lambda x: x * 2, out_shardings=one).lower(huge).compile()
+    except Exception as err:  # noqa: BLE001 - the out-of-memory message is the measurement
+        m = _AVAILABLE.search(str(err))
+        return int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m else 0
+    return 0
 
 
 def chip_info(device_kind: str) -> tuple[str, float]:
@@ -181,8 +213,9 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
     kind = devices[0].device_kind
     generation, hbm_chip = chip_info(kind)
     chips = n_chips_of(topology, num_slices)
-    per_chip = max(len(devices) // chips, 1)
+    per_chip = max(len(devices) // chips, 1)  # 1 for every generation (megacore on v4 / v5p)
     hbm_device = hbm_chip / per_chip * GiB
+    usable = usable_hbm_bytes(devices[0]) or hbm_device
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh, len(devices))))
     mesh = make_mesh(cfg.mesh, devices)
     _, abstract, _ = abstract_train_state(cfg, mesh)
@@ -194,6 +227,7 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
         config=config_name, topology=topology + (f" x{num_slices} slices" if num_slices > 1 else ""),
         device_kind=kind, generation=generation, n_devices=len(devices), n_chips=chips,
         devices_per_chip=per_chip, hbm_per_chip_gib=hbm_chip, hbm_per_device_gib=hbm_device / GiB,
+        hbm_usable_per_device_gib=usable / GiB,
         mesh=mesh_shape, zero1=cfg.mesh.zero1, params=int(n_params), global_batch=cfg.data.batch_size,
         seq_len=cfg.data.seq_len, grad_accum=cfg.training.grad_accum, remat=cfg.training.remat,
         dtype=cfg.model.dtype, fits=False, verdict="", model_flops_per_token=mft, model_flops_per_step=mft * tokens)
@@ -207,7 +241,7 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
         report.needed_bytes_per_device = needed_bytes(msg)
         report.error = msg[:2000]
         report.verdict = (f"does not fit: the compiler needs {report.needed_bytes_per_device / GiB:.2f} GiB per "
-                          f"device of {hbm_device / GiB:.2f} GiB" if report.needed_bytes_per_device
+                          f"device of {usable / GiB:.2f} GiB usable" if report.needed_bytes_per_device
                           else "does not fit (RESOURCE_EXHAUSTED)")
         return report
     report.lower_seconds, report.compile_seconds = times["lower"], times["compile"]
@@ -222,16 +256,18 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
                                      + report.temp_bytes + report.code_bytes)
     report.host_bytes_per_device = int(mem.host_argument_size_in_bytes + mem.host_output_size_in_bytes
                                        - mem.host_alias_size_in_bytes + mem.host_temp_size_in_bytes)
-    report.fits = report.total_bytes_per_device <= hbm_device
+    report.fits = report.total_bytes_per_device <= usable
     report.verdict = (f"{'fits' if report.fits else 'does not fit'}: "
-                      f"{report.total_bytes_per_device / GiB:.2f} GiB per device of {hbm_device / GiB:.2f} GiB "
-                      f"({report.total_bytes_per_device * per_chip / GiB:.2f} of {hbm_chip:.0f} GiB per chip)")
+                      f"{report.total_bytes_per_device / GiB:.2f} GiB per device of {usable / GiB:.2f} GiB usable "
+                      f"({hbm_device / GiB:.0f} GiB HBM per device)")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     report.compiled_flops_per_device = float(cost.get("flops", 0.0))
     # XLA's cost analysis counts a loop body once: the grad_accum micro-batch scan runs it grad_accum times.
+    # With model.scan_layers the layer scan's body (one layer per run) is counted once too, so the compiled
+    # count is then no measure of the step (compiled/model is left at 0 = not comparable).
     report.compiled_flops_per_step = report.compiled_flops_per_device * len(devices) * cfg.training.grad_accum
-    if report.model_flops_per_step:
+    if report.model_flops_per_step and not cfg.model.scan_layers:
         report.compiled_over_model_flops = report.compiled_flops_per_step / report.model_flops_per_step
     return report
 
@@ -240,7 +276,7 @@ def format_report(r: FitReport) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in r.mesh.items())
     lines = [
         f"config {r.config}  topology {r.topology} ({r.device_kind}: {r.n_chips} chips, {r.n_devices} devices, "
-        f"{r.hbm_per_chip_gib:.0f} GiB HBM per chip)",
+        f"{r.hbm_per_device_gib:.0f} GiB HBM per device, {r.hbm_usable_per_device_gib:.2f} GiB usable)",
         f"mesh {mesh}{'  zero1' if r.zero1 else ''}",
         f"model {r.params / 1e6:.1f}M params, batch {r.global_batch} x {r.seq_len} tokens, grad_accum "
         f"{r.grad_accum}, remat {r.remat}, dtype {r.dtype}",
@@ -252,8 +288,9 @@ def format_report(r: FitReport) -> str:
         f"FLOPs per step: compiled {r.compiled_flops_per_step:.3e} ({r.compiled_flops_per_device:.3e} per device and "
         f"micro-batch, x{r.grad_accum} micro-batches; includes remat recompute), "
         f"model {r.model_flops_per_step:.3e} ({r.model_flops_per_token:.3e} per token); compiled/model "
-        f"{r.compiled_over_model_flops:.2f}",
-        f"lower {r.lower_seconds:.1f} s, compile {r.compile_seconds:.1f} s",
+        + (f"{r.compiled_over_model_flops:.2f}" if r.compiled_over_model_flops else "n/a (scanned layers: XLA "
+           "counts a loop body once)"),
+        f"compile time: lower {r.lower_seconds:.1f} s, compile {r.compile_seconds:.1f} s (this host)",
     ]
     if r.replicated_by_divisibility:
         lines.append(f"WARNING: {len(r.replicated_by_divisibility)} arrays replicated because a mesh axis does "

@@ -65,6 +65,8 @@ class ModelConfig:
     # auto: splash on TPU, cuDNN on GPU (bf16/fp16), else chunked (CPU: from 1024 tokens) or xla (dense).
     attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
     attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
+    # Runs of identical blocks as one lax.scan over stacked parameters (compile time flat in depth); see README "Scan over layers".
+    scan_layers: bool = False
 
     @property
     def resolved_head_dim(self) -> int:

@@ -12,11 +12,11 @@ import jax
 
 from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator
+from mhc_jax.distributed import add_launch_args, is_main_process, resolve_launch
 from mhc_jax.errors import ConfigError
-from mhc_jax.sharding import make_mesh
 from mhc_jax.train import sparse_rows
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
-from mhc_jax.train.state import load_config_from_workdir, load_model_from_workdir
+from mhc_jax.train.state import join_and_load_model
 
 
 @entry_point
@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=0, help="eval batches (default: training.eval_batches)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
+    add_launch_args(p)
     args = p.parse_args(argv)
     if args.batches < 0:
         raise ConfigError(f"--batches={args.batches} is not allowed: must be >= 1 (0 = training.eval_batches)")
-    mesh = make_mesh(load_config_from_workdir(args.workdir, step=args.step).mesh)
-    cfg, model, step = load_model_from_workdir(args.workdir, mesh=mesh, step=args.step)
+    cfg, model, step, mesh = join_and_load_model(args.workdir, resolve_launch(args), args.step)
     with jax.set_mesh(mesh):
         tables = sparse_rows.tables_from_workdir(args.workdir, cfg, step)  # engram.update=sparse only
         batches = (make_eval_iterator(cfg, mesh=mesh) if tables is None
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         out = evaluate_model(model, batches, args.batches or cfg.training.eval_batches,
                              token_byte_lengths(load_tokenizer(cfg.data.tokenizer)))
     out["step"] = step
+    if not is_main_process():  # every process evaluated (the program is SPMD); process 0 reports
+        return 0
     print(f"step {step}: eval loss {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  "
           f"bits/byte {out['bits_per_byte']:.4f}  ({int(out['tokens'])} tokens, {out['batches']} batches)")
     if args.json:

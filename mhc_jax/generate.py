@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
 from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.data.tokenizer import load_tokenizer
+from mhc_jax.distributed import add_launch_args, is_main_process, resolve_launch
 # Re-exported: the sampling library used to live here.
 from mhc_jax.sampling import (EngramIdFn, check_sampling, filter_logits, fit_prompt, generate,  # noqa: F401
                               generate_text, sample_token, unbounded_context)
 from mhc_jax.train.sparse_rows import tables_from_workdir
-from mhc_jax.train.state import load_model_from_workdir
+from mhc_jax.train.state import join_and_load_model
 
 
 @entry_point
@@ -33,15 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    add_launch_args(p)
     args = p.parse_args(argv)
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading anything
-    cfg, model, step = load_model_from_workdir(args.workdir, step=args.step)
+    cfg, model, step, mesh = join_and_load_model(args.workdir, resolve_launch(args), args.step)
     tables = tables_from_workdir(args.workdir, cfg, step)  # engram.update=sparse: tables in host RAM
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if not unbounded_context(cfg):  # max_new_tokens fits the context at all
         fit_prompt([tokenizer.bos_id], args.max_new_tokens, cfg.model.max_seq_len)
-    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, engram_tables=tables)
+    with jax.set_mesh(mesh):  # every process generates (the parameters are sharded over all of them)
+        text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, engram_tables=tables)
+    if not is_main_process():
+        return 0
     print(f"[checkpoint step {step}]")
     print(args.prompt + text)
     n_new = len(tokenizer.encode(text))

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.config import Config, ConfigError
+from mhc_jax.distributed import replicated, to_host
 from mhc_jax.engram.ids import EngramIds
 
 EngramIdFn = Callable[[np.ndarray], np.ndarray]  # tokens (B, T) -> int32 (B, T, E, G)
@@ -66,15 +67,19 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k
     return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
 
 
+# The PRNG key travels as its raw uint32 data (`jax.random.key_data`), which can be a replicated global
+# array on several processes like every other input.
 @nnx.jit(static_argnums=(5, 6, 7))
-def _decode_and_sample(model, tokens_BT, positions_BT, cache, engram, temperature, top_k, top_p, key):
+def _decode_and_sample(model, tokens_BT, positions_BT, cache, engram, temperature, top_k, top_p, key_data):
     logits, cache = model.decode(tokens_BT, positions_BT, cache, *engram)
+    key = jax.random.wrap_key_data(key_data)
     return sample_token(logits[:, -1], key, temperature, top_k, top_p), cache
 
 
 @nnx.jit(static_argnums=(4, 5, 6))
-def _full_and_sample(model, tokens_BT, engram, last, temperature, top_k, top_p, key):
+def _full_and_sample(model, tokens_BT, engram, last, temperature, top_k, top_p, key_data):
     logits = model(tokens_BT, engram_ids_BTEG=engram[0], engram_rows_EUW=engram[1])
+    key = jax.random.wrap_key_data(key_data)
     return sample_token(jnp.take(logits, last, axis=1), key, temperature, top_k, top_p), None
 
 
@@ -83,7 +88,10 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
              use_cache: bool = True, eos_id: int | None = None, engram_tables: Any = None) -> list[int]:
     """Continues `prompt_ids` by up to `max_new_tokens` tokens (stops early at `eos_id`). With
     `use_cache=False` every step recomputes the whole sequence (a reference for the cached path).
-    `engram_tables`: the `HostTables` of a model with engram.update=sparse."""
+    `engram_tables`: the `HostTables` of a model with engram.update=sparse.
+
+    On several processes every process must call it with the same arguments under the model's mesh
+    (`jax.set_mesh`): the inputs become replicated global arrays and all return the same tokens."""
     cfg: Config = model.cfg
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     if not prompt_ids:
@@ -112,20 +120,25 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
         out = engram_ids(arr)
         out = out if pad_to is not None else out[:, -last_n:]
         if engram_tables is None:
-            return jnp.asarray(out), None
+            return replicated(out), None
         feed = engram_tables.feed(out, out.shape[1] * out.shape[3])  # a static bucket per call shape
-        return jnp.asarray(feed.slots_BTEG), jnp.asarray(feed.rows_EUW)
+        return replicated(feed.slots_BTEG), replicated(feed.rows_EUW)
+
+    def key_data(k: jax.Array) -> jax.Array:
+        return replicated(np.asarray(jax.random.key_data(k)))
 
     if use_cache:
         cache = model.init_cache(1, cfg.model.max_seq_len)
+        if jax.process_count() > 1:
+            cache = jax.tree.map(lambda a: replicated(np.asarray(a)), cache)
         step_tokens = np.asarray(tokens, np.int32)[None]
         positions = np.arange(len(tokens), dtype=np.int32)[None]
         step_ids = ids_of(tokens, len(tokens))
         for _ in range(max_new_tokens):
             key, sub = jax.random.split(key)
-            nxt, cache = _decode_and_sample(model, jnp.asarray(step_tokens), jnp.asarray(positions), cache,
-                                            step_ids, temperature, top_k, top_p, sub)
-            token = int(nxt[0])
+            nxt, cache = _decode_and_sample(model, replicated(step_tokens), replicated(positions), cache,
+                                            step_ids, temperature, top_k, top_p, key_data(sub))
+            token = int(to_host(nxt)[0])
             tokens.append(token)
             if token == eos_id:
                 break
@@ -138,9 +151,9 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
             key, sub = jax.random.split(key)
             buf = np.zeros((1, total), np.int32)
             buf[0, :len(tokens)] = tokens
-            nxt, _ = _full_and_sample(model, jnp.asarray(buf), ids_of(tokens, 0, pad_to=total),
-                                      len(tokens) - 1, temperature, top_k, top_p, sub)
-            token = int(nxt[0])
+            nxt, _ = _full_and_sample(model, replicated(buf), ids_of(tokens, 0, pad_to=total),
+                                      len(tokens) - 1, temperature, top_k, top_p, key_data(sub))
+            token = int(to_host(nxt)[0])
             tokens.append(token)
             if token == eos_id:
                 break

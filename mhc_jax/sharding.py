@@ -9,10 +9,7 @@ over that axis; `undivided_params` names each one and the train state logs them 
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +50,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "engram_rows": ("fsdp", "tensor"),  # engram.shard_axis ("auto": this), see rules_for()
     "engram_mem": None,
     "conv": None,
+    "layers": None,  # the stacked-layer axis of model.scan_layers: every device holds every layer's shard
 }
 
 
@@ -324,63 +322,3 @@ def global_batch(local_batch: Any, shardings: Any) -> Any:
     one process the local batch is the global batch."""
     return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)), shardings,
                         local_batch)
-
-
-# --------------------------------------------------------------------------------------------------
-# Multi-host start-up
-# --------------------------------------------------------------------------------------------------
-
-# Environment variables that mean "this process is one of several" (JAX's cluster auto-detection reads
-# the same ones): an explicit coordinator, Cloud TPU multi-host / multi-slice, SLURM, Open MPI.
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _env_int(name: str) -> int:
-    try:
-        return int(os.environ.get(name, "0") or 0)
-    except ValueError:
-        return 0
-
-
-def multi_process_env() -> str | None:
-    """Why this process looks like one of a multi-process job, or None (plain single-host runs)."""
-    flag = os.environ.get("MHC_JAX_DISTRIBUTED", "").strip().lower()
-    if flag in ("0", "false", "no"):
-        return None
-    if flag in ("1", "true", "yes"):
-        return "MHC_JAX_DISTRIBUTED=1"
-    for name in _MULTI_PROCESS_ENV:
-        if os.environ.get(name):
-            return name
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1:
-        return "TPU_WORKER_HOSTNAMES lists several hosts"
-    if _env_int("SLURM_NTASKS") > 1:
-        return "SLURM_NTASKS > 1"
-    if _env_int("OMPI_COMM_WORLD_SIZE") > 1:
-        return "OMPI_COMM_WORLD_SIZE > 1"
-    if on_tpu_vm():
-        # Pod hosts learn their peers from the GCE metadata server, not from the environment, so every
-        # TPU VM initialises (a single-host VM becomes a one-process job; MaxText does the same).
-        return "Cloud TPU VM (/dev/accel* or /dev/vfio present and libtpu installed)"
-    return None
-
-
-def on_tpu_vm() -> bool:
-    has_chips = bool(glob.glob("/dev/accel*")) or bool(glob.glob("/dev/vfio/[0-9]*"))
-    return has_chips and importlib.util.find_spec("libtpu") is not None
-
-
-def maybe_initialize_distributed() -> bool:
-    """Calls `jax.distributed.initialize()` (cluster auto-detection) when the environment says this is one
-    process of a multi-process TPU/GPU job (see `multi_process_env`; force with MHC_JAX_DISTRIBUTED=1/0).
-    Never on a plain single-host run. Must run before anything touches jax devices. Returns whether it
-    initialised."""
-    reason = multi_process_env()
-    if reason is None or jax.distributed.is_initialized():
-        return False
-    log.info("multi-process run (%s): jax.distributed.initialize()", reason)
-    jax.distributed.initialize()
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
-    return True

@@ -29,15 +29,17 @@ def test_cli_report_for_tiny_config_on_v4_fits_and_writes_json(libtpu, tmp_path,
     assert rc == 0
     assert "fits:" in capsys.readouterr().out
     r = json.loads(out.read_text())
-    # v4: 4 chips, 2 TensorCores (JAX devices) each, 32 GiB per chip (Cloud TPU v4 docs)
-    assert (r["n_chips"], r["n_devices"], r["devices_per_chip"], r["hbm_per_device_gib"]) == (4, 8, 2, 16.0)
-    assert r["mesh"] == {"dcn_data": 1, "data": 4, "fsdp": 2, "tensor": 1}
-    assert r["fits"] and 0 < r["total_bytes_per_device"] < 16 * 2**30
+    # v4 runs in megacore mode: 4 chips = 4 JAX devices of 32 GiB each (Cloud TPU v4 docs: 32 GiB per chip)
+    assert (r["n_chips"], r["n_devices"], r["devices_per_chip"], r["hbm_per_device_gib"]) == (4, 4, 1, 32.0)
+    assert 28 < r["hbm_usable_per_device_gib"] <= 32  # the compiler's own figure, less the runtime's reserve
+    assert r["mesh"] == {"dcn_data": 1, "data": 2, "fsdp": 2, "tensor": 1}
+    assert r["fits"] and 0 < r["total_bytes_per_device"] < 32 * 2**30
+    assert r["compile_seconds"] > 0 and r["lower_seconds"] > 0
     assert r["argument_bytes"] > 0 and r["temp_bytes"] > 0
     cfg = load_config("configs/tiny.yaml")
     assert r["model_flops_per_token"] == model_flops_per_token(cfg)
     assert r["model_flops_per_step"] == model_flops_per_token(cfg) * 8 * 32
-    # cost_analysis of an SPMD program is per device: times 8 devices it is the whole step.
+    # cost_analysis of an SPMD program is per device: times 4 devices it is the whole step.
     assert 0.8 < r["compiled_over_model_flops"] < 2.0, r["compiled_over_model_flops"]
     assert r["dtype"] == "bfloat16" and r["command"].startswith("python -m mhc_jax.aot")
 
@@ -84,6 +86,16 @@ def test_multi_slice_mesh_puts_dcn_data_across_slices(libtpu):
         assert {d.slice_index for d in mesh.devices[s].reshape(-1)} == {s}
     with pytest.raises(ConfigError, match="span 2 slices, so mesh.dcn_data must be 2"):
         make_mesh(MeshConfig(dcn_data=1, data=-1), devices)
+
+
+@pytest.mark.parametrize("topology,devices,hbm_gib", [("v4:2x2x1", 4, 32), ("v5p:2x2x1", 4, 95), ("v5e:2x2", 4, 16),
+                                                     ("v6e:2x2", 4, 32)])
+def test_topologies_have_one_device_per_chip_with_the_chips_whole_hbm(libtpu, topology, devices, hbm_gib):
+    topo = aot.tpu_topology(topology)
+    assert len(topo.devices) == devices == aot.n_chips_of(topology)  # megacore on v4 / v5p
+    usable = aot.usable_hbm_bytes(topo.devices[0]) / 2**30
+    # read from the device's compiler, not the table (v5p's compiler allows 95.74 GiB of the table's 95)
+    assert 0.85 * hbm_gib < usable < 1.02 * hbm_gib, usable
 
 
 def test_hbm_table_covers_every_generation_libtpu_describes(libtpu):

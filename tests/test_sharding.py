@@ -265,37 +265,3 @@ def test_checkpoint_from_one_mesh_restores_on_another_and_on_one_device(tmp_path
         assert all(x.sharding.mesh.shape == target.shape for x in leaves)
         assert {d for x in leaves for d in x.sharding.device_set} == set(target.devices.reshape(-1))
     ckpt.close()
-
-
-# --------------------------------------------------------------------------------------------------
-# Multi-process start-up
-# --------------------------------------------------------------------------------------------------
-
-_ENV = ("MHC_JAX_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
-        "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
-
-def test_plain_cpu_run_does_not_initialize_distributed(monkeypatch):
-    for name in _ENV:
-        monkeypatch.delenv(name, raising=False)
-    assert sharding.multi_process_env() is None
-    assert sharding.maybe_initialize_distributed() is False
-    assert jax.process_count() == 1
-
-
-@pytest.mark.parametrize("env,expected", [
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
-    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}, "TPU_WORKER_HOSTNAMES"),
-    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS"),
-    ({"MHC_JAX_DISTRIBUTED": "1"}, "MHC_JAX_DISTRIBUTED"),
-    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
-    ({"SLURM_NTASKS": "1"}, None),
-    ({"MHC_JAX_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, None),
-])
-def test_multi_process_environment_is_detected_from_env(monkeypatch, env, expected):
-    for name in _ENV:
-        monkeypatch.delenv(name, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    reason = sharding.multi_process_env()
-    assert (reason is None) if expected is None else (expected in reason)

@@ -81,6 +81,77 @@ class Block(nnx.Module):
         return x_BTnC, new_cache
 
 
+# --------------------------------------------------------------------------------------------------
+# Scan over layers (model.scan_layers)
+#
+# Scheme: blocks are grouped into maximal runs of consecutive blocks that are built alike
+# (`block_key`); a run of two or more becomes one `BlockStack` whose parameters carry a leading "layers"
+# axis and which runs as one `lax.scan` (remat policy applied to the scan body), so the compiled program
+# holds one block body per run, not one per layer. A block unlike its neighbours stays a plain `Block`
+# called as itself: every Engram block (its own table rows and hash primes), and any leading block that
+# differs. To make blocks differ by something else (e.g. a per-layer attention window), add it to
+# `block_key`. Each layer is still built by `Block(cfg, index)` (per-index initialisation, e.g. HC's
+# one-hot on stream index mod n, is kept) and the results are stacked.
+# Checkpoints store the stacked layout: `blocks/<group>/layers/...` with a leading layer axis.
+# --------------------------------------------------------------------------------------------------
+
+
+def block_key(cfg: Config, index: int) -> tuple | None:
+    """What decides whether block `index` can share a scan with its neighbours; None: never stacked."""
+    if cfg.engram.enabled and index in cfg.engram.layers:
+        return None
+    m = cfg.model  # blocks with another attention window compile to another program
+    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index])
+
+
+def block_groups(cfg: Config) -> list[tuple[int, ...]]:
+    """Block indices in order, grouped for model.scan_layers (runs of equal, non-None `block_key`)."""
+    groups: list[list[int]] = []
+    for i in range(cfg.model.n_layers):
+        key = block_key(cfg, i)
+        if groups and key is not None and block_key(cfg, groups[-1][-1]) == key:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [tuple(g) for g in groups]
+
+
+def _stack_variables(*variables: nnx.Variable) -> nnx.Variable:
+    axes = variables[0].get_metadata().get("axes")
+    value = jnp.stack([v.get_value() for v in variables])
+    return variables[0].replace(value, **({} if axes is None else {"axes": ("layers", *axes)}))
+
+
+class BlockStack(nnx.Module):
+    """Blocks `indices` (built alike) with parameters stacked on a leading "layers" axis, run by one scan."""
+
+    def __init__(self, cfg: Config, indices: tuple[int, ...], *, rngs: nnx.Rngs, window: int = 0):
+        self.indices = tuple(indices)
+        blocks = [Block(cfg, i, rngs=rngs, window=window) for i in indices]
+        graphdef, _ = nnx.split(blocks[0])
+        stacked = jax.tree.map(_stack_variables, *[nnx.state(b) for b in blocks],
+                               is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self.layers = nnx.merge(graphdef, stacked)
+
+    def layer(self, j: int) -> Block:
+        """Layer j of the stack as a Block (the decode path runs the layers one by one with their caches)."""
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+
+    def __call__(self, x_BTnC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+                 remat: str) -> jax.Array:
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
+            x, _ = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, None, None)
+            return x, None
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        x_BTnC, _ = jax.lax.scan(body, x_BTnC, state)
+        return x_BTnC
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(tokens_BT, ...)` -> logits (B, T, padded_vocab) in float32, with the padded
     vocabulary rows masked to a large negative value."""
@@ -94,7 +165,12 @@ class Transformer(nnx.Module):
         self.embed_VC = param(rngs, nnx.initializers.normal(m.init_std), (V, m.d_model), ("vocab", "embed"),
                              jnp.dtype(m.param_dtype))
         windows = layer_windows(m.n_layers, m.attention_window, m.global_every)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs, window=windows[i]) for i in range(m.n_layers)])
+        if m.scan_layers:
+            self.blocks = nnx.List([Block(cfg, g[0], rngs=rngs, window=windows[g[0]]) if len(g) == 1
+                                    else BlockStack(cfg, g, rngs=rngs, window=windows[g[0]])
+                                    for g in block_groups(cfg)])
+        else:
+            self.blocks = nnx.List([Block(cfg, i, rngs=rngs, window=windows[i]) for i in range(m.n_layers)])
         self.collapse = make_collapse(cfg, rngs=rngs)
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, rngs=rngs)
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
@@ -118,9 +194,15 @@ class Transformer(nnx.Module):
         """Runs new tokens at `positions_BT` against the cache; returns their logits and the new cache."""
         return self._run(tokens_BT, positions_BT, jnp.ones_like(tokens_BT), engram_ids_BTEG, cache, engram_rows_EUW)
 
+    def layers(self) -> list[Block]:
+        """Every block in order as a Block (stacked layers of model.scan_layers sliced out one by one)."""
+        return [b for group in self.blocks
+                for b in ([group.layer(j) for j in range(len(group.indices))] if isinstance(group, BlockStack)
+                          else [group])]
+
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []
-        for block in self.blocks:
+        for block in self.layers():
             c: LayerCache = {"attn": init_kv_cache(self.cfg.model, batch, max_len, self.dtype, block.attn.window)}
             if block.engram is not None:
                 c["engram"] = block.engram.init_cache(batch)
@@ -134,30 +216,52 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
-        x_BTC = (jnp.take(self.embed_VC[...], tokens_BT, axis=0) if embeds_BTC is None else embeds_BTC).astype(self.dtype)
-        x_BTnC = constrain(expand(x_BTC, self.n_streams), STREAM_AXES)
-        engram_layers = self.cfg.engram.layers
-        new_cache = None if cache is None else []
-        for i, block in enumerate(self.blocks):
-            ids = rows = None
-            if block.engram is not None and engram_ids_BTEG is not None:
-                ids = engram_ids_BTEG[:, :, engram_layers.index(i)]
-                rows = None if engram_rows_EUW is None else engram_rows_EUW[engram_layers.index(i)]
-            layer_cache = None if cache is None else cache[i]
-            if self.remat != "none" and cache is None:
-                x_BTnC, _ = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[self.remat])(
-                    block, x_BTnC, positions_BT, segment_ids_BT, ids, None, rows)
-            else:
-                x_BTnC, layer_cache = block(x_BTnC, positions_BT, segment_ids_BT, ids, layer_cache, rows)
-            if new_cache is not None:
-                new_cache.append(layer_cache)
+        # FSDP gathers the table's embed dimension before the lookup (as for any weight), so the looked-up
+        # rows come out split over the batch like the tokens; gathering from the fsdp-split table would
+        # give rows split over embed, which the partitioner can only re-split by replicating them.
+        if embeds_BTC is None:
+            embed_VC = constrain(self.embed_VC[...], ("activation_vocab", None))
+            embeds_BTC = jnp.take(embed_VC, tokens_BT, axis=0)
+        x_BTnC = constrain(expand(embeds_BTC.astype(self.dtype), self.n_streams), STREAM_AXES)
+        if cache is None:  # training / scoring: stacked runs scan, single blocks run as themselves
+            for group in self.blocks:
+                x_BTnC = (group(x_BTnC, positions_BT, segment_ids_BT, self.remat) if isinstance(group, BlockStack)
+                          else self._run_block(group, x_BTnC, positions_BT, segment_ids_BT, engram_ids_BTEG,
+                                               engram_rows_EUW))
+            return self._head(x_BTnC), None
+        new_cache = []
+        for i, block in enumerate(self.layers()):  # decoding: layer by layer with their caches
+            ids, rows = self._engram_inputs(block, engram_ids_BTEG, engram_rows_EUW)
+            x_BTnC, layer_cache = block(x_BTnC, positions_BT, segment_ids_BT, ids, cache[i], rows)
+            new_cache.append(layer_cache)
+        return self._head(x_BTnC), new_cache
+
+    def _engram_inputs(self, block: Block, engram_ids_BTEG: jax.Array | None,
+                       engram_rows_EUW: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+        """(ids_BTG, rows_UW) of `block`'s Engram layer (None, None without one)."""
+        if block.engram is None or engram_ids_BTEG is None:
+            return None, None
+        e = self.cfg.engram.layers.index(block.index)
+        return engram_ids_BTEG[:, :, e], None if engram_rows_EUW is None else engram_rows_EUW[e]
+
+    def _run_block(self, block: Block, x_BTnC, positions_BT, segment_ids_BT, engram_ids_BTEG,
+                   engram_rows_EUW) -> jax.Array:
+        """One block on the full-sequence path (no cache), rematerialised per `training.remat`."""
+        ids, rows = self._engram_inputs(block, engram_ids_BTEG, engram_rows_EUW)
+        if self.remat != "none":
+            x_BTnC, _ = nnx.remat(lambda blk, *a: blk(*a), policy=REMAT_POLICIES[self.remat])(
+                block, x_BTnC, positions_BT, segment_ids_BT, ids, None, rows)
+            return x_BTnC
+        return block(x_BTnC, positions_BT, segment_ids_BT, ids, None, rows)[0]
+
+    def _head(self, x_BTnC: jax.Array) -> jax.Array:
         h_BTC = self.final_norm(self.collapse(x_BTnC))
         head_CV = self.embed_VC[...].T if self.head_CV is None else self.head_CV[...]
         logits_BTV = jnp.einsum("btc,cv->btv", h_BTC, head_CV.astype(self.dtype)).astype(jnp.float32)
         m = self.cfg.model
         if m.padded_vocab_size != m.vocab_size:
             logits_BTV = jnp.where(jnp.arange(m.padded_vocab_size) < m.vocab_size, logits_BTV, -1e9)
-        return constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab")), new_cache
+        return constrain(logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.train.step import eval_step
+from mhc_jax.distributed import replicated
+from mhc_jax.train.step import Batch, loss_sum_and_count
 
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:
@@ -16,17 +19,26 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     return np.array([len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)], np.int64)
 
 
+@nnx.jit
+def eval_sums(model: nnx.Module, batch: Batch, byte_lengths_V: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of token losses, token count, UTF-8 bytes of the counted targets) of one batch, reduced inside
+    the jitted program: the scalars are replicated, so every process reads them (a pod process holds only
+    its rows of the batch)."""
+    loss_sum, count = loss_sum_and_count(model, batch)
+    targets_BT = jnp.clip(batch["targets"], 0, byte_lengths_V.shape[0] - 1)
+    n_bytes = jnp.sum(jnp.where(batch["loss_mask"] > 0, byte_lengths_V[targets_BT], 0))
+    return loss_sum, count, n_bytes
+
+
 def evaluate_model(model: nnx.Module, batches: Any, n_batches: int, byte_lengths: np.ndarray) -> dict[str, float]:
     """Mean token loss (nats), perplexity and bits per byte over `n_batches` batches of `batches`."""
+    lengths_V = replicated(np.asarray(byte_lengths, np.int32))
     loss_sum, tokens, n_bytes, seen = 0.0, 0.0, 0, 0
     for batch in batches:
         if seen == n_batches:
             break
-        s, c = eval_step(model, batch)
-        loss_sum, tokens = loss_sum + float(s), tokens + float(c)
-        targets = np.asarray(batch["targets"])
-        mask = np.asarray(batch["loss_mask"]) > 0
-        n_bytes += int(byte_lengths[np.clip(targets, 0, len(byte_lengths) - 1)][mask].sum())
+        s, c, b = jax.device_get(eval_sums(model, batch, lengths_V))
+        loss_sum, tokens, n_bytes = loss_sum + float(s), tokens + float(c), n_bytes + int(b)
         seen += 1
     if tokens == 0:
         raise ValueError("the evaluation split gave no tokens; check data.eval_split and the dataset")

@@ -4,6 +4,11 @@ Data flows one way: config -> Grain batches (global arrays on the mesh) -> the j
 metrics, and every `checkpoint.every` steps an Orbax checkpoint of model, optimiser, step, data-iterator
 state and config. Re-running with the same workdir resumes from the newest readable checkpoint; SIGTERM or
 SIGINT saves a checkpoint before exiting.
+
+`run` is a sequence of named steps over one `Session`: `build` (mesh, state, data, sinks), `restore`,
+then per step `train_step`, `log_metrics`, `diagnose`, `evaluate`, `save_checkpoint`, and at the end
+`sample`. Multi-process: every process runs every step (each program is SPMD over the global mesh);
+process 0 alone prints and writes metrics / TensorBoard; Orbax checkpoints with every process taking part.
 """
 
 from __future__ import annotations
@@ -18,20 +23,22 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mhc_jax.config import Config, save_config, to_dict
-from mhc_jax.errors import ConfigError, TrainingError
 from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator, make_train_iterator
 from mhc_jax.diagnostics import amax_gains, collect_h_res, engram_gate_stats
+from mhc_jax.distributed import is_main_process, maybe_initialize_distributed, to_host
+from mhc_jax.errors import ConfigError, TrainingError
 from mhc_jax.flops import model_flops_per_token
 from mhc_jax.sampling import generate_text
-from mhc_jax.sharding import batch_shardings, make_mesh, maybe_initialize_distributed
+from mhc_jax.sharding import batch_shardings, batch_ways, make_mesh
+from mhc_jax.train import sparse_rows
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
-from mhc_jax.train.metrics import MetricsWriter, measure_peak_flops
+from mhc_jax.train.metrics import MetricsWriter, peak_flops_per_device
 from mhc_jax.train.optimizer import lr_schedule
 from mhc_jax.train.profile import StepProfiler, finish_run
-from mhc_jax.train import sparse_rows
 from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
 from mhc_jax.train.step import make_sharded_step
 
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 # Sections that must match between a checkpoint and the config resuming from it (the rest, e.g. steps
 # or logging intervals, may change between runs).
 _SHAPE_SECTIONS = ("model", "residual", "engram")
+_DIAG_TOKENS = 128  # tokens per row the Amax-gain diagnostics look at
 
 
 @dataclass
@@ -58,7 +66,7 @@ def _ensure_workdir(workdir: str) -> None:
         return
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")  # one per process: no races
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -128,14 +136,17 @@ def _resume(ckpt: Checkpointer, cfg: Config, workdir: str, writer: MetricsWriter
     finally:
         for s in ckpt.skipped:
             writer.write(s["step"], "checkpoint_fallback", s)
-            print(f"checkpoint step {s['step']} is unreadable ({s['reason']}); moved it to {s['moved_to']}",
-                  flush=True)
+            if is_main_process():
+                print(f"checkpoint step {s['step']} is unreadable ({s['reason']}); moved it to {s['moved_to']}",
+                      flush=True)
     if data_state is not None:
         try:
             train_iter.set_state(data_state)
         except Exception as err:  # noqa: BLE001 - e.g. another data.seq_len: the data order restarts
             changes.append(f"the saved data-iterator state does not fit this data config "
                            f"({type(err).__name__}), so the data order restarts")
+    if not is_main_process():  # every process restored the same step; process 0 says so
+        return state, start
     print(f"resumed from {ckpt.directory}/{start} (step {start})"
           + (f" after falling back over step(s) {[s['step'] for s in ckpt.skipped]}" if ckpt.skipped else ""),
           flush=True)
@@ -191,164 +202,250 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
-    """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final step's summary."""
-    maybe_initialize_distributed()
-    _ensure_workdir(workdir)
-    is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh)
-    t = cfg.training
-    writer = MetricsWriter(workdir, enabled=is_main)
-    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint, heal=True)
-    config_written: dict[str, Any] = {"saved": set()}
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    byte_lengths = token_byte_lengths(tokenizer)
-    schedule = lr_schedule(cfg.optimizer, t.steps)
-    flops_per_token = model_flops_per_token(cfg)
-    peak = t.peak_flops or measure_peak_flops()
-    result = RunResult(step=0, status="finished", workdir=workdir)
+@dataclass
+class Session:
+    """Everything one training run holds; the named steps below read and update it."""
 
-    with jax.set_mesh(mesh), _Preemption() as preempt:
+    cfg: Config
+    workdir: str
+    mesh: jax.sharding.Mesh
+    writer: MetricsWriter
+    ckpt: Checkpointer
+    tokenizer: Any
+    byte_lengths: np.ndarray
+    schedule: Any
+    flops_per_token: float
+    peak: float
+    graphdef: Any
+    state: Any
+    shardings: Any
+    train_iter: Any
+    result: RunResult
+    tables: Any = None  # engram.update=sparse: the host tables (mhc_jax.engram.host_tables)
+    rows: Any = None  # ... and the prefetcher of each batch's rows, which is also the train iterator
+    profiler: Any = None
+    start: int = 0
+    step_fn: Any = None
+    pending: list[tuple[int, dict[str, jax.Array]]] = field(default_factory=list)
+    config_written: dict[str, Any] = field(default_factory=lambda: {"saved": set()})
+    window_start: float = field(default_factory=time.perf_counter)
+    bar: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return is_main_process()
+
+
+def build(cfg: Config, workdir: str) -> Session:
+    """Workdir, mesh, sinks, tokenizer, a freshly initialised train state sharded on the mesh and the data
+    iterator (call under `jax.set_mesh(session.mesh)` from here on). config.yaml is written later, once
+    the run has a checkpoint (`_write_config_once`)."""
+    _ensure_workdir(workdir)
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tables = rows = None
+    with jax.set_mesh(mesh):
         graphdef, state, shardings = init_train_state(cfg, mesh)
-        rows = tables = None  # sparse Engram: host tables and the prefetcher of their rows (train/sparse_rows)
-        if cfg.engram.sparse:
+        if cfg.engram.sparse:  # host tables and the prefetcher of their rows (train/sparse_rows)
             tables = sparse_rows.host_tables(cfg)
             rows = train_iter = sparse_rows.row_prefetcher(cfg, mesh, make_train_iterator(cfg), tables)
         else:
             train_iter = make_train_iterator(cfg, mesh=mesh)
-        state, start = _resume(ckpt, cfg, workdir, writer, graphdef, state, shardings, train_iter)
-        if tables is not None and start:
-            sparse_rows.restore_tables(ckpt, tables, start)
-        result.step = start
-        if start >= t.steps:
-            print(f"nothing to train: {workdir} already holds step {start} >= training.steps={t.steps}; "
+    return Session(
+        cfg=cfg, workdir=workdir, mesh=mesh, writer=MetricsWriter(workdir, enabled=is_main_process()),
+        ckpt=Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint, heal=True), tokenizer=tokenizer,
+        byte_lengths=token_byte_lengths(tokenizer), schedule=lr_schedule(cfg.optimizer, cfg.training.steps),
+        flops_per_token=model_flops_per_token(cfg), peak=peak_flops_per_device(cfg.training.peak_flops),
+        graphdef=graphdef, state=state, shardings=shardings, train_iter=train_iter, tables=tables, rows=rows,
+        profiler=StepProfiler(cfg.training.profile_steps, workdir,
+                              enabled=is_main_process() and "://" not in workdir),
+        result=RunResult(step=0, status="finished", workdir=workdir))
+
+
+def restore(s: Session) -> int:
+    """Loads the newest readable checkpoint (state, data-iterator position, sparse Engram tables), if any,
+    falling back over unreadable steps (`_resume`); returns the step."""
+    t = s.cfg.training
+    s.state, s.start = _resume(s.ckpt, s.cfg, s.workdir, s.writer, s.graphdef, s.state, s.shardings, s.train_iter)
+    if s.tables is not None and s.start:
+        sparse_rows.restore_tables(s.ckpt, s.tables, s.start)
+    s.result.step = s.start
+    if s.start >= t.steps:
+        if s.is_main:
+            print(f"nothing to train: {s.workdir} already holds step {s.start} >= training.steps={t.steps}; "
                   "raise training.steps to train further", flush=True)
-            result.status = "nothing_to_train"
+        s.result.status = "nothing_to_train"
+    return s.start
 
-        step_fn = None
-        pending: list[tuple[int, dict[str, jax.Array]]] = []
-        window_start = time.perf_counter()
-        bar = None
-        if progress and is_main:
+
+def train_step(s: Session, step: int) -> dict[str, jax.Array]:
+    """One optimisation step on the next batch (compiled on first use); queues its metrics for logging.
+    With sparse Engram tables the batch's rows are then updated in host memory (row-wise Adam)."""
+    s.profiler.before(step, s.state)
+    batch = next(s.train_iter)
+    if s.step_fn is None:
+        s.step_fn = make_sharded_step(s.graphdef, s.shardings, batch_shardings(batch, s.mesh),
+                                      s.cfg.training.grad_accum)
+    s.state, metrics = s.step_fn(s.state, batch)
+    if s.rows is not None:
+        s.rows.apply(metrics)
+    s.pending.append((step, metrics))
+    return batch
+
+
+def log_metrics(s: Session) -> None:
+    """Writes the queued steps' metrics (process 0) and updates the progress bar. The non-finite stop is
+    `_stop_if_nonfinite`, checked every step."""
+    if not s.pending:
+        return
+    host = jax.device_get([m for _, m in s.pending])  # scalars, replicated on every process
+    step_time = (time.perf_counter() - s.window_start) / len(s.pending)
+    tokens_per_s = 0.0
+    for (step, _), m in zip(s.pending, host):
+        tokens_per_s = float(m["tokens"]) / max(step_time, 1e-9)
+        row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(s.schedule(step)),
+               "tokens_per_s": tokens_per_s, "step_time": step_time,
+               "mfu": s.flops_per_token * tokens_per_s / (s.peak * jax.device_count()),
+               "nonfinite": bool(m["nonfinite"])}
+        s.writer.write(step + 1, "train", row)
+        s.result.train_loss = float(m["loss"])
+    if s.bar is not None:
+        s.bar.update(len(s.pending))
+        s.bar.set_postfix(loss=f"{s.result.train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+    s.pending.clear()
+    s.window_start = time.perf_counter()
+
+
+def evaluate(s: Session, step: int) -> dict[str, float]:
+    """Eval loss / perplexity / bits per byte over `training.eval_batches` batches (every process runs
+    the jitted reduction; process 0 writes and prints)."""
+    model, _ = nnx.merge(s.graphdef, s.state)
+    batches = (make_eval_iterator(s.cfg, mesh=s.mesh) if s.tables is None
+               else sparse_rows.with_rows(s.cfg, s.mesh, s.tables, make_eval_iterator(s.cfg)))
+    out = evaluate_model(model, batches, s.cfg.training.eval_batches, s.byte_lengths)
+    s.writer.write(step, "eval", out)
+    if s.is_main:
+        print(f"\nstep {step}: eval loss {out['loss']:.4f}  ppl {out['perplexity']:.2f}  "
+              f"bpb {out['bits_per_byte']:.4f}", flush=True)
+    return out
+
+
+def diagnose(s: Session, step: int, batch: dict[str, jax.Array]) -> None:
+    """Engram gate statistics and table hit rates (with Engram), and the mHC / HC composite Amax gains (not
+    for the plain residual) over the first `_DIAG_TOKENS` tokens of one row per batch shard: rows that split
+    evenly over the batch axes (a single row would not, and the partitioner would replicate it), few enough
+    to gather on one host."""
+    model, _ = nnx.merge(s.graphdef, s.state)
+    if s.cfg.engram.enabled:
+        out = engram_gate_stats(model, batch)
+        out.update(sparse_rows.stats(s.rows) if s.rows is not None else sparse_rows.dense_hit_stats(s.cfg, batch))
+        s.writer.write(step, "diagnostics", out)
+    if s.cfg.residual.kind == "plain":
+        return
+    if s.cfg.model.scan_layers:  # the mappings are sown per connection; a scan body's sows do not escape
+        log.warning("training.diagnostics_every needs model.scan_layers=false; skipping the Amax gains")
+        return
+    rows, T = batch_ways(s.mesh), min(_DIAG_TOKENS, batch["inputs"].shape[1])  # causal: a prefix is exact
+    part = {k: v[:rows, :T] for k, v in batch.items() if k != "engram_rows"}
+    h_res = collect_h_res(model, part["inputs"], positions_BT=part["positions"],
+                          segment_ids_BT=part["segment_ids"], engram_ids_BTEG=part.get("engram_ids"),
+                          engram_rows_EUW=batch.get("engram_rows"))
+    gains = amax_gains(to_host(h_res))  # gathered: on a pod no process holds all of it
+    s.writer.write(step, "diagnostics", {
+        "composite_fwd_max": float(gains["composite_fwd"].max()),
+        "composite_bwd_max": float(gains["composite_bwd"].max()),
+        "layer_fwd_max": float(gains["per_layer_fwd"].max()),
+        "layer_bwd_max": float(gains["per_layer_bwd"].max())})
+
+
+def save_checkpoint(s: Session, step: int) -> None:
+    """Orbax checkpoint of state, data-iterator position, metadata (and sparse Engram tables); every process
+    takes part (each writes its shards; Orbax writes the metadata once). config.yaml follows the first one."""
+    host_state = None if s.tables is None else s.tables.state_dict(copy=s.cfg.checkpoint.async_save)
+    s.ckpt.save(step, nnx.to_pure_dict(s.state), s.train_iter.get_state(),
+                {"step": step, "config": to_dict(s.cfg)}, force=True, host_state=host_state)
+    s.config_written["saved"].add(step)
+    _write_config_once(s.config_written, s.ckpt, s.cfg, s.workdir, s.is_main)
+
+
+def sample(s: Session) -> str:
+    """The end-of-run text sample. Every process runs the same generation (the parameters are sharded over
+    all of them), so every process returns the same text."""
+    t = s.cfg.training
+    model, _ = nnx.merge(s.graphdef, s.state)
+    budget = s.cfg.model.max_seq_len - 2 - len(s.tokenizer.encode(t.sample_prompt))
+    return t.sample_prompt + generate_text(model, s.tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
+                                           temperature=0.8, top_k=40, seed=t.seed, engram_tables=s.tables)
+
+
+def _stop_requested(preempt: _Preemption, done: int, log_every: int) -> bool:
+    """Whether to save and stop after step `done`. On several processes all must agree (one may be
+    signalled before the others), so the flags are combined every `training.log_every` steps."""
+    if jax.process_count() == 1:
+        return preempt.signal is not None
+    if done % log_every:
+        return False
+    flags = multihost_utils.process_allgather(np.int32(preempt.signal is not None))
+    return bool(np.any(flags))
+
+
+def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
+    """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns the final step's summary."""
+    maybe_initialize_distributed()
+    s = build(cfg, workdir)
+    t = cfg.training
+    with jax.set_mesh(s.mesh), _Preemption() as preempt:
+        start = restore(s)
+        if progress and s.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
-
-        def flush() -> None:
-            nonlocal window_start
-            if not pending:
-                return
-            host = jax.device_get([m for _, m in pending])
-            elapsed = time.perf_counter() - window_start
-            step_time = elapsed / len(pending)
-            for (s, _), m in zip(pending, host):
-                tokens_per_s = float(m["tokens"]) / max(step_time, 1e-9)
-                row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(schedule(s)),
-                       "tokens_per_s": tokens_per_s, "step_time": step_time,
-                       "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()),
-                       "nonfinite": bool(m["nonfinite"])}
-                writer.write(s + 1, "train", row)
-                result.train_loss = float(m["loss"])
-            if bar is not None:
-                bar.update(len(pending))
-                bar.set_postfix(loss=f"{result.train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            pending.clear()
-            window_start = time.perf_counter()
-
-        def run_eval(step: int) -> dict[str, float]:
-            model, _ = nnx.merge(graphdef, state)
-            batches = (make_eval_iterator(cfg, mesh=mesh) if rows is None
-                       else sparse_rows.with_rows(cfg, mesh, tables, make_eval_iterator(cfg)))
-            out = evaluate_model(model, batches, t.eval_batches, byte_lengths)
-            writer.write(step, "eval", out)
-            if is_main:
-                print(f"\nstep {step}: eval loss {out['loss']:.4f}  ppl {out['perplexity']:.2f}  "
-                      f"bpb {out['bits_per_byte']:.4f}", flush=True)
-            return out
-
-        def run_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
-            if cfg.engram.enabled:
-                engram_diagnostics(step, batch)
-            if cfg.residual.kind == "plain":
-                return
-            model, _ = nnx.merge(graphdef, state)
-            tokens = batch["inputs"][:1]
-            h_res = collect_h_res(model, tokens, engram_ids_BTEG=None if "engram_ids" not in batch
-                                  else batch["engram_ids"][:1], engram_rows_EUW=batch.get("engram_rows"))
-            gains = {k: np.asarray(v) for k, v in amax_gains(h_res).items()}
-            writer.write(step, "diagnostics", {
-                "composite_fwd_max": float(gains["composite_fwd"].max()),
-                "composite_bwd_max": float(gains["composite_bwd"].max()),
-                "layer_fwd_max": float(gains["per_layer_fwd"].max()),
-                "layer_bwd_max": float(gains["per_layer_bwd"].max())})
-
-        def engram_diagnostics(step: int, batch: dict[str, jax.Array]) -> None:
-            model, _ = nnx.merge(graphdef, state)
-            out = engram_gate_stats(model, batch)
-            out.update(sparse_rows.stats(rows) if rows is not None else sparse_rows.dense_hit_stats(cfg, batch))
-            writer.write(step, "diagnostics", out)
-
-        step = start
-        profiler = StepProfiler(t.profile_steps, workdir, enabled=is_main and "://" not in workdir)
+            s.bar = tqdm(total=t.steps, initial=start, unit="step", dynamic_ncols=True)
+        s.window_start = time.perf_counter()
         try:
             for step in range(start, t.steps):
-                profiler.before(step, state)
-                batch = next(train_iter)
-                if step_fn is None:
-                    step_fn = make_sharded_step(graphdef, shardings, batch_shardings(batch, mesh), t.grad_accum)
-                state, metrics = step_fn(state, batch)
-                if rows is not None:
-                    rows.apply(metrics)  # row-wise Adam of the batch's rows in host memory
-                pending.append((step, metrics))
+                batch = train_step(s, step)
                 done = step + 1
                 last = done == t.steps
-                diagnose = bool(t.diagnostics_every) and (done % t.diagnostics_every == 0 or last)
-                evaluate = done % t.eval_every == 0 or last
-                save = done % cfg.checkpoint.every == 0 or last or preempt.signal is not None
+                stop = _stop_requested(preempt, done, t.log_every)
+                diagnose_now = bool(t.diagnostics_every) and (done % t.diagnostics_every == 0 or last)
+                evaluate_now = done % t.eval_every == 0 or last
+                save_now = done % cfg.checkpoint.every == 0 or last or stop
                 # Waits for this step only where the loop syncs anyway (log, eval, checkpoint).
-                _stop_if_nonfinite(pending, t.max_nonfinite_in_row, cfg.optimizer.lr, flush,
-                                   block=done % t.log_every == 0 or diagnose or evaluate or save)
-                if done % t.log_every == 0 or last or preempt.signal is not None:
-                    flush()
-                if diagnose:
-                    run_diagnostics(done, batch)
-                if evaluate:
-                    result.eval = run_eval(done)
-                if save:
-                    ckpt.save(done, nnx.to_pure_dict(state), train_iter.get_state(),
-                              {"step": done, "config": to_dict(cfg)}, force=True,
-                              host_state=None if tables is None else tables.state_dict(copy=cfg.checkpoint.async_save))
-                    config_written["saved"].add(done)
-                    _write_config_once(config_written, ckpt, cfg, workdir, is_main)
-                result.step = done
-                if preempt.signal is not None:
-                    result.status = "preempted"
+                _stop_if_nonfinite(s.pending, t.max_nonfinite_in_row, cfg.optimizer.lr, lambda: log_metrics(s),
+                                   block=done % t.log_every == 0 or diagnose_now or evaluate_now or save_now)
+                if done % t.log_every == 0 or last or stop:
+                    log_metrics(s)
+                if diagnose_now:
+                    diagnose(s, done, batch)
+                if evaluate_now:
+                    s.result.eval = evaluate(s, done)
+                if save_now:
+                    save_checkpoint(s, done)
+                s.result.step = done
+                if stop:
+                    s.result.status = "preempted"
                     break
-            flush()
+            log_metrics(s)
         except BaseException:
-            if pending:  # metric rows of computed steps are never dropped, whatever stopped the run
+            if s.pending:  # metric rows of computed steps are never dropped, whatever stopped the run
                 try:
-                    flush()
+                    log_metrics(s)
                 except Exception:  # noqa: BLE001 - the original error is the one to report
                     pass
             raise
         finally:
-            profiler.stop(state)
-            ckpt.close()
-            if rows is not None:
-                rows.close()
-            _write_config_once(config_written, ckpt, cfg, workdir, is_main)
-            if bar is not None:
-                bar.close()
-
-        if result.status == "finished" and is_main and t.sample_tokens > 0:
-            model, _ = nnx.merge(graphdef, state)
-            budget = cfg.model.max_seq_len - 2 - len(tokenizer.encode(t.sample_prompt))
-            result.sample = t.sample_prompt + generate_text(
-                model, tokenizer, t.sample_prompt, max(0, min(t.sample_tokens, budget)),
-                temperature=0.8, top_k=40, seed=t.seed, engram_tables=tables)
-    writer.close()
-    result.plots = finish_run(workdir, t.plots)
-    if preempt.signal is not None:
-        print(f"\nstopped by signal {preempt.signal} at step {result.step}; checkpoint saved in "
-              f"{ckpt.directory}. Re-run the same command to resume.", flush=True)
-    return result
+            s.profiler.stop(s.state)
+            s.ckpt.close()
+            if s.rows is not None:
+                s.rows.close()
+            _write_config_once(s.config_written, s.ckpt, cfg, workdir, s.is_main)
+            if s.bar is not None:
+                s.bar.close()
+        if s.result.status == "finished" and t.sample_tokens > 0:
+            s.result.sample = sample(s)
+    s.writer.close()
+    if s.is_main:
+        s.result.plots = finish_run(workdir, t.plots)
+    if s.result.status == "preempted" and s.is_main:
+        print(f"\nstopped by signal {preempt.signal or 'on another process'} at step {s.result.step}; checkpoint "
+              f"saved in {s.ckpt.directory}. Re-run the same command to resume.", flush=True)
+    return s.result

@@ -1,8 +1,10 @@
-"""Metrics sinks (metrics.jsonl, TensorBoard, console) and the measured matmul peak for MFU."""
+"""Metrics sinks (metrics.jsonl, TensorBoard, console) and the MFU denominator (a table of dense bf16
+peaks per device kind; a warmed-up, repeated matmul probe on CPU)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -11,21 +13,72 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+log = logging.getLogger(__name__)
 
-def measure_peak_flops(n: int = 1024, repeats: int = 5, dtype: jnp.dtype | None = None) -> float:
-    """FLOP/s of one device on a jitted n x n matmul (best of `repeats`), the MFU denominator when no
-    peak is configured. bf16 on accelerators (what training uses), float32 on CPU."""
+# Dense (no sparsity) bf16 peak FLOP/s per JAX device, matched against `device.device_kind`. TPU v4 and
+# v5p run in megacore mode (one device per chip), so a device's peak is the chip's.
+#   TPU v4   275e12  https://cloud.google.com/tpu/docs/v4   ("275 TFLOPs bf16 per chip")
+#   TPU v5e  197e12  https://cloud.google.com/tpu/docs/v5e  ("197 TFLOPs bf16 per chip")
+#   TPU v5p  459e12  https://cloud.google.com/tpu/docs/v5p  ("459 TFLOPs bf16 per chip")
+#   TPU v6e  918e12  https://cloud.google.com/tpu/docs/v6e  ("918 TFLOPs bf16 per chip")
+#   A100     312e12  NVIDIA A100 datasheet, BF16 Tensor Core 312 TFLOPS (624 with sparsity)
+#   H100     989e12  NVIDIA H100 datasheet, SXM5 BF16 Tensor Core 989 TFLOPS dense (1979 with sparsity);
+#                    the PCIe card: 756e12
+#   H200     989e12  NVIDIA H200 datasheet, BF16 Tensor Core 989 TFLOPS dense (1979 with sparsity)
+# Checked in this order (first substring that occurs in device_kind wins), so "H100 PCIe" precedes "H100".
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),  # v5p reports "TPU v5"
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("A100", 312e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+)
+
+
+def table_peak_flops(device_kind: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one device of this kind from `PEAK_BF16_FLOPS`, or None if unknown."""
+    for key, peak in PEAK_BF16_FLOPS:
+        if key.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def measure_peak_flops(n: int = 512, chain: int = 16, repeats: int = 3, dtype: jnp.dtype | None = None) -> float:
+    """FLOP/s of one device on `chain` dependent n x n matmuls inside one jitted loop (so Python dispatch is
+    not timed), compiled and warmed up first, best of `repeats`. bf16 on accelerators, float32 on CPU."""
     if dtype is None:
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
+    a = (jax.random.normal(jax.random.key(0), (n, n), jnp.float32) / math.sqrt(n)).astype(dtype)
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, chain, lambda _, y: y @ x, x))
+    f(a).block_until_ready()  # compile
+    f(a).block_until_ready()  # warm up (caches, clocks)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
+    return 2.0 * n**3 * chain / best
+
+
+def peak_flops_per_device(configured: float = 0.0) -> float:
+    """The MFU denominator: `training.peak_flops` if set, else the table's dense bf16 peak of this device,
+    else (CPU, or an accelerator the table does not know) the measured matmul probe."""
+    if configured > 0:
+        return configured
+    kind = jax.devices()[0].device_kind
+    peak = table_peak_flops(kind) if jax.default_backend() != "cpu" else None
+    if peak is not None:
+        return peak
+    if jax.default_backend() != "cpu":
+        log.warning("no peak FLOP/s known for device kind %r; MFU uses a measured matmul probe (set "
+                    "training.peak_flops to the datasheet value)", kind)
+    return measure_peak_flops()
 
 
 class MetricsWriter:

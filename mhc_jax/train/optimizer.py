@@ -29,7 +29,9 @@ def param_group(variable: nnx.Variable) -> str:
     axes = tuple(variable.get_metadata().get("axes") or ())
     if "engram_rows" in axes:
         return "engram"
-    if len(variable.get_value().shape) >= 2 and axes and set(axes) <= DECAYED_AXES:
+    stacked = axes[:1] == ("layers",)  # model.scan_layers: one parameter per layer on a leading axis
+    axes = axes[1:] if stacked else axes
+    if len(variable.get_value().shape) - stacked >= 2 and axes and set(axes) <= DECAYED_AXES:
         return "decay"
     return "no_decay"
 

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from mhc_jax.config import CheckpointConfig, Config, ConfigError, config_from_dict
 from mhc_jax.errors import CheckpointError
+from mhc_jax.distributed import Launch, maybe_initialize_distributed
 from mhc_jax.model import Transformer
 from mhc_jax.sharding import make_mesh, train_state_shardings, undivided_params
 from mhc_jax.train.checkpoint import Checkpointer, abstract_like
@@ -108,3 +109,12 @@ def load_model_from_workdir(workdir: str, overrides: list[str] | tuple[str, ...]
         model, _ = nnx.merge(graphdef, state)
     ckpt.close()
     return cfg, model, step
+
+
+def join_and_load_model(workdir: str, launch: Launch, step: int | None = None) -> tuple[Config, Transformer, int, Mesh]:
+    """For the CLIs: joins the multi-process job (`launch`, before any device is touched), then loads the
+    workdir's model onto its saved mesh (every process holds its shards). Returns (cfg, model, step, mesh)."""
+    maybe_initialize_distributed(launch)
+    mesh = make_mesh(load_config_from_workdir(workdir, step=step).mesh)
+    cfg, model, step = load_model_from_workdir(workdir, mesh=mesh, step=step)
+    return cfg, model, step, mesh

@@ -125,12 +125,6 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
 train_step = nnx.jit(step_fn, donate_argnums=(0, 1), static_argnames=("grad_accum",))
 
 
-@nnx.jit
-def eval_step(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, token count) on one batch, for eval loss / perplexity / bits per byte."""
-    return loss_sum_and_count(model, batch)
-
-
 def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any, grad_accum: int = 1):
     """`step(state, batch) -> (state, metrics)` as a `jax.jit` with explicit in/out shardings and the
     state donated, where state = nnx.state((model, optimizer)). The same step as `train_step`."""

@@ -1,0 +1,217 @@
+"""Multi-process runs on one machine: 2 processes x 4 fake CPU devices joined over localhost (gloo), the
+same global 8-device mesh as a single-process run. Training with eval and checkpoints, SIGKILL of every
+process mid-run, resume, and the evaluate / generate CLIs must all give what one process gives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from argparse import ArgumentParser
+
+import jax
+import numpy as np
+import pytest
+
+from mhc_jax import distributed
+from mhc_jax.config import ConfigError, load_config
+from mhc_jax.train.loop import run
+from mhc_jax.train.metrics import read_metrics
+
+from conftest import REPO_ROOT
+
+N_PROCESSES, LOCAL_DEVICES = 2, 4
+# The tiny config on the embedded corpus (no file beside the checkout), a mixed (data=2, fsdp=4) mesh,
+# eval and checkpoints every 4 of 8 steps.
+STEPS = 8
+ARGS = ["data.batch_size=8", "data.corpus_max_mb=1", "mesh.data=2", "mesh.fsdp=4", f"training.steps={STEPS}",
+        "training.log_every=1", "training.eval_every=4", "training.sample_tokens=12", "checkpoint.every=4",
+        "checkpoint.keep=3"]
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir), "train")}  # later rows win (resumed runs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache_dir: str = "") -> dict[str, str]:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if cache_dir:  # the persistent compilation cache: the resumed run and the CLIs reuse the programs
+        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    for name in ("MHC_JAX_COORDINATOR", "MHC_JAX_NUM_PROCESSES", "MHC_JAX_PROCESS_ID", "MHC_JAX_DISTRIBUTED"):
+        env.pop(name, None)
+    return env
+
+
+def _spawn(cmd: list[str], out_dir, tag: str) -> list[tuple[subprocess.Popen, str]]:
+    """Starts `cmd` on N_PROCESSES processes joined at a fresh localhost port; stdout+stderr to files."""
+    port = _free_port()
+    procs = []
+    for i in range(N_PROCESSES):
+        log_path = os.path.join(out_dir, f"{tag}.{i}.log")
+        launch = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(N_PROCESSES), "--process-id", str(i)]
+        with open(log_path, "w") as log:
+            procs.append((subprocess.Popen(cmd + launch, stdout=log, stderr=subprocess.STDOUT,
+                                           env=_env(os.path.join(out_dir, "jax-cache")),
+                                           cwd=REPO_ROOT), log_path))
+    return procs
+
+
+def _wait(procs, timeout: float = 900) -> list[str]:
+    outs = []
+    for proc, log_path in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p, _ in procs:
+                p.kill()
+            raise
+        with open(log_path) as f:
+            outs.append(f.read())
+        assert proc.returncode == 0, f"{log_path} exited {proc.returncode}:\n{outs[-1][-4000:]}"
+    return outs
+
+
+def _train_cmd(workdir) -> list[str]:
+    return [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--config", "tiny", "--workdir", str(workdir),
+            "--no-progress", *ARGS]
+
+
+def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_path, capsys):
+    t0 = time.time()
+    # Reference: this process, 8 devices, the same config and mesh (it also builds the dataset once).
+    reference = run(load_config("tiny", ARGS), str(tmp_path / "reference"), progress=False)
+    ref_losses = _losses(tmp_path / "reference")
+    assert sorted(ref_losses) == list(range(1, STEPS + 1))
+
+    # Two processes; SIGKILL both once step 4's checkpoint is complete and steps beyond it ran.
+    workdir = tmp_path / "multi"
+    procs = _spawn(_train_cmd(workdir), str(tmp_path), "train-killed")
+    deadline = time.time() + 900  # generous: a loaded 2-core machine compiles slowly
+    while not ((workdir / "checkpoints" / "4").is_dir() and os.path.exists(workdir / "metrics.jsonl")
+               and max(_losses(workdir), default=0) >= 5):
+        assert all(p.poll() is None for p, _ in procs), [open(path).read()[-3000:] for _, path in procs]
+        assert time.time() < deadline, "no checkpoint of step 4 within 900 s"
+        time.sleep(0.1)
+    for p, _ in procs:
+        p.send_signal(signal.SIGKILL)
+    for p, _ in procs:
+        p.wait()
+    assert max(_losses(workdir)) < STEPS, "the run finished before it could be killed"
+
+    outs = _wait(_spawn(_train_cmd(workdir), str(tmp_path), "train-resumed"))
+    assert "resumed from" in outs[0] and "resumed from" not in outs[1]  # process 0 alone prints
+    losses = _losses(workdir)
+    assert sorted(losses) == sorted(ref_losses)
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)],
+                               rtol=0, atol=1e-6)
+    evals = {r["step"]: r["loss"] for r in read_metrics(str(workdir), "eval")}
+    assert sorted(evals) == [4, 8]
+    assert evals[8] == pytest.approx(reference.eval["loss"], abs=1e-5)
+    # The end-of-run sample: the same text on every process, and the single-process text.
+    digests = [re.search(rf"process (\d): finished at step {STEPS}, sample digest (\w+)", o).groups() for o in outs]
+    assert sorted(d[0] for d in digests) == ["0", "1"]
+    assert {d[1] for d in digests} == {hashlib.sha256(reference.sample.encode()).hexdigest()[:16]}
+    assert reference.sample in outs[0] and "--- sample" not in outs[1]
+
+    # evaluate and generate, multi-process, against the same CLIs on this single process.
+    outs = _wait(_spawn([sys.executable, "-m", "mhc_jax.evaluate", "--workdir", str(workdir), "--json",
+                         str(tmp_path / "eval.json")], str(tmp_path), "evaluate"))
+    assert "eval loss" in outs[0] and "eval loss" not in outs[1]
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(reference.eval["loss"], abs=1e-5)
+    gen = ["--prompt", "def ", "--max-new-tokens", "16", "--temperature", "0.8", "--top-k", "40", "--seed", "3"]
+    outs = _wait(_spawn([sys.executable, "-m", "mhc_jax.generate", "--workdir", str(workdir), *gen],
+                        str(tmp_path), "generate"))
+    from mhc_jax.generate import main as generate_main
+    capsys.readouterr()
+    assert generate_main(["--workdir", str(tmp_path / "reference"), *gen]) == 0
+    single = capsys.readouterr().out
+    assert single.strip() and single.strip() in outs[0] and "[checkpoint step" not in outs[1]
+    print(f"multi-process harness: {time.time() - t0:.0f} s")
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch flags and environment
+# --------------------------------------------------------------------------------------------------
+
+_ENV = ("MHC_JAX_DISTRIBUTED", "MHC_JAX_COORDINATOR", "MHC_JAX_NUM_PROCESSES", "MHC_JAX_PROCESS_ID",
+        "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS",
+        "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in _ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def _parse(argv):
+    p = ArgumentParser()
+    distributed.add_launch_args(p)
+    return p.parse_args(argv)
+
+
+def test_launch_flags_win_over_environment_variables(clean_env):
+    clean_env.setenv("MHC_JAX_COORDINATOR", "10.0.0.9:1")
+    clean_env.setenv("MHC_JAX_NUM_PROCESSES", "8")
+    clean_env.setenv("MHC_JAX_PROCESS_ID", "7")
+    assert distributed.resolve_launch(_parse([])) == distributed.Launch("10.0.0.9:1", 8, 7)
+    flags = _parse(["--coordinator", "h:2", "--num-processes", "2", "--process-id", "0"])
+    assert distributed.resolve_launch(flags) == distributed.Launch("h:2", 2, 0)
+    clean_env.delenv("MHC_JAX_COORDINATOR")
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.3:5")  # JAX's own name is read too
+    assert distributed.resolve_launch(_parse([])).coordinator == "10.0.0.3:5"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "must be HOST:PORT"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], r"must be in \[0, 2\)"),
+    (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"], "must be >= 1"),
+    (["--coordinator", "h:1"], "needs --num-processes and --process-id"),
+])
+def test_bad_launch_flags_fail_naming_the_value(clean_env, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.resolve_launch(_parse(argv))
+
+
+def test_train_py_reports_a_bad_launch_flag_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"), "--workdir", str(tmp_path),
+                          "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "5"],
+                         capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=120)
+    assert out.returncode == 2 and "--process-id=5 is not allowed" in out.stderr
+
+
+def test_plain_cpu_run_does_not_initialize_distributed(clean_env):
+    assert distributed.multi_process_env() is None
+    assert distributed.maybe_initialize_distributed() is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"MHC_JAX_COORDINATOR": "10.0.0.1:1234"}, "MHC_JAX_COORDINATOR"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.1,10.0.0.2"}, "TPU_WORKER_HOSTNAMES"),
+    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS"),
+    ({"MHC_JAX_DISTRIBUTED": "1"}, "MHC_JAX_DISTRIBUTED"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ({"SLURM_NTASKS": "1"}, None),
+    ({"MHC_JAX_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, None),
+])
+def test_multi_process_environment_is_detected_from_env(clean_env, env, expected):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    reason = distributed.multi_process_env()
+    assert (reason is None) if expected is None else (expected in reason)
