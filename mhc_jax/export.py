@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.config import Config, load_config, save_config
 from mhc_jax.data.tokenizer import load_tokenizer
 from mhc_jax.errors import CheckpointError, MhcJaxError
@@ -183,17 +184,14 @@ def _unflatten(flat: dict[str, Any]) -> dict:
     return out
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
     p.add_argument("--out", required=True, help="folder to write (created; its files are replaced)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = p.parse_args(argv)
-    try:
-        out = export_workdir(args.workdir, args.out, args.step)
-    except MhcJaxError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = export_workdir(args.workdir, args.out, args.step)
     manifest = read_manifest(out)
     n = sum(int(np.prod(t["shape"])) for t in manifest["tensors"].values())
     print(f"exported step {manifest['step']}: {len(manifest['tensors'])} tensors, {n:,} values -> "
@@ -203,4 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -27,7 +27,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mhc_jax.errors import MhcJaxError
+from mhc_jax.cli import entry_point, exit_process
+from mhc_jax.errors import DataError, MhcJaxError
 from mhc_jax.scoring import load_scorer
 
 FORMATS = ("auto", "hellaswag", "piqa", "arc", "generic")
@@ -123,8 +124,8 @@ def score_questions(scorer: Any, questions: Sequence[Question]) -> dict[str, flo
     return {"acc": acc, "acc_stderr": acc_se, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_se, "n": n}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", default="", help="a workdir written by train.py")
@@ -137,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         questions = read_questions(args.data, args.format, args.limit)
-        out = score_questions(load_scorer(args.workdir, args.export, args.batch_size), questions)
-    except (MhcJaxError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as err:  # an unreadable or malformed question file
+        if isinstance(err, MhcJaxError):
+            raise
+        raise DataError(f"{args.data}: {err}") from err
+    out = score_questions(load_scorer(args.workdir, args.export, args.batch_size), questions)
     print(f"{args.data}: acc {out['acc']:.4f} (+/- {out['acc_stderr']:.4f})  acc_norm {out['acc_norm']:.4f} "
           f"(+/- {out['acc_norm_stderr']:.4f})  n={out['n']}")
     if args.json:
@@ -150,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -15,7 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mhc_jax.cli import entry_point, exit_process
 from mhc_jax.diagnostics import _pyplot
+from mhc_jax.errors import DataError
 from mhc_jax.train.metrics import read_metrics
 
 PLOTS_DIR = "plots"
@@ -76,18 +78,18 @@ def plot_workdir(workdir: str) -> list[str]:
     return plot_metrics(read_metrics(workdir), os.path.join(workdir, PLOTS_DIR))
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a workdir written by train.py")
     args = p.parse_args(argv)
     if not os.path.isfile(os.path.join(args.workdir, "metrics.jsonl")):
-        print(f"error: {os.path.join(args.workdir, 'metrics.jsonl')} does not exist: {args.workdir!r} is not a "
-              "workdir written by train.py (or it has not logged a step yet)", file=sys.stderr)
-        return 2
+        raise DataError(f"{os.path.join(args.workdir, 'metrics.jsonl')} does not exist: {args.workdir!r} is not "
+                        "a workdir written by train.py (or it has not logged a step yet)")
     for path in plot_workdir(args.workdir):
         print(path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -196,7 +196,7 @@ assert gate.shape == (1, len(ids_T), cfg_e.n_streams) and np.all((gate > 0) & (g
 # %%
 forward = nnx.jit(lambda model, t, i: model(t, engram_ids_BTEG=i))
 _, model_dev, _ = load_model_from_workdir(workdirs["engram"])
-_, model_host, _ = load_model_from_workdir(workdirs["engram"], ["engram.placement=host"])
+_, model_host, _ = load_model_from_workdir(workdirs["engram"], ["engram.placement=host", "engram.update=dense"])
 table = model_host.blocks[layer].engram.table[...]
 print("host table memory kind:", table.sharding.memory_kind)
 logits_dev = forward(model_dev, jnp.asarray(ids_T[None]), jnp.asarray(engram_ids))

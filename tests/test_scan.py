@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhc_jax.config import ConfigError, load_config, save_config
+from mhc_jax.config import ConfigError, load_config, save_config, to_dict
 from mhc_jax.generate import generate
 from mhc_jax.model.transformer import Block, BlockStack, Transformer, block_groups, count_params
 from mhc_jax.train.optimizer import group_table
@@ -105,7 +105,6 @@ def test_cached_generation_of_a_scanned_model_equals_the_unrolled_model():
 
 
 def test_resuming_a_workdir_of_the_other_layout_fails_naming_scan_layers(tmp_path):
-    from mhc_jax.train.loop import _check_resumable
-    save_config(_cfg(False), str(tmp_path / "config.yaml"))
-    with pytest.raises(ConfigError, match="scan_layers"):
-        _check_resumable(str(tmp_path), _cfg(True))
+    from mhc_jax.train.loop import resume_changes
+    with pytest.raises(ConfigError, match="scan_layers"):  # the config stored in the checkpoint vs. this run's
+        resume_changes(to_dict(_cfg(False)), _cfg(True), f"workdir {str(tmp_path)!r}")

@@ -258,7 +258,7 @@ def test_checkpoint_from_one_mesh_restores_on_another_and_on_one_device(tmp_path
         shardings = nnx.to_pure_dict(train_state_shardings(model, optimizer, target, cfg))
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), saved, shardings)
         restored, _, meta, step_no = ckpt.restore(abstract)
-        assert step_no == 1 and meta == {"step": 1}
+        assert step_no == 1 and meta["step"] == 1
         chex.assert_trees_all_equal(jax.tree.map(np.asarray, restored), expected)
         chex.assert_trees_all_equal_structs(restored, saved)
         leaves = jax.tree.leaves(restored)

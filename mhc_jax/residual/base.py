@@ -88,7 +88,11 @@ class StreamConnection(nnx.Module):
             h_pre, h_post, h_res = self.mappings(x_BTnC)
             self._capture(h_res)
             return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
-        h_pre, h_post, h_res = nnx.remat(type(self).mappings, policy=RECOMPUTE_POLICY)(self, x_BTnC)
+        # A pure function of the connection's state (not nnx.remat of the bound method), so the connection
+        # also runs inside plain JAX transforms of a model built outside them (e.g. interpret's jax.grad).
+        graphdef, state = nnx.split(self)
+        mappings = jax.checkpoint(lambda st, x: nnx.merge(graphdef, st).mappings(x), policy=RECOMPUTE_POLICY)
+        h_pre, h_post, h_res = mappings(state, x_BTnC)
         self._capture(h_res)
         y_BTC = branch(jax.checkpoint(pre_mix, policy=RECOMPUTE_POLICY)(x_BTnC, h_pre))
         post = jax.checkpoint(res_post_mix, policy=RECOMPUTE_POLICY, static_argnums=(4,))
