@@ -169,6 +169,16 @@ def _bwd(num_iters, eps, log_domain, softmax_start, x, g):
 _sinkhorn_recompute.defvjp(_fwd, _bwd)
 
 
+def check_sinkhorn_args(logits: jax.Array, num_iters: int, eps: float) -> None:
+    """ValueError naming the bad value for logits that are not (..., n, n), num_iters < 1 or eps < 0."""
+    if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"Sinkhorn-Knopp needs (..., n, n) logits, got shape {logits.shape}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
+    if eps < 0:
+        raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+
+
 def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log_domain: bool = False,
                    softmax_start: bool = False, recompute_backward: bool = True) -> jax.Array:
     """Projects the last two axes of `logits` (..., n, n) towards the doubly stochastic matrices.
@@ -181,12 +191,7 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, log
     (mhc_jax.sinkhorn_pallas.sinkhorn_knopp_pallas is the same iteration as one Pallas kernel.)
     Returns float32 (..., n, n) whose rows sum to 1 (up to eps) after the final row step.
     """
-    if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"sinkhorn_knopp needs (..., n, n) logits, got shape {logits.shape}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
-    if eps < 0:
-        raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+    check_sinkhorn_args(logits, num_iters, eps)
     x = logits.astype(jnp.float32)
     args = (int(num_iters), float(eps), bool(log_domain), bool(softmax_start))
     if recompute_backward:

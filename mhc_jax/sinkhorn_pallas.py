@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mhc_jax.sinkhorn import _LOG_FLOOR, _TINY, sinkhorn_forward
+from mhc_jax.sinkhorn import _LOG_FLOOR, _TINY, check_sinkhorn_args, sinkhorn_forward
 
 LANES = 128  # TPU lane width: the token block is a multiple of it
 MAX_BLOCK = 512  # tokens per kernel instance: 16 x 512 float32 = 32 KiB in and out, far under VMEM
@@ -118,12 +118,7 @@ def sinkhorn_knopp_pallas(logits: jax.Array, num_iters: int = 20, eps: float = 0
                           softmax_start: bool = False) -> jax.Array:
     """`mhc_jax.sinkhorn.sinkhorn_knopp` as one Pallas kernel for all iterations (linear domain only, always
     with the recomputing backward); the same arguments and result."""
-    if logits.ndim < 2 or logits.shape[-1] != logits.shape[-2]:
-        raise ValueError(f"sinkhorn_knopp_pallas needs (..., n, n) logits, got shape {logits.shape}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters={num_iters} is not allowed: must be >= 1")
-    if eps < 0:
-        raise ValueError(f"eps={eps} is not allowed: must be >= 0")
+    check_sinkhorn_args(logits, num_iters, eps)
     if log_domain:
         raise ValueError("the Pallas kernel runs the linear-domain iteration only: set log_domain=False "
                          "(residual.sinkhorn_log_domain: false) or residual.impl=xla")
