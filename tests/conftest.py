@@ -46,6 +46,6 @@ def prose_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def shakespeare_path() -> str:
     if not os.path.isfile(SHAKESPEARE):
-        pytest.skip(f"Tiny Shakespeare is absent ({SHAKESPEARE}): this case is only meaningful on it; "
-                    "put ../shared/data/tinyshakespeare.txt beside the checkout to run it")
+        pytest.skip(f"skipped: ../shared (Tiny Shakespeare, {SHAKESPEARE}) is absent and this case is only "
+                    "meaningful on it; put ../shared/data/tinyshakespeare.txt beside the checkout to run it")
     return SHAKESPEARE
