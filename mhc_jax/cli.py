@@ -9,6 +9,7 @@ disk prints the path and what to free, Ctrl-C returns 130; anything else is a bu
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -76,3 +77,10 @@ def exit_process(code: int) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def write_json(path: str, result: dict) -> None:
+    """A CLI's `--json PATH` output: `result` as indented JSON (nothing when `path` is empty)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 
-from mhc_jax.cli import entry_point, exit_process
+from mhc_jax.cli import entry_point, exit_process, write_json
 from mhc_jax.data.pipeline import load_tokenizer, make_eval_iterator
 from mhc_jax.distributed import add_launch_args, is_main_process, resolve_launch
 from mhc_jax.errors import ConfigError
@@ -42,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"step {step}: eval loss {out['loss']:.4f}  perplexity {out['perplexity']:.3f}  "
           f"bits/byte {out['bits_per_byte']:.4f}  ({int(out['tokens'])} tokens, {out['batches']} batches)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out)
     return 0
 
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from mhc_jax.cli import entry_point, exit_process
+from mhc_jax.cli import entry_point, exit_process, write_json
 from mhc_jax.errors import DataError, MhcJaxError
 from mhc_jax.scoring import load_scorer
 
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     out = score_questions(load_scorer(args.workdir, args.export, args.batch_size), questions)
     print(f"{args.data}: acc {out['acc']:.4f} (+/- {out['acc_stderr']:.4f})  acc_norm {out['acc_norm']:.4f} "
           f"(+/- {out['acc_norm_stderr']:.4f})  n={out['n']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out)
     return 0
 
 
