@@ -3,7 +3,7 @@ damaged at random between runs (truncated, metadata deleted, bytes flipped), and
 until it finishes; its final parameters must equal an uninterrupted run's bitwise, or the test names the
 first step where the two runs' losses diverged.
 
-The CI version kills twice and damages once; `pytest -m slow tests/test_soak.py` runs the long version
+It is the suite's SIGKILL-and-rerun test: the CI version kills twice and damages once; `pytest -m slow tests/test_soak.py` runs the long version
 (SOAK_KILLS kills, default 20; SOAK_JSON=path writes its figures).
 """
 
