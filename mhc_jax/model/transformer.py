@@ -18,6 +18,7 @@ from mhc_jax.config import Config
 from mhc_jax.engram.layer import Engram, engram_param_count
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.masks import layer_windows
+from mhc_jax.model.mla import MLA, init_mla_cache
 from mhc_jax.model.mlp import MLP
 from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
@@ -43,7 +44,8 @@ class Block(nnx.Module):
         out_std = m.init_std / math.sqrt(2 * m.n_layers)
         self.index = index
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
+        attention = MLA if m.attention == "mla" else Attention
+        self.attn = attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(m, dtype=dtype, out_std=out_std, rngs=rngs)
         self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
@@ -203,7 +205,8 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []
         for block in self.layers():
-            c: LayerCache = {"attn": init_kv_cache(self.cfg.model, batch, max_len, self.dtype, block.attn.window)}
+            init = init_mla_cache if self.cfg.model.attention == "mla" else init_kv_cache
+            c: LayerCache = {"attn": init(self.cfg.model, batch, max_len, self.dtype, block.attn.window)}
             if block.engram is not None:
                 c["engram"] = block.engram.init_cache(batch)
             caches.append(c)
