@@ -23,6 +23,7 @@ streams x channels); each letter means one thing everywhere in the package:
     1  a broadcast dimension of size 1
 """
 
-from mhc_jax.model.transformer import Transformer, count_params, expected_param_count
+from mhc_jax.model.param_count import active_param_count, expected_param_count
+from mhc_jax.model.transformer import Transformer, count_params
 
-__all__ = ["Transformer", "count_params", "expected_param_count"]
+__all__ = ["Transformer", "active_param_count", "count_params", "expected_param_count"]
