@@ -187,3 +187,21 @@ def test_mla_refuses_fused_kernels_and_non_rope_positions():
         load_config("tiny", MLA_TINY + ["model.position=alibi"])
     with pytest.raises(ConfigError, match="qk_rope_head_dim"):
         load_config("tiny", MLA_TINY + ["model.qk_rope_head_dim=7"])
+
+
+def test_attention_maps_of_an_mla_model_are_the_weights_its_output_is_built_from():
+    from mhc_jax.interpret import attention_maps, attention_probs
+    cfg, layer = _mla(["model.q_lora_rank=12"])
+    h, pos, seg = _inputs(cfg)
+    x = jnp.asarray(h, jnp.float32)
+    probs_BHTS = np.asarray(attention_probs(layer, x, jnp.asarray(pos), jnp.asarray(seg)), np.float64)
+    ckv_BTP, _ = layer.latents(x, jnp.asarray(pos))
+    v_BTHv = np.einsum("btp,phv->bthv", _np(ckv_BTP), _np(layer.wuv_PHv[...]))
+    out = np.einsum("bhts,bshv,hvc->btc", probs_BHTS, v_BTHv, _np(layer.wo_HvC[...]))
+    np.testing.assert_allclose(out, _np(layer(x, jnp.asarray(pos), jnp.asarray(seg))[0]), rtol=1e-4, atol=1e-5)
+    assert probs_BHTS[0, :, 6, :5].max() == 0.0  # the second document never sees the first
+    _, model = _model()
+    maps = attention_maps(model, np.arange(10)[None] % 200)
+    chex.assert_shape(maps, (cfg.model.n_layers, 1, cfg.model.n_heads, 10, 10))
+    np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+    assert np.triu(maps[0, 0, 0], 1).max() == 0.0

@@ -38,7 +38,7 @@ from mhc_jax.config import ModelConfig
 from mhc_jax.errors import ConfigError
 from mhc_jax.layers import RMSNorm, apply_rope, param
 from mhc_jax.model.attention import _log_choice_once, attend, resolve_impl, target_platform
-from mhc_jax.model.masks import visible
+from mhc_jax.model.masks import visible, visible_BTS
 from mhc_jax.sharding import constrain
 
 MLACache = dict[str, jax.Array]  # {"ckv": (B, S, P), "krope": (B, S, I), "pos": (B, S) int32, -1 = empty slot}
@@ -145,17 +145,13 @@ class MLA(nnx.Module):
         """Absorbed-weight attention over [cached latents, new latents] (as `Attention._decode`: a prompt
         longer than a ring still sees its own window), then the last min(T, slots) new tokens written to
         their slots (position % slots)."""
-        dt, f32 = self.dtype, jnp.float32
+        dt = self.dtype
         ckv_BSP = jnp.concatenate([cache["ckv"].astype(dt), ckv_BTP], axis=1)
         krope_BSI = jnp.concatenate([cache["krope"].astype(dt), krope_BTI], axis=1)
         pos_BS = jnp.concatenate([cache["pos"], positions_BT.astype(jnp.int32)], axis=1)
-        # W_UK absorbed into the query: q_nope . (W_UK c_KV) = (q_nope W_UK^T) . c_KV.
-        qlat_BTHP = jnp.einsum("btho,pho->bthp", q_nope_BTHO, self.wuk_PHO[...].astype(dt))
-        scores_BHTS = (jnp.einsum("bthp,bsp->bhts", qlat_BTHP, ckv_BSP, preferred_element_type=f32)
-                       + jnp.einsum("bthi,bsi->bhts", q_rope_BTHI, krope_BSI, preferred_element_type=f32))
         mask_BTS = visible(positions_BT[:, :, None], pos_BS[:, None, :], None, None, self.window)
         mask_BTS &= pos_BS[:, None, :] >= 0  # empty slots
-        probs_BHTS = jax.nn.softmax(jnp.where(mask_BTS[:, None], scores_BHTS * self.scale, -jnp.inf), axis=-1)
+        probs_BHTS = self._absorbed_probs(q_nope_BTHO, q_rope_BTHI, ckv_BSP, krope_BSI, mask_BTS)
         olat_BTHP = jnp.einsum("bhts,bsp->bthp", probs_BHTS.astype(dt), ckv_BSP)
         out_BTHv = jnp.einsum("bthp,phv->bthv", olat_BTHP, self.wuv_PHv[...].astype(dt))  # W_UV after attending
         slots, n = cache["pos"].shape[1], min(positions_BT.shape[1], cache["pos"].shape[1])
@@ -165,6 +161,23 @@ class MLA(nnx.Module):
                      "krope": write(cache["krope"], slot_Bn, krope_BTI[:, -n:]),
                      "pos": write(cache["pos"], slot_Bn, positions_BT[:, -n:].astype(jnp.int32))}
         return out_BTHv, new_cache
+
+
+    def _absorbed_probs(self, q_nope_BTHO, q_rope_BTHI, ckv_BSP, krope_BSI, mask_BTS) -> jax.Array:
+        """float32 (B, H, T, S) attention weights scored against the latents, W_UK absorbed into the query:
+        q_nope . (W_UK c_KV) = (q_nope W_UK^T) . c_KV."""
+        f32 = jnp.float32
+        qlat_BTHP = jnp.einsum("btho,pho->bthp", q_nope_BTHO, self.wuk_PHO[...].astype(self.dtype))
+        scores_BHTS = (jnp.einsum("bthp,bsp->bhts", qlat_BTHP, ckv_BSP, preferred_element_type=f32)
+                       + jnp.einsum("bthi,bsi->bhts", q_rope_BTHI, krope_BSI, preferred_element_type=f32))
+        return jax.nn.softmax(jnp.where(mask_BTS[:, None], scores_BHTS * self.scale, -jnp.inf), axis=-1)
+
+    def attention_probs(self, x_BTC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+        """(B, H, T, T) float32 attention weights of a packed row (mhc_jax.interpret's attention maps)."""
+        x = x_BTC.astype(self.dtype)
+        q_nope_BTHO, q_rope_BTHI = self._query(x, positions_BT)
+        ckv_BTP, krope_BTI = self.latents(x, positions_BT)
+        return self._absorbed_probs(q_nope_BTHO, q_rope_BTHI, ckv_BTP, krope_BTI, visible_BTS(segment_ids_BT, self.window))
 
 
 def init_mla_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype, window: int = 0) -> MLACache:
