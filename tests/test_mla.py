@@ -205,3 +205,31 @@ def test_attention_maps_of_an_mla_model_are_the_weights_its_output_is_built_from
     chex.assert_shape(maps, (cfg.model.n_layers, 1, cfg.model.n_heads, 10, 10))
     np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
     assert np.triu(maps[0, 0, 0], 1).max() == 0.0
+
+
+@pytest.mark.multidevice
+def test_sharded_mla_mtp_loss_and_grads_equal_single_device():
+    """MLA's latent / head axes and the MTP modules under data, fsdp and tensor parallelism (8 CPU devices)."""
+    from mhc_jax import sharding
+    from mhc_jax.sharding import batch_shardings
+    from test_sharding import make_batch, make_cfg, mesh_of
+
+    cfg = make_cfg("mhc").replace(model={"attention": "mla", "mtp_depth": 1, "q_lora_rank": 8})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    batch = make_batch(cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(p, r, b):
+        loss, grads, _ = loss_and_grads(nnx.merge(graphdef, p, r), b)
+        return loss, grads
+
+    ref_loss, ref_grads = jax.jit(run)(params, rest, batch)
+    for shape in [(2, 2, 2)]:
+        mesh = mesh_of(shape)
+        p_sh = sharding.train_state_shardings_of(params, mesh, cfg)
+        assert p_sh["blocks"][0]["attn"]["wuk_PHO"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
+        with jax.set_mesh(mesh):
+            loss, grads = jax.jit(run, out_shardings=(None, p_sh))(
+                jax.device_put(params, p_sh), rest, jax.device_put(batch, batch_shardings(batch, mesh)))
+        chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
