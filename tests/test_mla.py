@@ -233,3 +233,19 @@ def test_sharded_mla_mtp_loss_and_grads_equal_single_device():
                 jax.device_put(params, p_sh), rest, jax.device_put(batch, batch_shardings(batch, mesh)))
         chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mhc_lite"])
+def test_cached_generation_with_engram_equals_recomputing_every_step(kind):
+    """MLA's latent cache beside the Engram conv state, under mHC-lite connections (an MTP module present but unused): sampled tokens equal
+    those of a model that recomputes the whole sequence at every step."""
+    from mhc_jax.data.tokenizer import load_tokenizer
+    from mhc_jax.engram.ids import EngramIds
+    from mhc_jax.sampling import generate
+
+    cfg, model = _model([f"residual.kind={kind}", "engram.enabled=true", "engram.layers=[1]",
+                         "engram.heads_per_ngram=2", "engram.head_dim=8", "engram.table_size=101",
+                         "model.mtp_depth=1"])
+    kw = dict(temperature=1.0, top_k=20, seed=2, engram_ids=EngramIds(cfg, load_tokenizer("byte")))
+    cached = generate(model, [256, 10, 20, 30], 10, **kw)
+    assert cached == generate(model, [256, 10, 20, 30], 10, use_cache=False, **kw)
