@@ -18,7 +18,7 @@ from mhc_jax.model import Transformer, count_params
 from mhc_jax.model.mla import MLA
 from mhc_jax.train.step import loss_and_grads
 
-from references import randomize
+from references import decode_in_steps, randomize
 
 MLA_TINY = ["model.attention=mla", "model.d_model=32", "model.n_heads=4", "model.kv_lora_rank=16",
             "model.qk_rope_head_dim=8", "model.qk_nope_head_dim=12", "model.v_head_dim=10", "model.max_seq_len=32",
@@ -130,13 +130,7 @@ def _model(overrides=()):
 def test_cached_absorbed_decoding_equals_full_recompute(overrides):
     cfg, model = _model(overrides)
     t = jax.random.randint(jax.random.key(0), (2, 14), 0, cfg.model.vocab_size)
-    cache = model.init_cache(2, 32)
-    logits, cache = model.decode(t[:, :8], jnp.broadcast_to(jnp.arange(8), (2, 8)), cache)
-    steps = [logits]
-    for i in range(8, 14):
-        step_logits, cache = model.decode(t[:, i:i + 1], jnp.full((2, 1), i), cache)
-        steps.append(step_logits)
-    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), model(t), atol=1e-4, rtol=1e-4)
+    chex.assert_trees_all_close(decode_in_steps(model, t, 8, 32), model(t), atol=1e-4, rtol=1e-4)
 
 
 def test_cache_holds_only_the_latent_and_the_rope_key_per_token():
@@ -210,29 +204,11 @@ def test_attention_maps_of_an_mla_model_are_the_weights_its_output_is_built_from
 @pytest.mark.multidevice
 def test_sharded_mla_mtp_loss_and_grads_equal_single_device():
     """MLA's latent / head axes and the MTP modules under data, fsdp and tensor parallelism (8 CPU devices)."""
-    from mhc_jax import sharding
-    from mhc_jax.sharding import batch_shardings
-    from test_sharding import make_batch, make_cfg, mesh_of
+    from test_sharding import check_sharded_loss_and_grads, make_cfg
 
     cfg = make_cfg("mhc").replace(model={"attention": "mla", "mtp_depth": 1, "q_lora_rank": 8})
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    batch = make_batch(cfg)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def run(p, r, b):
-        loss, grads, _ = loss_and_grads(nnx.merge(graphdef, p, r), b)
-        return loss, grads
-
-    ref_loss, ref_grads = jax.jit(run)(params, rest, batch)
-    for shape in [(2, 2, 2)]:
-        mesh = mesh_of(shape)
-        p_sh = sharding.train_state_shardings_of(params, mesh, cfg)
-        assert p_sh["blocks"][0]["attn"]["wuk_PHO"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
-        with jax.set_mesh(mesh):
-            loss, grads = jax.jit(run, out_shardings=(None, p_sh))(
-                jax.device_put(params, p_sh), rest, jax.device_put(batch, batch_shardings(batch, mesh)))
-        chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-        chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    p_sh = check_sharded_loss_and_grads(cfg, [(2, 2, 2)])
+    assert p_sh["blocks"][0]["attn"]["wuk_PHO"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
 
 
 @pytest.mark.parametrize("kind", ["mhc_lite"])

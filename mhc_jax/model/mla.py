@@ -37,8 +37,8 @@ from flax import nnx
 from mhc_jax.config import ModelConfig
 from mhc_jax.errors import ConfigError
 from mhc_jax.layers import RMSNorm, apply_rope, param
-from mhc_jax.model.attention import _log_choice_once, attend, resolve_impl, target_platform
-from mhc_jax.model.masks import visible, visible_BTS
+from mhc_jax.model.attention import _log_choice_once, attend, extend_cache, resolve_impl, target_platform, write_cache
+from mhc_jax.model.masks import visible_BTS
 from mhc_jax.sharding import constrain
 
 MLACache = dict[str, jax.Array]  # {"ckv": (B, S, P), "krope": (B, S, I), "pos": (B, S) int32, -1 = empty slot}
@@ -146,22 +146,12 @@ class MLA(nnx.Module):
         longer than a ring still sees its own window), then the last min(T, slots) new tokens written to
         their slots (position % slots)."""
         dt = self.dtype
-        ckv_BSP = jnp.concatenate([cache["ckv"].astype(dt), ckv_BTP], axis=1)
-        krope_BSI = jnp.concatenate([cache["krope"].astype(dt), krope_BTI], axis=1)
-        pos_BS = jnp.concatenate([cache["pos"], positions_BT.astype(jnp.int32)], axis=1)
-        mask_BTS = visible(positions_BT[:, :, None], pos_BS[:, None, :], None, None, self.window)
-        mask_BTS &= pos_BS[:, None, :] >= 0  # empty slots
+        (ckv_BSP, krope_BSI), _, mask_BTS = extend_cache(cache, (("ckv", ckv_BTP), ("krope", krope_BTI)),
+                                                         positions_BT, self.window, dt)
         probs_BHTS = self._absorbed_probs(q_nope_BTHO, q_rope_BTHI, ckv_BSP, krope_BSI, mask_BTS)
         olat_BTHP = jnp.einsum("bhts,bsp->bthp", probs_BHTS.astype(dt), ckv_BSP)
         out_BTHv = jnp.einsum("bthp,phv->bthv", olat_BTHP, self.wuv_PHv[...].astype(dt))  # W_UV after attending
-        slots, n = cache["pos"].shape[1], min(positions_BT.shape[1], cache["pos"].shape[1])
-        slot_Bn = positions_BT[:, -n:] % slots
-        write = jax.vmap(lambda buf, s, new: buf.at[s].set(new.astype(buf.dtype)))
-        new_cache = {"ckv": write(cache["ckv"], slot_Bn, ckv_BTP[:, -n:]),
-                     "krope": write(cache["krope"], slot_Bn, krope_BTI[:, -n:]),
-                     "pos": write(cache["pos"], slot_Bn, positions_BT[:, -n:].astype(jnp.int32))}
-        return out_BTHv, new_cache
-
+        return out_BTHv, write_cache(cache, {"ckv": ckv_BTP, "krope": krope_BTI}, positions_BT)
 
     def _absorbed_probs(self, q_nope_BTHO, q_rope_BTHI, ckv_BSP, krope_BSI, mask_BTS) -> jax.Array:
         """float32 (B, H, T, S) attention weights scored against the latents, W_UK absorbed into the query:
