@@ -326,6 +326,8 @@ def validate(cfg: Config) -> Config:
                  "must be auto, xla or chunked with model.attention=mla (the fused cuDNN / splash kernels "
                  "are not wired to MLA's unequal query/key and value head dims)")
     _require(m.rope_scaling_factor >= 1, "model.rope_scaling_factor", m.rope_scaling_factor, "must be >= 1 (1 = off)")
+    _require(m.rope_scaling_factor == 1 or m.attention == "mla", "model.rope_scaling_factor", m.rope_scaling_factor,
+             "must be 1 with model.attention=gqa (YaRN's softmax temperature is implemented for MLA only)")
     _require(m.mtp_depth >= 0, "model.mtp_depth", m.mtp_depth, "must be >= 0 (0 = off)")
     _require(m.mtp_loss_weight >= 0, "model.mtp_loss_weight", m.mtp_loss_weight, "must be >= 0")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")

@@ -179,6 +179,8 @@ def test_mla_refuses_fused_kernels_and_non_rope_positions():
         load_config("tiny", MLA_TINY + ["model.attention_impl=splash"])
     with pytest.raises(ConfigError, match="model.position"):
         load_config("tiny", MLA_TINY + ["model.position=alibi"])
+    with pytest.raises(ConfigError, match="rope_scaling_factor"):
+        load_config("tiny", ["model.rope_scaling_factor=4.0"])
     with pytest.raises(ConfigError, match="qk_rope_head_dim"):
         load_config("tiny", MLA_TINY + ["model.qk_rope_head_dim=7"])
 
