@@ -60,6 +60,14 @@ def test_mla_and_mtp_flops_match_hand_count():
     assert forward_flops_breakdown(mtp)["attention"] == 21120.0 * 3 / 2
 
 
+def test_moe_flops_count_the_router_shared_and_chosen_experts_only():
+    # block 0 dense: attention 3072 + SwiGLU 3 * 32 * 64 = 6144; block 1 MoE: attention 3072 + router 32 * 8 +
+    # (1 shared + top-2 routed) * 3 * 32 * 16 = 256 + 4608; head 32 * 259 = 8288 -> 2 * 25440
+    cfg = tiny(model={"ffn": "moe", "n_routed_experts": 8, "experts_per_token": 2, "moe_d_ff": 16,
+                      "n_shared_experts": 1, "first_dense_layers": 1})
+    assert forward_flops_breakdown(cfg)["dense"] == 50880.0
+
+
 @pytest.mark.parametrize("kind", ["plain", "mhc", "mla"])
 def test_model_flops_agree_with_compiled_cost_analysis(kind: str):
     """XLA counts everything the CPU program does (elementwise ops, the full masked attention matrix, the
