@@ -174,6 +174,17 @@ def test_tiny_mla_model_learns_a_repeated_batch():
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
 
 
+def test_mla_and_mtp_matrices_take_weight_decay_and_their_norms_do_not():
+    from mhc_jax.train.optimizer import group_table
+    cfg, model = _model(["model.q_lora_rank=8", "model.mtp_depth=1"])
+    groups = {"/".join(map(str, k)): g for k, g in group_table(nnx.state(model, nnx.Param)).items()}
+    for name in ("wdq_CY", "wuq_YHD", "wdkv_CP", "wkr_CI", "wuk_PHO", "wuv_PHv", "wo_HvC"):
+        assert groups[f"blocks/0/attn/{name}"] == "decay", name
+    assert groups["blocks/0/attn/kv_norm/scale"] == groups["blocks/0/attn/q_norm/scale"] == "no_decay"
+    assert groups["mtp/0/w_hidden_CC"] == groups["mtp/0/block/attn/wuk_PHO"] == "decay"
+    assert groups["mtp/0/hidden_norm/scale"] == "no_decay"
+
+
 def test_mla_refuses_fused_kernels_and_non_rope_positions():
     with pytest.raises(ConfigError, match="attention_impl"):
         load_config("tiny", MLA_TINY + ["model.attention_impl=splash"])
