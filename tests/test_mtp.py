@@ -115,7 +115,7 @@ def test_mtp_objective_and_metric_equal_a_float64_reference(overrides):
     assert ref_mtp > 0
 
 
-def test_mtp_gradients_reach_the_modules_and_accumulate_like_one_batch():
+def test_mtp_gradients_reach_the_modules_accumulate_like_one_batch_and_survive_remat():
     cfg = load_config("tiny", TINY)
     model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)), 3, scale=0.3)
     batch = jax.tree.map(jnp.asarray, _batch())
@@ -125,6 +125,9 @@ def test_mtp_gradients_reach_the_modules_and_accumulate_like_one_batch():
     assert float(jnp.abs(g["mtp"][1]["w_embed_CC"]).sum()) > 0  # depth 2 learns
     np.testing.assert_allclose(float(mtp1), float(mtp2), rtol=1e-5)
     np.testing.assert_allclose(float(loss1), float(loss2), rtol=1e-5)
+    model.remat = "full"
+    _, (g3, _), _ = nnx.jit(_loss_and_grads, static_argnums=2)(model, batch, 1)
+    chex.assert_trees_all_close(nnx.to_pure_dict(g3), g, atol=1e-6, rtol=1e-4)
 
 
 def test_mtp_is_off_at_evaluation_and_generation():

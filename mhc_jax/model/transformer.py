@@ -290,9 +290,12 @@ class Transformer(nnx.Module):
             if not mtp:
                 return logits_BTV, None
             mtp_logits = []
+            call = lambda mod, *args: mod(*args)  # noqa: E731
+            if self.remat != "none":  # each MTP block rematerialised like the main blocks
+                call = nnx.remat(call, policy=REMAT_POLICIES[self.remat])
             for k, module in enumerate(self.mtp, start=1):
                 ahead_BTC = jnp.take(embed_VC, shift_left(tokens_BT, k), axis=0).astype(self.dtype)
-                h_BTC, out_BTC = module(h_BTC, ahead_BTC, positions_BT, segment_ids_BT)
+                h_BTC, out_BTC = call(module, h_BTC, ahead_BTC, positions_BT, segment_ids_BT)
                 mtp_logits.append(self._project(out_BTC))
             return logits_BTV, mtp_logits
         new_cache = []
