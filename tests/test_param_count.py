@@ -4,7 +4,6 @@ Engram and tied / untied embeddings; the paper configs land within 2% of the pap
 
 from __future__ import annotations
 
-import jax
 import pytest
 from flax import nnx
 
