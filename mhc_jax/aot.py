@@ -30,6 +30,7 @@ from flax import nnx
 from mhc_jax.config import load_config
 from mhc_jax.data import batch_spec
 from mhc_jax.flops import model_flops_per_token
+from mhc_jax.model import active_param_count
 from mhc_jax.sharding import (MESH_AXES, batch_shardings, check_global_batch, make_mesh, resolve_mesh_shape,
                               undivided_params)
 from mhc_jax.train.state import abstract_train_state
@@ -98,6 +99,7 @@ class FitReport:
     lower_seconds: float = 0.0
     compile_seconds: float = 0.0
     replicated_by_divisibility: list[str] = field(default_factory=list)
+    active_params: int = 0  # per token (mhc_jax.model.active_param_count): MoE's chosen experts, no lookups
     error: str = ""
 
 
@@ -232,6 +234,7 @@ def fit_report(cfg: Any, topology: str, num_slices: int = 1, config_name: str = 
         seq_len=cfg.data.seq_len, grad_accum=cfg.training.grad_accum, remat=cfg.training.remat,
         dtype=cfg.model.dtype, fits=False, verdict="", model_flops_per_token=mft, model_flops_per_step=mft * tokens)
     report.replicated_by_divisibility = undivided_params(abstract, mesh, cfg)
+    report.active_params = active_param_count(cfg)
     try:
         compiled, _, times = compile_train_step(cfg, devices)
     except Exception as err:  # noqa: BLE001 - the compiler's out-of-memory is a result, not a crash
@@ -278,7 +281,7 @@ def format_report(r: FitReport) -> str:
         f"config {r.config}  topology {r.topology} ({r.device_kind}: {r.n_chips} chips, {r.n_devices} devices, "
         f"{r.hbm_per_device_gib:.0f} GiB HBM per device, {r.hbm_usable_per_device_gib:.2f} GiB usable)",
         f"mesh {mesh}{'  zero1' if r.zero1 else ''}",
-        f"model {r.params / 1e6:.1f}M params, batch {r.global_batch} x {r.seq_len} tokens, grad_accum "
+        f"model {r.params / 1e6:.1f}M params ({r.active_params / 1e6:.1f}M active), batch {r.global_batch} x {r.seq_len} tokens, grad_accum "
         f"{r.grad_accum}, remat {r.remat}, dtype {r.dtype}",
         f"HBM per device: arguments {r.argument_bytes / GiB:.2f} GiB, outputs {r.output_bytes / GiB:.2f} GiB "
         f"(aliased {r.alias_bytes / GiB:.2f}), temporaries {r.temp_bytes / GiB:.2f} GiB, code "

@@ -47,6 +47,20 @@ class ModelConfig:
     n_kv_heads: int = 4  # K: key/value heads (grouped-query attention); divides n_heads
     head_dim: int = 0  # 0 means d_model // n_heads
     d_ff: int = 512  # SwiGLU hidden width
+    # DeepSeekMoE (DeepSeek-V3 Sec. 2.1.2): "dense" SwiGLU or "moe" (shared + routed experts) in every block
+    # after the first `first_dense_layers`.
+    ffn: Literal["dense", "moe"] = "dense"
+    n_shared_experts: int = 1  # always-on experts of width moe_d_ff
+    n_routed_experts: int = 8  # routed experts of width moe_d_ff
+    experts_per_token: int = 2  # top-k routed experts per token
+    moe_d_ff: int = 128  # SwiGLU hidden width of one expert
+    first_dense_layers: int = 0  # leading blocks with a dense FFN of width d_ff
+    routed_scaling_factor: float = 1.0  # scales the routed experts' combined output
+    n_groups: int = 1  # group-limited routing: experts split into groups
+    topk_groups: int = 1  # groups a token may route to
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
+    aux_loss_weight: float = 0.0  # sequence-wise auxiliary balance loss weight (0 = off)
+    capacity_factor: float = 0.0  # 0 = dropless ragged_dot; > 0 = capacity-factor variant
     max_seq_len: int = 256  # RoPE / KV-cache capacity
     rope_theta: float = 10000.0  # mHC paper Table 5 (RoPE theta 10000)
     norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -65,6 +79,18 @@ class ModelConfig:
     # auto: splash on TPU, cuDNN on GPU (bf16/fp16), else chunked (CPU: from 1024 tokens) or xla (dense).
     attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
     attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
+    # Multi-head Latent Attention (DeepSeek-V3 Sec. 2.1.1) instead of grouped-query attention; see README
+    # "DeepSeek backbone". With mla, n_kv_heads and head_dim are unused.
+    attention: Literal["gqa", "mla"] = "gqa"
+    q_lora_rank: int = 0  # MLA query latent rank; 0 = full-rank query projection
+    kv_lora_rank: int = 32  # MLA compressed KV latent: the only per-token cache besides the rope key (paper 512)
+    qk_rope_head_dim: int = 16  # MLA decoupled RoPE query/key dims per head; the rope key is shared by all heads (paper 64)
+    qk_nope_head_dim: int = 32  # MLA query/key dims per head without RoPE (paper: attention dim 128)
+    v_head_dim: int = 32  # MLA value dims per head (paper 128)
+    # Context extension: > 1 scales the softmax by YaRN's mscale^2, mscale = 0.1 ln(factor) + 1 (MLA only).
+    rope_scaling_factor: float = 1.0
+    mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3 Sec. 2.2); 0 = off
+    mtp_loss_weight: float = 0.3  # lambda of the MTP loss (DeepSeek-V3: 0.3, later 0.1)
     # Runs of identical blocks as one lax.scan over stacked parameters (compile time flat in depth); see README "Scan over layers".
     scan_layers: bool = False
 
@@ -288,6 +314,22 @@ def validate(cfg: Config) -> Config:
                  "must be a multiple of 128 (TPU lanes) with attention_impl=splash")
         _require(cfg.data.seq_len % 128 == 0, "data.seq_len", cfg.data.seq_len,
                  "must be a multiple of 128 with model.attention_impl=splash (its blocks are 128-lane tiles)")
+    if m.attention == "mla":
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1 with model.attention=mla")
+        _require(m.qk_rope_head_dim >= 2 and m.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+                 m.qk_rope_head_dim, "must be even and >= 2 (MLA's decoupled RoPE part)")
+        _require(m.q_lora_rank >= 0, "model.q_lora_rank", m.q_lora_rank, "must be >= 0 (0 = full-rank query)")
+        _require(m.position == "rope", "model.position", m.position,
+                 "must be rope with model.attention=mla (MLA's decoupled RoPE key carries the positions)")
+        _require(m.attention_impl in ("auto", "xla", "chunked"), "model.attention_impl", m.attention_impl,
+                 "must be auto, xla or chunked with model.attention=mla (the fused cuDNN / splash kernels "
+                 "are not wired to MLA's unequal query/key and value head dims)")
+    _require(m.rope_scaling_factor >= 1, "model.rope_scaling_factor", m.rope_scaling_factor, "must be >= 1 (1 = off)")
+    _require(m.rope_scaling_factor == 1 or m.attention == "mla", "model.rope_scaling_factor", m.rope_scaling_factor,
+             "must be 1 with model.attention=gqa (YaRN's softmax temperature is implemented for MLA only)")
+    _require(m.mtp_depth >= 0, "model.mtp_depth", m.mtp_depth, "must be >= 0 (0 = off)")
+    _require(m.mtp_loss_weight >= 0, "model.mtp_loss_weight", m.mtp_loss_weight, "must be >= 0")
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")

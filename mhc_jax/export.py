@@ -19,7 +19,12 @@ Tensor names (i = block index, j = stream or n-gram head index):
     final_norm.scale                      final RMSNorm
     blocks.i.attn_norm.scale, blocks.i.mlp_norm.scale
     blocks.i.attn.{wq_CHD, wk_CKD, wv_CKD, wo_HDC}
+    blocks.i.attn.{wq_CHD | wdq_CY, q_norm.scale, wuq_YHD; wdkv_CP, kv_norm.scale, wkr_CI, wuk_PHO, wuv_PHv,
+                   wo_HvC}             with model.attention=mla (mhc_jax.model.mla: Y/P query/KV latents, O/I
+                                          query-key dims without/with RoPE, v value dims)
     blocks.i.mlp.{w_gate_CF, w_up_CF, w_down_FC}
+    mtp.k.*                               multi-token prediction module k + 1 (model.mtp_depth): hidden_norm,
+                                          embed_norm, w_hidden_CC, w_embed_CC, block.*, out_norm
     blocks.i.{attn_res, mlp_res}.*        residual connection of each sublayer; mHC: `phi` (n*C, n^2+2n),
                                           columns [pre (n) | post (n) | res (n^2, row-major)], the fused
                                           dynamic projection; `bias` (n^2+2n) the static coefficients; the

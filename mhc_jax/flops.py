@@ -11,8 +11,12 @@ Forward FLOPs per token, with C = d_model, L = n_layers, H / K = query / KV head
 V = padded vocabulary, T = sequence length, n = residual streams:
 
     dense      2 [L (C H D + 2 C K D + H D C + 3 C F) + C V]           (q, k, v, o; SwiGLU; LM head)
+               = 2 x the active matmul weights: with MLA its projections (mhc_jax.model.param_count), with
+                 DeepSeekMoE the router, shared and experts_per_token routed experts; with MTP (training) each
+                 module's 2C x C projection, block and shared head (DeepSeek-V3: "activated parameters")
     attention  L * 2 * 2 H D * ctx      (q k^T and p v; ctx = (T + 1) / 2 attended keys on average with a
-                                          causal mask, or T when counting the full masked matrix as XLA does)
+                                          causal mask, or T when counting the full masked matrix as XLA does;
+                                          MLA: 2 H (qk_nope + qk_rope + v_head_dim) per key)
     mHC        2L sublayers x [2 nC (n^2 + 2n)                          (fused coefficient projection, Eq. 14)
                                + n^2 + 4 n^2 t_max                       (exp, then t_max column+row passes)
                                + 2 nC + 2 n^2 C + 2 nC]                  (H_pre x, H_res x, H_post^T F(.))
@@ -26,8 +30,9 @@ V = padded vocabulary, T = sequence length, n = residual streams:
 
 from __future__ import annotations
 
-from mhc_jax.config import Config
+from mhc_jax.config import Config, ModelConfig
 from mhc_jax.model.masks import layer_windows
+from mhc_jax.model.param_count import attention_param_count, ffn_param_count
 from mhc_jax.residual import learned_collapse, residual_kind
 from mhc_jax.residual.collapse import collapse_flops
 from mhc_jax.sinkhorn import sinkhorn_flops  # noqa: F401 (re-exported)
@@ -53,28 +58,39 @@ def engram_flops_per_token(cfg: Config) -> float:
     return len(e.layers) * per
 
 
+def block_matmul_params(m: ModelConfig, index: int) -> int:
+    """Weights block `index` multiplies one token by: the attention projections (MLA: without its two latent
+    RMSNorm scales) and the FFN's active part (MoE: router, shared and experts_per_token routed experts)."""
+    norms = 0 if m.attention == "gqa" else m.kv_lora_rank + m.q_lora_rank
+    return attention_param_count(m) - norms + ffn_param_count(m, index, active=True)
+
+
 def dense_flops_per_token(cfg: Config) -> float:
-    """Forward FLOPs of the weight matmuls (attention projections, SwiGLU, LM head) per token."""
+    """Forward FLOPs of the weight matmuls per token, counting active parameters only (attention projections,
+    SwiGLU or the active experts, LM head), plus the MTP modules' (projection, block, shared head) in training."""
     m = cfg.model
-    C, H, K, D, F, V = m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim, m.d_ff, m.padded_vocab_size
-    per_layer = C * H * D + 2 * C * K * D + H * D * C + 3 * C * F
-    return 2.0 * (m.n_layers * per_layer + C * V)
+    C, V = m.d_model, m.padded_vocab_size
+    main = sum(block_matmul_params(m, i) for i in range(m.n_layers)) + C * V
+    mtp = sum(2 * C * C + block_matmul_params(m, m.n_layers + k) + C * V for k in range(m.mtp_depth))
+    return 2.0 * (main + mtp)
 
 
 def attention_flops_per_token(cfg: Config, seq_len: int | None = None, causal: bool = True) -> float:
-    """Forward FLOPs of q k^T and p v per token: 2 * 2 H D per attended key and layer. In a block with a
-    sliding window W (model.attention_window) token t attends to min(t + 1, W) keys."""
+    """Forward FLOPs of q k^T and p v per token: 2 H (D_qk + D_v) per attended key and layer (GQA: D_qk = D_v =
+    head_dim; MLA: D_qk = qk_nope + qk_rope, D_v = v_head_dim, unpadded). In a block with a sliding window W
+    (model.attention_window) token t attends to min(t + 1, W) keys; MTP modules' blocks attend causally."""
     m = cfg.model
     T = seq_len or cfg.data.seq_len
     keys = 0.0
-    for W in layer_windows(m.n_layers, m.attention_window, m.global_every):
+    for W in layer_windows(m.n_layers, m.attention_window, m.global_every) + (0,) * m.mtp_depth:
         if not causal:
             keys += float(T)
         elif W and W < T:
             keys += (W * (W + 1) / 2.0 + (T - W) * W) / T
         else:
             keys += (T + 1) / 2.0
-    return 4.0 * m.n_heads * m.resolved_head_dim * keys
+    dims = 2 * m.resolved_head_dim if m.attention == "gqa" else m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim
+    return 2.0 * m.n_heads * dims * keys
 
 
 def forward_flops_breakdown(cfg: Config, seq_len: int | None = None, causal: bool = True) -> dict[str, float]:

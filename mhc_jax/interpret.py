@@ -41,11 +41,14 @@ from mhc_jax.layers import apply_rope
 from mhc_jax.model.alibi import alibi_bias
 from mhc_jax.model.attention import Attention
 from mhc_jax.model.masks import visible_BTS
+from mhc_jax.model.mla import MLA
 
 
-def attention_probs(attn: Attention, x_BTC: jax.Array, positions_BT: jax.Array,
+def attention_probs(attn: Attention | MLA, x_BTC: jax.Array, positions_BT: jax.Array,
                     segment_ids_BT: jax.Array) -> jax.Array:
     """(B, H, T, S) float32 attention weights of `attn` on input `x_BTC` (no cache: a full sequence)."""
+    if isinstance(attn, MLA):
+        return attn.attention_probs(x_BTC, positions_BT, segment_ids_BT)
     dt = attn.dtype
     x = x_BTC.astype(dt)
     q_BTHD = jnp.einsum("btc,chd->bthd", x, attn.wq_CHD[...].astype(dt))

@@ -42,6 +42,8 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
+    "q_lora": None,  # MLA query latent (q_lora_rank): small, replicated
+    "kv_lora": None,  # MLA compressed KV latent (kv_lora_rank): small, replicated
     "mlp": "tensor",
     "vocab": "tensor",
     "streams": None,  # the n residual streams: tiny, replicated

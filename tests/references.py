@@ -42,3 +42,16 @@ def build(cls: type, cfg, *sublayer_index: int) -> nnx.Module:
     """A residual connection (or the learned collapse head, which takes no sublayer index) built from the
     config sections it takes: the residual section, d_model and the norm epsilon."""
     return cls(cfg.residual, cfg.model.d_model, *sublayer_index, norm_eps=cfg.model.norm_eps, rngs=nnx.Rngs(0))
+
+
+def decode_in_steps(model: nnx.Module, tokens_BT, prefill: int, cache_len: int):
+    """Logits of `tokens_BT` from the KV-cache path: the first `prefill` tokens at once, then one at a time."""
+    B, T = tokens_BT.shape
+    cache = model.init_cache(B, cache_len)
+    decode = nnx.jit(lambda m, *args: m.decode(*args))  # two programs (prefill, one token) instead of eager ops
+    logits, cache = decode(model, tokens_BT[:, :prefill], jnp.broadcast_to(jnp.arange(prefill), (B, prefill)), cache)
+    steps = [logits]
+    for i in range(prefill, T):
+        step_logits, cache = decode(model, tokens_BT[:, i:i + 1], jnp.full((B, 1), i), cache)
+        steps.append(step_logits)
+    return jnp.concatenate(steps, axis=1)

@@ -47,13 +47,37 @@ def test_engram_flops_count_keys_value_gate_and_conv():
     assert forward_flops_breakdown(cfg)["engram"] == 6400.0
 
 
-@pytest.mark.parametrize("kind", ["plain", "mhc"])
+def test_mla_and_mtp_flops_match_hand_count():
+    # MLA (C=32, H=4, P=32, I=16, O=32, v=32, q full rank) per layer: W_Q 32*4*48 = 6144, W_DKV 32*32 = 1024,
+    # W_KR 32*16 = 512, W_UK and W_UV 2*32*4*32 = 8192, W_O 4*32*32 = 4096 -> 19968; SwiGLU 6144;
+    # dense fwd = 2 * (2 * 26112 + 32 * 259) = 121024; attention 2 layers * 2 H (48 + 32) * 16.5 = 21120
+    cfg = tiny(model={"attention": "mla"})
+    assert forward_flops_breakdown(cfg)["dense"] == 121024.0
+    assert forward_flops_breakdown(cfg)["attention"] == 21120.0
+    # one MTP module adds its projection 2*32*32, a block and the shared head (and the block's attention)
+    mtp = tiny(model={"attention": "mla", "mtp_depth": 1})
+    assert forward_flops_breakdown(mtp)["dense"] == 121024.0 + 2 * (2048 + 26112 + 32 * 259)
+    assert forward_flops_breakdown(mtp)["attention"] == 21120.0 * 3 / 2
+
+
+def test_moe_flops_count_the_router_shared_and_chosen_experts_only():
+    # block 0 dense: attention 3072 + SwiGLU 3 * 32 * 64 = 6144; block 1 MoE: attention 3072 + router 32 * 8 +
+    # (1 shared + top-2 routed) * 3 * 32 * 16 = 256 + 4608; head 32 * 259 = 8288 -> 2 * 25440
+    cfg = tiny(model={"ffn": "moe", "n_routed_experts": 8, "experts_per_token": 2, "moe_d_ff": 16,
+                      "n_shared_experts": 1, "first_dense_layers": 1})
+    assert forward_flops_breakdown(cfg)["dense"] == 50880.0
+
+
+@pytest.mark.parametrize("kind", ["plain", "mhc", "mla"])
 def test_model_flops_agree_with_compiled_cost_analysis(kind: str):
     """XLA counts everything the CPU program does (elementwise ops, the full masked attention matrix, the
     optimiser), so it may exceed the model count, but only by a modest factor."""
     cfg = Config().replace(model={"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 4, "d_ff": 256,
                                   "vocab_size": 259, "max_seq_len": 64, "dtype": "float32"},
-                           residual={"kind": kind}, data={"seq_len": 64, "batch_size": 4})
+                           residual={"kind": "plain" if kind == "mla" else kind}, data={"seq_len": 64, "batch_size": 4})
+    if kind == "mla":  # head dims as the paper's ratios: 128 + 64 query/key, 128 value
+        cfg = cfg.replace(model={"attention": "mla", "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+                                 "qk_rope_head_dim": 8, "v_head_dim": 16})
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     optimizer = make_optimizer(cfg, model)
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])

@@ -10,6 +10,8 @@ from flax import nnx
 from mhc_jax.config import load_config
 from mhc_jax.model import Transformer, count_params, expected_param_count
 
+from references import decode_in_steps
+
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
         "model.max_seq_len=32", "data.seq_len=16"]
 
@@ -119,14 +121,7 @@ def test_every_parameter_carries_logical_axis_names():
 def test_cached_decoding_equals_full_recompute():
     cfg, model = make()
     t = tokens(cfg, B=2, T=12)
-    cache = model.init_cache(2, 32)
-    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    logits, cache = model.decode(t[:, :8], pos, cache)
-    steps = [logits]
-    for i in range(8, 12):
-        step_logits, cache = model.decode(t[:, i:i + 1], jnp.full((2, 1), i), cache)
-        steps.append(step_logits)
-    chex.assert_trees_all_close(jnp.concatenate(steps, axis=1), model(t), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(decode_in_steps(model, t, 8, 32), model(t), atol=1e-5, rtol=1e-5)
 
 
 def test_remat_gives_the_same_loss_and_gradients():

@@ -177,7 +177,12 @@ MODELS = [("plain", False), ("mhc", False), ("mhc", True)]
 @pytest.mark.multidevice
 @pytest.mark.parametrize("kind,engram", MODELS, ids=["plain", "mhc", "mhc+engram"])
 def test_loss_and_grads_on_every_mesh_equal_single_device(kind: str, engram: bool):
-    cfg = make_cfg(kind, engram)
+    check_sharded_loss_and_grads(make_cfg(kind, engram), MESHES)
+
+
+def check_sharded_loss_and_grads(cfg: Config, meshes: list[tuple[int, int, int]]) -> dict:
+    """Loss and gradients of `cfg`'s model on each (data, fsdp, tensor) mesh equal the single-device ones;
+    returns the last mesh's parameter shardings."""
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     batch = make_batch(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -187,7 +192,7 @@ def test_loss_and_grads_on_every_mesh_equal_single_device(kind: str, engram: boo
         return loss, grads
 
     ref_loss, ref_grads = jax.jit(run)(params, rest, batch)
-    for shape in MESHES:
+    for shape in meshes:
         mesh = mesh_of(shape)
         p_sh = sharding.train_state_shardings_of(params, mesh, cfg)
         b_sh = batch_shardings(batch, mesh)
@@ -197,6 +202,7 @@ def test_loss_and_grads_on_every_mesh_equal_single_device(kind: str, engram: boo
         chex.assert_trees_all_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
         assert grads["embed_VC"][...].sharding.spec == p_sh["embed_VC"].spec, shape
+    return p_sh
 
 
 @pytest.mark.multidevice

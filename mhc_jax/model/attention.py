@@ -154,20 +154,33 @@ class Attention(nnx.Module):
     def _decode(self, q_BTHD, k_BTKD, v_BTKD, positions_BT, cache):
         """Attends over [cached slots, new tokens] (so a prompt longer than a ring still sees its own
         window), then writes the last min(T, slots) new tokens into their ring slots."""
-        dt = self.dtype
-        k_BSKD = jnp.concatenate([cache["k"].astype(dt), k_BTKD], axis=1)
-        v_BSKD = jnp.concatenate([cache["v"].astype(dt), v_BTKD], axis=1)
-        pos_BS = jnp.concatenate([cache["pos"], positions_BT.astype(jnp.int32)], axis=1)
-        mask_BTS = visible(positions_BT[:, :, None], pos_BS[:, None, :], None, None, self.window)
-        mask_BTS &= pos_BS[:, None, :] >= 0  # empty slots
+        (k_BSKD, v_BSKD), pos_BS, mask_BTS = extend_cache(cache, (("k", k_BTKD), ("v", v_BTKD)), positions_BT,
+                                                          self.window, self.dtype)
         bias = None if self.slopes is None else alibi_bias(jnp.asarray(self.slopes), positions_BT, pos_BS)
         out_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, bias=bias, mask=mask_BTS[:, None])
-        slots, n = cache["pos"].shape[1], min(positions_BT.shape[1], cache["pos"].shape[1])
-        slot_Bn = positions_BT[:, -n:] % slots
-        write = jax.vmap(lambda buf, s, new: buf.at[s].set(new.astype(buf.dtype)))
-        new_cache = {"k": write(cache["k"], slot_Bn, k_BTKD[:, -n:]), "v": write(cache["v"], slot_Bn, v_BTKD[:, -n:]),
-                     "pos": write(cache["pos"], slot_Bn, positions_BT[:, -n:].astype(jnp.int32))}
-        return out_BTHD, new_cache
+        return out_BTHD, write_cache(cache, {"k": k_BTKD, "v": v_BTKD}, positions_BT)
+
+
+def extend_cache(cache: dict[str, jax.Array], new: tuple[tuple[str, jax.Array], ...], positions_BT: jax.Array,
+                 window: int, dtype: jnp.dtype) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+    """Each (name, new (B, T, ...) entries) appended to the cache's slots -> (B, S, ...) in `dtype`, with the
+    keys' positions pos_BS and the (B, T, S) mask of what the new tokens see (by position: causal, in-window,
+    never an empty slot). Any per-token cache (GQA keys and values, MLA latents) decodes through this."""
+    full = tuple(jnp.concatenate([cache[name].astype(dtype), x], axis=1) for name, x in new)
+    pos_BS = jnp.concatenate([cache["pos"], positions_BT.astype(jnp.int32)], axis=1)
+    mask_BTS = visible(positions_BT[:, :, None], pos_BS[:, None, :], None, None, window)
+    return full, pos_BS, mask_BTS & (pos_BS[:, None, :] >= 0)
+
+
+def write_cache(cache: dict[str, jax.Array], new: dict[str, jax.Array], positions_BT: jax.Array) -> dict[str, jax.Array]:
+    """The cache with the last min(T, slots) new tokens' entries written to slots position % slots (a ring
+    in windowed blocks; a prompt longer than the ring still attended to its own window via `extend_cache`)."""
+    slots, n = cache["pos"].shape[1], min(positions_BT.shape[1], cache["pos"].shape[1])
+    slot_Bn = positions_BT[:, -n:] % slots
+    write = jax.vmap(lambda buf, s, x: buf.at[s].set(x.astype(buf.dtype)))
+    out = {name: write(cache[name], slot_Bn, x[:, -n:]) for name, x in new.items()}
+    out["pos"] = write(cache["pos"], slot_Bn, positions_BT[:, -n:].astype(jnp.int32))
+    return out
 
 
 def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype, window: int = 0) -> KVCache:

@@ -14,14 +14,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax.config import Config
-from mhc_jax.engram.layer import Engram, engram_param_count
+from mhc_jax.config import Config, ConfigError
+from mhc_jax.engram.layer import Engram
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.masks import layer_windows
+from mhc_jax.model.mla import MLA, init_mla_cache
 from mhc_jax.model.mlp import MLP
 from mhc_jax.layers import RMSNorm, compute_dtype, param
-from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
+from mhc_jax.residual import expand, make_collapse, make_residual
 from mhc_jax.sharding import constrain
+
+try:  # DeepSeekMoE (issue 14 part B)
+    import mhc_jax.model.moe  # noqa: F401
+    _HAS_MOE = True
+except ImportError:
+    _HAS_MOE = False
 
 STREAM_AXES = ("activation_batch", "activation_length", "activation_streams", "activation_embed")  # x_BTnC
 LayerCache = dict[str, Any]  # {"attn": KVCache, "engram": engram conv state (if the block has Engram)}
@@ -43,7 +50,8 @@ class Block(nnx.Module):
         out_std = m.init_std / math.sqrt(2 * m.n_layers)
         self.index = index
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
+        attention = MLA if m.attention == "mla" else Attention
+        self.attn = attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(m, dtype=dtype, out_std=out_std, rngs=rngs)
         self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
@@ -152,6 +160,42 @@ class BlockStack(nnx.Module):
         return x_BTnC
 
 
+class MTPModule(nnx.Module):
+    """One multi-token prediction module (DeepSeek-V3 Sec. 2.2, Eq. 21-23): h'_k = M_k [RMSNorm(h_{k-1});
+    RMSNorm(Emb(t_{i+k}))] (the 2C -> C projection M_k kept as its two C x C halves, M_k [a; b] = a W_h + b W_e),
+    then one transformer block; the embedding and the LM head are the main model's, the output RMSNorm is the
+    module's own (DeepSeek-V3's shared_head.norm). The block is built as block n_layers + k (so, with MoE, a MoE
+    block like the last ones) with a plain residual and no window: with mHC the module works on the main
+    model's collapsed hidden state (the n streams summed / mixed by the collapse head), a single stream."""
+
+    def __init__(self, cfg: Config, depth: int, *, rngs: nnx.Rngs):
+        m = cfg.model
+        dtype = compute_dtype(m.dtype)
+        C, pdt = m.d_model, jnp.dtype(m.param_dtype)
+        init = nnx.initializers.normal(m.init_std)
+        self.hidden_norm = RMSNorm(C, eps=m.norm_eps, dtype=dtype, rngs=rngs)
+        self.embed_norm = RMSNorm(C, eps=m.norm_eps, dtype=dtype, rngs=rngs)
+        self.w_hidden_CC = param(rngs, init, (C, C), ("embed", "embed"), pdt)
+        self.w_embed_CC = param(rngs, init, (C, C), ("embed", "embed"), pdt)
+        self.block = Block(cfg.replace(residual={"kind": "plain"}), m.n_layers + depth, rngs=rngs)
+        self.out_norm = RMSNorm(C, eps=m.norm_eps, dtype=dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def __call__(self, h_BTC: jax.Array, embeds_BTC: jax.Array, positions_BT: jax.Array,
+                 segment_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(this depth's hidden state h_k for the next module, its normalised output for the shared head)."""
+        dt = self.dtype
+        x_BTC = (self.hidden_norm(h_BTC) @ self.w_hidden_CC[...].astype(dt)
+                 + self.embed_norm(embeds_BTC) @ self.w_embed_CC[...].astype(dt))
+        x_BT1C, _ = self.block(x_BTC[:, :, None], positions_BT, segment_ids_BT, None, None)
+        return x_BT1C[:, :, 0], self.out_norm(x_BT1C[:, :, 0])
+
+
+def shift_left(x_BT: jax.Array, k: int, fill: int | float = 0) -> jax.Array:
+    """x[:, t + k] at t, `fill` past the end: the token (target, mask) k positions ahead of each position."""
+    return jnp.concatenate([x_BT[:, k:], jnp.full((x_BT.shape[0], k, *x_BT.shape[2:]), fill, x_BT.dtype)], axis=1)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. `model(tokens_BT, ...)` -> logits (B, T, padded_vocab) in float32, with the padded
     vocabulary rows masked to a large negative value."""
@@ -176,6 +220,10 @@ class Transformer(nnx.Module):
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
             rngs, nnx.initializers.normal(m.init_std), (m.d_model, V), ("embed", "vocab"), jnp.dtype(m.param_dtype)))
         self.remat = cfg.training.remat
+        if m.ffn == "moe" and not _HAS_MOE:  # removed when DeepSeekMoE (issue 14 part B) is merged
+            raise ConfigError("model.ffn='moe' is not implemented in this build (DeepSeekMoE lands with issue 14 "
+                              "part B); use model.ffn=dense")
+        self.mtp = nnx.List([MTPModule(cfg, k + 1, rngs=rngs) for k in range(m.mtp_depth)])
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None,
@@ -187,6 +235,14 @@ class Transformer(nnx.Module):
         logits, _ = self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW,
                               embeds_BTC)
         return logits
+
+    def with_mtp(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None, engram_ids_BTEG: jax.Array | None = None,
+                 engram_rows_EUW: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+        """Training forward with multi-token prediction: (logits_BTV, [logits_BTV of depth k = 1..mtp_depth]).
+        Depth k's logits at position t predict token t + k + 1 (its input embedding is token t + k's); the
+        last k positions see a padding token and must be masked by the loss (mhc_jax.train.step)."""
+        return self._run(tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, None, engram_rows_EUW, mtp=True)
 
     def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: list[LayerCache],
                engram_ids_BTEG: jax.Array | None = None,
@@ -203,14 +259,15 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []
         for block in self.layers():
-            c: LayerCache = {"attn": init_kv_cache(self.cfg.model, batch, max_len, self.dtype, block.attn.window)}
+            init = init_mla_cache if self.cfg.model.attention == "mla" else init_kv_cache
+            c: LayerCache = {"attn": init(self.cfg.model, batch, max_len, self.dtype, block.attn.window)}
             if block.engram is not None:
                 c["engram"] = block.engram.init_cache(batch)
             caches.append(c)
         return caches
 
     def _run(self, tokens_BT, positions_BT, segment_ids_BT, engram_ids_BTEG, cache, engram_rows_EUW=None,
-             embeds_BTC=None):
+             embeds_BTC=None, mtp=False):
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -219,8 +276,8 @@ class Transformer(nnx.Module):
         # FSDP gathers the table's embed dimension before the lookup (as for any weight), so the looked-up
         # rows come out split over the batch like the tokens; gathering from the fsdp-split table would
         # give rows split over embed, which the partitioner can only re-split by replicating them.
+        embed_VC = constrain(self.embed_VC[...], ("activation_vocab", None))
         if embeds_BTC is None:
-            embed_VC = constrain(self.embed_VC[...], ("activation_vocab", None))
             embeds_BTC = jnp.take(embed_VC, tokens_BT, axis=0)
         x_BTnC = constrain(expand(embeds_BTC.astype(self.dtype), self.n_streams), STREAM_AXES)
         if cache is None:  # training / scoring: stacked runs scan, single blocks run as themselves
@@ -228,7 +285,19 @@ class Transformer(nnx.Module):
                 x_BTnC = (group(x_BTnC, positions_BT, segment_ids_BT, self.remat) if isinstance(group, BlockStack)
                           else self._run_block(group, x_BTnC, positions_BT, segment_ids_BT, engram_ids_BTEG,
                                                engram_rows_EUW))
-            return self._head(x_BTnC), None
+            h_BTC = self.collapse(x_BTnC)
+            logits_BTV = self._project(self.final_norm(h_BTC))
+            if not mtp:
+                return logits_BTV, None
+            mtp_logits = []
+            call = lambda mod, *args: mod(*args)  # noqa: E731
+            if self.remat != "none":  # each MTP block rematerialised like the main blocks
+                call = nnx.remat(call, policy=REMAT_POLICIES[self.remat])
+            for k, module in enumerate(self.mtp, start=1):
+                ahead_BTC = jnp.take(embed_VC, shift_left(tokens_BT, k), axis=0).astype(self.dtype)
+                h_BTC, out_BTC = call(module, h_BTC, ahead_BTC, positions_BT, segment_ids_BT)
+                mtp_logits.append(self._project(out_BTC))
+            return logits_BTV, mtp_logits
         new_cache = []
         for i, block in enumerate(self.layers()):  # decoding: layer by layer with their caches
             ids, rows = self._engram_inputs(block, engram_ids_BTEG, engram_rows_EUW)
@@ -255,7 +324,10 @@ class Transformer(nnx.Module):
         return block(x_BTnC, positions_BT, segment_ids_BT, ids, None, rows)[0]
 
     def _head(self, x_BTnC: jax.Array) -> jax.Array:
-        h_BTC = self.final_norm(self.collapse(x_BTnC))
+        return self._project(self.final_norm(self.collapse(x_BTnC)))
+
+    def _project(self, h_BTC: jax.Array) -> jax.Array:
+        """The LM head on a normalised hidden state: float32 logits, padded vocabulary rows masked."""
         head_CV = self.embed_VC[...].T if self.head_CV is None else self.head_CV[...]
         logits_BTV = jnp.einsum("btc,cv->btv", h_BTC, head_CV.astype(self.dtype)).astype(jnp.float32)
         m = self.cfg.model
@@ -267,16 +339,3 @@ class Transformer(nnx.Module):
 def count_params(model: nnx.Module) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-
-def expected_param_count(cfg: Config) -> int:
-    """Closed-form parameter count of `Transformer(cfg)`."""
-    m = cfg.model
-    C, H, K, D, F, V = m.d_model, m.n_heads, m.n_kv_heads, m.resolved_head_dim, m.d_ff, m.padded_vocab_size
-    attention = C * H * D + 2 * C * K * D + H * D * C
-    mlp = 3 * C * F
-    norms = 2 * C
-    total = V * C + m.n_layers * (attention + mlp + norms) + C + (0 if m.tie_embeddings else C * V)
-    total += residual_param_count(cfg)
-    if cfg.engram.enabled:
-        total += sum(engram_param_count(cfg, layer) for layer in cfg.engram.layers)
-    return total

@@ -307,6 +307,8 @@ def log_metrics(s: Session) -> None:
                "tokens_per_s": tokens_per_s, "step_time": step_time,
                "mfu": s.flops_per_token * tokens_per_s / (s.peak * jax.device_count()),
                "nonfinite": bool(m["nonfinite"])}
+        if "mtp_loss" in m:  # multi-token prediction (model.mtp_depth > 0)
+            row["mtp_loss"] = m["mtp_loss"]
         s.writer.write(step + 1, "train", row)
         s.result.train_loss = float(m["loss"])
     if s.bar is not None:

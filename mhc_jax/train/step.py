@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.model.transformer import shift_left
 from mhc_jax.train.optimizer import nonfinite_in_row
 
 Batch = dict[str, jax.Array]
@@ -35,6 +36,38 @@ def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
 
+def mtp_loss_sum(mtp_logits: list[jax.Array], batch: Batch) -> jax.Array:
+    """Multi-token prediction (DeepSeek-V3 Sec. 2.2, Eq. 24-25): the mean over depths k of the summed cross
+    entropies of depth k's prediction of token t + k + 1 (`targets` k positions ahead), counted where that target
+    counts and is in position t's document. Divided by the main token count (as the paper's 1/T), times
+    mtp_loss_weight, it is the MTP term of the training objective."""
+    total = jnp.float32(0.0)
+    for k, logits_BTV in enumerate(mtp_logits, start=1):
+        targets_BT = shift_left(batch["targets"], k)
+        same_doc_BT = shift_left(batch["segment_ids"], k, fill=-1) == batch["segment_ids"]
+        mask_BT = shift_left(batch["loss_mask"].astype(jnp.float32), k) * same_doc_BT
+        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+        total = total + jnp.sum(nll_BT * mask_BT)
+    return total / max(len(mtp_logits), 1)
+
+
+def objective_terms(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The training objective's numerator and (token count, main loss sum, MTP loss sum): main sum +
+    mtp_loss_weight x MTP sum (0 without MTP), to be divided by the count. Evaluation uses `loss_sum_and_count`
+    (no MTP: the modules are off at eval and generation)."""
+    m = model.cfg.model
+    if m.mtp_depth == 0:
+        loss_sum, count = loss_sum_and_count(model, batch)
+        return loss_sum, (count, loss_sum, jnp.float32(0.0))
+    logits_BTV, mtp_logits = model.with_mtp(
+        batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
+        engram_ids_BTEG=batch.get("engram_ids"), engram_rows_EUW=batch.get("engram_rows"))
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    loss_sum, mtp_sum = jnp.sum(nll_BT * mask_BT), mtp_loss_sum(mtp_logits, batch)
+    return loss_sum + m.mtp_loss_weight * mtp_sum, (jnp.sum(mask_BT), loss_sum, mtp_sum)
+
+
 def _split_micro(batch: Batch, k: int) -> Batch:
     def one(x: jax.Array) -> jax.Array:
         if x.shape[0] % k:
@@ -44,34 +77,38 @@ def _split_micro(batch: Batch, k: int) -> Batch:
 
 
 def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tuple[jax.Array, Any, jax.Array]:
-    """Mean token loss over the whole batch and its gradient, accumulated over `grad_accum` micro-batches
-    (sums of per-token losses and counts, so the result equals one big batch up to float rounding)."""
+    """Mean token loss over the whole batch and the gradient of the training objective (the loss, plus the
+    weighted MTP loss with model.mtp_depth > 0), accumulated over `grad_accum` micro-batches (sums of per-token
+    losses and counts, so the result equals one big batch up to float rounding)."""
     loss, (grads, _), count = _loss_and_grads(model, batch, grad_accum)
     return loss, grads, count
 
 
-def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple[jax.Array, Any, jax.Array]:
-    """`loss_and_grads` with the gradient as (params, sparse Engram rows or None)."""
+def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int, with_mtp: bool = False) -> tuple:
+    """`loss_and_grads` with the gradient as (params, sparse Engram rows or None); `with_mtp` appends the
+    (unweighted) MTP loss."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     data = {k: v for k, v in batch.items() if k != "engram_rows"}  # rows serve every micro-batch
 
     def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, jax.Array]:
-        return loss_sum_and_count(nnx.merge(graphdef, p, rest), mb if rows is None else {**mb, "engram_rows": rows})
+        return objective_terms(nnx.merge(graphdef, p, rest), mb if rows is None else {**mb, "engram_rows": rows})
 
     grad_fn = jax.value_and_grad(micro, argnums=(0, 1), has_aux=True)
     diff = (params, batch.get("engram_rows"))
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(*diff, data)
+        (_, sums), grads = grad_fn(*diff, data)
     else:
         def body(carry, mb):
-            g_acc, l_acc, c_acc = carry
-            (l, c), g = grad_fn(*diff, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+            g_acc, s_acc = carry
+            (_, s), g = grad_fn(*diff, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
         zeros = jax.tree.map(jnp.zeros_like, diff)
-        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(data, grad_accum))
+        (grads, sums), _ = jax.lax.scan(body, (zeros, (jnp.float32(0.0),) * 3), _split_micro(data, grad_accum))
+    count, loss_sum, mtp_sum = sums
     denom = jnp.maximum(count, 1.0)
-    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
+    out = (loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count)
+    return (*out, mtp_sum / denom) if with_mtp else out
 
 
 def clip_with_rows(grads: Any, row_grads: jax.Array, clip_norm: float) -> tuple[Any, jax.Array, jax.Array]:
@@ -105,7 +142,7 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
     the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
     JAX's optimizer-state offloading pattern."""
-    loss, (grads, row_grads), count = _loss_and_grads(model, batch, grad_accum)
+    loss, (grads, row_grads), count, mtp_loss = _loss_and_grads(model, batch, grad_accum, with_mtp=True)
     grads = to_device_memory(grads)
     for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
         nnx.update(node, to_device_memory(nnx.state(node)))
@@ -117,6 +154,8 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
                "nonfinite_in_row": nonfinite_in_row(optimizer)}
+    if model.cfg.model.mtp_depth:
+        metrics["mtp_loss"] = mtp_loss  # mean over depths, unweighted
     if row_grads is not None:
         metrics["engram_row_grads"] = row_grads
     return metrics
