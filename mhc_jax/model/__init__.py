@@ -17,6 +17,11 @@ streams x channels); each letter means one thing everywhere in the package:
     U  a batch's unique Engram rows, padded (sparse tables: cfg.engram_row_bucket)
     X  a stack of matrices to plot (diagnostics)
     A  integration points between baseline and input (integrated gradients, mhc_jax.interpret)
+    I  routed experts (n_routed_experts)   O  one expert's hidden width (moe_d_ff)
+    k  routed experts per token (top-k)    g  expert groups (n_groups)
+    m  tokens, batch and time flattened    P  token-expert assignments (m * k), or rows of one all-to-all slot
+    r  rows an expert-parallel device receives (p * P)
+    Y  capacity slots of one expert        p  expert-parallel shards (mesh.expert)
     1  a broadcast dimension of size 1
 """
 

@@ -19,6 +19,7 @@ from mhc_jax.engram.layer import Engram, engram_param_count
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.masks import layer_windows
 from mhc_jax.model.mlp import MLP
+from mhc_jax.model.moe import MoE, MoeStats, moe_blocks
 from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
 from mhc_jax.sharding import constrain
@@ -45,7 +46,8 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(m, dtype=dtype, out_std=out_std, rngs=rngs)
+        self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if index in moe_blocks(cfg)
+                    else MLP(m, dtype=dtype, out_std=out_std, rngs=rngs))
         self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
         self.mlp_res = make_residual(cfg, 2 * index + 1, rngs=rngs)
         engram = None
@@ -101,7 +103,7 @@ def block_key(cfg: Config, index: int) -> tuple | None:
     if cfg.engram.enabled and index in cfg.engram.layers:
         return None
     m = cfg.model  # blocks with another attention window compile to another program
-    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index])
+    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], index in moe_blocks(cfg))
 
 
 def block_groups(cfg: Config) -> list[tuple[int, ...]]:
@@ -142,13 +144,15 @@ class BlockStack(nnx.Module):
                  remat: str) -> jax.Array:
         graphdef, state = nnx.split(self.layers)
 
-        def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
-            x, _ = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, None, None)
-            return x, None
+        def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, Any]:
+            layer = nnx.merge(graphdef, layer_state)
+            x, _ = layer(x, positions_BT, segment_ids_BT, None, None)
+            return x, nnx.state(layer, MoeStats)  # what each MoE layer routed leaves the scan as ys
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x_BTnC, _ = jax.lax.scan(body, x_BTnC, state)
+        x_BTnC, stats = jax.lax.scan(body, x_BTnC, state)
+        nnx.update(self.layers, stats)
         return x_BTnC
 
 

@@ -21,7 +21,8 @@ from mhc_jax.config import Config, OptimizerConfig
 
 # Logical axes that a decayed matrix may have; any other axis (streams, mhc, conv, norm, engram_rows)
 # marks a parameter that takes no weight decay.
-DECAYED_AXES = frozenset({"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "engram_mem"})
+DECAYED_AXES = frozenset({"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "engram_mem", "experts",
+                          "moe_mlp"})
 
 
 def param_group(variable: nnx.Variable) -> str:

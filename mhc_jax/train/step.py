@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.model.moe import moe_stats, update_router_bias
 from mhc_jax.train.optimizer import nonfinite_in_row
 
 Batch = dict[str, jax.Array]
@@ -52,26 +53,42 @@ def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tupl
 
 def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple[jax.Array, Any, jax.Array]:
     """`loss_and_grads` with the gradient as (params, sparse Engram rows or None)."""
+    return _loss_grads_and_stats(model, batch, grad_accum)[:3]
+
+
+def _loss_grads_and_stats(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple[jax.Array, Any, jax.Array, Any]:
+    """`_loss_and_grads` plus the MoE routing statistics of the whole batch (mhc_jax.model.moe.moe_stats:
+    loads and drops summed over micro-batches, balance loss token-weighted; {} without MoE). With
+    model.aux_loss_weight > 0 the gradient includes the sequence-wise balance loss (the loss returned is the
+    language-model loss alone)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     data = {k: v for k, v in batch.items() if k != "engram_rows"}  # rows serve every micro-batch
+    aux_weight = model.cfg.model.aux_loss_weight if model.cfg.model.ffn == "moe" else 0.0
 
-    def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, jax.Array]:
-        return loss_sum_and_count(nnx.merge(graphdef, p, rest), mb if rows is None else {**mb, "engram_rows": rows})
+    def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
+        m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))  # fresh Variables: MoE writes its stats
+        loss_sum, count = loss_sum_and_count(m, mb if rows is None else {**mb, "engram_rows": rows})
+        stats = moe_stats(m)
+        if stats:  # the balance loss weighted by tokens, so that dividing by the count gives its mean
+            stats["balance_loss_L"] = stats["balance_loss_L"] * count
+        objective = loss_sum + (aux_weight * jnp.sum(stats["balance_loss_L"]) if aux_weight else 0.0)
+        return objective, (loss_sum, count, stats)
 
     grad_fn = jax.value_and_grad(micro, argnums=(0, 1), has_aux=True)
     diff = (params, batch.get("engram_rows"))
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(*diff, data)
+        (_, (loss_sum, count, stats)), grads = grad_fn(*diff, data)
     else:
         def body(carry, mb):
-            g_acc, l_acc, c_acc = carry
-            (l, c), g = grad_fn(*diff, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+            (_, aux), g = grad_fn(*diff, mb)
+            return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, diff)
-        (grads, loss_sum, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(data, grad_accum))
+        zeros = jax.tree.map(jnp.zeros_like, (diff, (0.0, 0.0, moe_stats(model))))
+        (grads, (loss_sum, count, stats)), _ = jax.lax.scan(body, zeros, _split_micro(data, grad_accum))
     denom = jnp.maximum(count, 1.0)
-    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count
+    if stats:
+        stats["balance_loss_L"] = stats["balance_loss_L"] / denom
+    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count, stats
 
 
 def clip_with_rows(grads: Any, row_grads: jax.Array, clip_norm: float) -> tuple[Any, jax.Array, jax.Array]:
@@ -105,7 +122,7 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
     the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
     JAX's optimizer-state offloading pattern."""
-    loss, (grads, row_grads), count = _loss_and_grads(model, batch, grad_accum)
+    loss, (grads, row_grads), count, stats = _loss_grads_and_stats(model, batch, grad_accum)
     grads = to_device_memory(grads)
     for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
         nnx.update(node, to_device_memory(nnx.state(node)))
@@ -117,6 +134,11 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
                "nonfinite_in_row": nonfinite_in_row(optimizer)}
+    if stats:  # DeepSeekMoE: aux-loss-free bias update from this step's loads, then its metrics
+        metrics.update(moe_load_LI=stats["load_LI"], moe_dropped_L=stats["dropped_L"],
+                       moe_balance_loss=jnp.sum(stats["balance_loss_L"]),
+                       moe_bias_LI=update_router_bias(model, stats["load_LI"],
+                                                      model.cfg.model.bias_update_rate))
     if row_grads is not None:
         metrics["engram_row_grads"] = row_grads
     return metrics
