@@ -47,19 +47,20 @@ class ModelConfig:
     n_kv_heads: int = 4  # K: key/value heads (grouped-query attention); divides n_heads
     head_dim: int = 0  # 0 means d_model // n_heads
     d_ff: int = 512  # SwiGLU hidden width
-    # Feed-forward of each block: one SwiGLU MLP (dense) or DeepSeekMoE (shared + routed experts, DeepSeek-V3 Sec. 2.1.2).
+    # DeepSeekMoE (DeepSeek-V3 Sec. 2.1.2): "dense" SwiGLU or "moe" (shared + routed experts) in every block
+    # after the first `first_dense_layers`.
     ffn: Literal["dense", "moe"] = "dense"
-    n_shared_experts: int = 1  # moe: always-on SwiGLU experts of width moe_d_ff each
-    n_routed_experts: int = 8  # moe: routed experts (DeepSeek-V3: 256)
-    experts_per_token: int = 2  # moe: routed experts chosen per token, top-k (DeepSeek-V3: 8)
-    moe_d_ff: int = 128  # moe: hidden width of one expert (shared or routed)
-    first_dense_layers: int = 0  # moe: the first k blocks keep the dense MLP of width d_ff (DeepSeek-V3: 3)
-    routed_scaling_factor: float = 1.0  # moe: gate weights x this after normalising over the k chosen (DeepSeek-V3: 2.5)
-    n_groups: int = 1  # moe: expert groups for group-limited routing (DeepSeek-V3: 8); 1 = off
-    topk_groups: int = 1  # moe: groups a token may route to, ranked by the sum of their top-2 scores (DeepSeek-V3: 4)
-    bias_update_rate: float = 1e-3  # moe: aux-loss-free balancing speed gamma (DeepSeek-V3: 0.001); 0 = no bias update
-    aux_loss_weight: float = 0.0  # moe: alpha of the sequence-wise balance loss (DeepSeek-V3 Eq. 17-20: 0.0001); 0 = off
-    capacity_factor: float = 0.0  # moe: 0 = dropless ragged_dot; > 0 = per-expert capacity ceil(cf * tokens * k / n_routed), overflow dropped
+    n_shared_experts: int = 1  # always-on experts of width moe_d_ff
+    n_routed_experts: int = 8  # routed experts of width moe_d_ff
+    experts_per_token: int = 2  # top-k routed experts per token
+    moe_d_ff: int = 128  # SwiGLU hidden width of one expert
+    first_dense_layers: int = 0  # leading blocks with a dense FFN of width d_ff
+    routed_scaling_factor: float = 1.0  # scales the routed experts' combined output
+    n_groups: int = 1  # group-limited routing: experts split into groups
+    topk_groups: int = 1  # groups a token may route to
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
+    aux_loss_weight: float = 0.0  # sequence-wise auxiliary balance loss weight (0 = off)
+    capacity_factor: float = 0.0  # 0 = dropless ragged_dot; > 0 = capacity-factor variant
     max_seq_len: int = 256  # RoPE / KV-cache capacity
     rope_theta: float = 10000.0  # mHC paper Table 5 (RoPE theta 10000)
     norm_eps: float = 1e-6  # RMSNorm epsilon

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # conftest sets it in CI
 
@@ -29,7 +30,7 @@ from mhc_jax.train.metrics import read_metrics
 from mhc_jax.train.state import load_model_from_workdir
 from mhc_jax.train.step import _loss_grads_and_stats
 
-from conftest import PROSE_FILE
+from conftest import PROSE_FILE, REPO_ROOT
 
 
 GRADS = nnx.jit(lambda model, batch: _loss_grads_and_stats(model, batch, 1))
@@ -306,14 +307,16 @@ def test_bad_moe_config_names_the_key():
 # Expert parallelism: 8 fake CPU devices equal one device
 # --------------------------------------------------------------------------------------------------
 
-EP_MESHES = [MeshConfig(data=1, expert=8), MeshConfig(data=2, expert=4), MeshConfig(data=1, fsdp=2, tensor=2, expert=2),
-             MeshConfig(data=2, tensor=2, expert=2)]
+EP_CASES = {"dropless-expert8": (0.0, MeshConfig(data=1, expert=8)),
+            "dropless-fsdp2-tensor2-expert2": (0.0, MeshConfig(data=1, fsdp=2, tensor=2, expert=2)),
+            "capacity-data2-expert4": (4.0, MeshConfig(data=2, expert=4))}
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("capacity_factor", [0.0, 4.0], ids=["dropless", "capacity"])
-def test_expert_parallel_loss_and_grads_equal_single_device(capacity_factor):
-    cfg = moe_cfg(capacity_factor=capacity_factor, moe_d_ff=8, n_shared_experts=2)
+@pytest.mark.parametrize("case", list(EP_CASES))
+def test_expert_parallel_loss_and_grads_equal_single_device(case):
+    capacity_factor, mc = EP_CASES[case]
+    cfg = moe_cfg(n_layers=1, capacity_factor=capacity_factor, n_shared_experts=2)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -323,35 +326,35 @@ def test_expert_parallel_loss_and_grads_equal_single_device(capacity_factor):
         return loss, grads, stats
 
     ref = jax.jit(step)(params, rest, batch)
-    for mc in EP_MESHES:
-        mesh = make_mesh(mc)
-        p_sh = sharding.train_state_shardings_of(params, mesh, cfg)
-        spec = p_sh["blocks"][0]["mlp"]["w_gate_ICO"].spec
-        assert spec[0] == "expert", spec  # the routed experts are split over the expert axis
-        with jax.set_mesh(mesh):
-            got = jax.jit(step, out_shardings=(None, p_sh, None))(
-                jax.device_put(params, p_sh), rest, jax.device_put(batch, batch_shardings(batch, mesh)))
-        chex.assert_trees_all_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
-        chex.assert_trees_all_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
-        chex.assert_trees_all_close(got[2], ref[2])
-        assert float(jnp.sum(got[2]["dropped_L"])) == 0.0
+    mesh = make_mesh(mc)
+    p_sh = sharding.train_state_shardings_of(params, mesh, cfg)
+    spec = p_sh["blocks"][0]["mlp"]["w_gate_ICO"].spec
+    assert spec[0] == "expert", spec  # the routed experts are split over the expert axis
+    with jax.set_mesh(mesh):
+        got = jax.jit(step, out_shardings=(None, p_sh, None))(
+            jax.device_put(params, p_sh), rest, jax.device_put(batch, batch_shardings(batch, mesh)))
+    chex.assert_trees_all_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got[1], ref[1], rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(got[2], ref[2])
+    assert float(jnp.sum(got[2]["dropped_L"])) == 0.0
 
 
 @pytest.mark.multidevice
 def test_expert_parallel_capacity_drops_are_counted_over_every_device():
-    cfg = moe_cfg(capacity_factor=0.25)
+    cfg = moe_cfg(n_layers=1, capacity_factor=0.25)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
     mesh = make_mesh(MeshConfig(data=2, expert=4))
+    forward = nnx.jit(lambda m, b: (m(b["inputs"]), moe_stats(m)))
     with jax.set_mesh(mesh):
         state = nnx.state(model)
-        sh = sharding.state_shardings(state, mesh)
-        m = nnx.merge(nnx.graphdef(model), jax.device_put(state, sh))
-        _, _, _, stats = _loss_grads_and_stats(m, jax.device_put(batch, batch_shardings(batch, mesh)), 1)
-    # each of the 8 devices routes 16 tokens (2 of 16 rows): per-device capacity ceil(0.25 * 16 * 2 / 8) = 1
+        m = nnx.merge(nnx.graphdef(model), jax.device_put(state, sharding.state_shardings(state, mesh)))
+        _, stats = forward(m, jax.device_put(batch, batch_shardings(batch, mesh)))
+    # each of the 8 devices routes the 16 tokens of one row (capacity ceil(0.25 * 16 * 2 / 8) = 1 per expert):
+    # the drops are those of the 8 rows routed one by one on one device
     assert expert_capacity(16, cfg.model) == 1
-    dropped = np.asarray(stats["dropped_L"])
-    assert np.all(dropped > 0) and np.all(dropped <= 8 * 16 * 2 - 8), dropped
+    per_row = [float(forward(model, {"inputs": batch["inputs"][r:r + 1]})[1]["dropped_L"][0]) for r in range(8)]
+    assert float(stats["dropped_L"][0]) == sum(per_row) > 0, (stats["dropped_L"], per_row)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,3 +398,25 @@ def test_router_bias_is_checkpointed_and_resume_reproduces_the_losses_bitwise(tm
     run(cfg, str(tmp_path), progress=False)
     rows = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path), "train")}
     assert [rows[s] for s in sorted(rows)] == uninterrupted  # a lost bias would route steps 4..6 differently
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_on_two_processes_equals_one_process(tmp_path):
+    """The multi-process harness of tests/test_multiprocess.py: 2 processes x 4 devices, experts split over
+    the expert axis across the processes, the same losses and biases as this one process on 8 devices."""
+    from test_multiprocess import _spawn, _wait
+
+    args = ["data.batch_size=8", "data.corpus_max_mb=1", "model.ffn=moe", "mesh.data=2", "mesh.expert=4",
+            "training.steps=4", "training.log_every=1", "training.eval_every=4", "training.sample_tokens=0",
+            "checkpoint.every=4", "model.bias_update_rate=0.05"]
+    run(load_config("tiny", args), str(tmp_path / "reference"), progress=False)
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--config", "tiny", "--workdir",
+           str(tmp_path / "multi"), "--no-progress", *args]
+    _wait(_spawn(cmd, str(tmp_path), "train"))
+    losses = {w: [r["loss"] for r in read_metrics(str(tmp_path / w), "train")] for w in ("reference", "multi")}
+    assert len(losses["multi"]) == 4
+    np.testing.assert_allclose(losses["multi"], losses["reference"], rtol=0, atol=1e-6)
+    biases = [np.stack([np.asarray(v) for v in jax.tree.leaves(nnx.state(
+        load_model_from_workdir(str(tmp_path / w))[1], RouterBias))]) for w in ("reference", "multi")]
+    np.testing.assert_array_equal(biases[0], biases[1])
+    assert np.abs(biases[0]).max() > 0

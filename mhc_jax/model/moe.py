@@ -305,7 +305,15 @@ def update_router_bias(model: nnx.Module, load_LI: jax.Array, rate: float) -> ja
     return jnp.concatenate([b.reshape(-1, load_LI.shape[1]) for b in new])
 
 
+def is_moe_block(cfg: Any, index: int) -> bool:
+    """Whether block `index` has DeepSeekMoE as its feed-forward (every block after the dense leading ones;
+    also blocks past n_layers, e.g. multi-token-prediction modules)."""
+    return cfg.model.ffn == "moe" and index >= cfg.model.first_dense_layers
+
+
 def moe_blocks(cfg: Any) -> list[int]:
-    """Indices of the blocks whose feed-forward is DeepSeekMoE."""
+    """Indices of the MoE blocks in the order `moe_stats` lists them: the main stack, then the blocks of any
+    multi-token-prediction modules (n_layers + depth)."""
     m = cfg.model
-    return list(range(m.first_dense_layers, m.n_layers)) if m.ffn == "moe" else []
+    indices = list(range(m.n_layers)) + [m.n_layers + k for k in range(1, getattr(m, "mtp_depth", 0) + 1)]
+    return [i for i in indices if is_moe_block(cfg, i)]

@@ -19,7 +19,7 @@ from mhc_jax.engram.layer import Engram, engram_param_count
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.masks import layer_windows
 from mhc_jax.model.mlp import MLP
-from mhc_jax.model.moe import MoE, MoeStats, moe_blocks
+from mhc_jax.model.moe import MoE, MoeStats, is_moe_block
 from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual, residual_param_count
 from mhc_jax.sharding import constrain
@@ -46,7 +46,7 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if index in moe_blocks(cfg)
+        self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if is_moe_block(cfg, index)
                     else MLP(m, dtype=dtype, out_std=out_std, rngs=rngs))
         self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
         self.mlp_res = make_residual(cfg, 2 * index + 1, rngs=rngs)
@@ -103,7 +103,7 @@ def block_key(cfg: Config, index: int) -> tuple | None:
     if cfg.engram.enabled and index in cfg.engram.layers:
         return None
     m = cfg.model  # blocks with another attention window compile to another program
-    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], index in moe_blocks(cfg))
+    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], is_moe_block(cfg, index))
 
 
 def block_groups(cfg: Config) -> list[tuple[int, ...]]:

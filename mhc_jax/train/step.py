@@ -36,6 +36,18 @@ def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.
     return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
 
 
+def with_balance_loss(model: nnx.Module, objective: jax.Array, count: jax.Array) -> tuple[jax.Array, dict]:
+    """After a forward pass of `model`: (objective + model.aux_loss_weight x count x the MoE layers' summed
+    sequence-wise balance losses, so that dividing by the count adds their weighted mean; the MoE routing
+    statistics with the balance losses token-weighted likewise). (objective, {}) without MoE."""
+    stats = moe_stats(model)
+    if not stats:
+        return objective, stats
+    stats["balance_loss_L"] = stats["balance_loss_L"] * count
+    weight = model.cfg.model.aux_loss_weight
+    return (objective + weight * jnp.sum(stats["balance_loss_L"]) if weight else objective), stats
+
+
 def _split_micro(batch: Batch, k: int) -> Batch:
     def one(x: jax.Array) -> jax.Array:
         if x.shape[0] % k:
@@ -63,15 +75,11 @@ def _loss_grads_and_stats(model: nnx.Module, batch: Batch, grad_accum: int) -> t
     language-model loss alone)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     data = {k: v for k, v in batch.items() if k != "engram_rows"}  # rows serve every micro-batch
-    aux_weight = model.cfg.model.aux_loss_weight if model.cfg.model.ffn == "moe" else 0.0
 
     def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
-        m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))  # fresh Variables: MoE writes its stats
+        m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))  # fresh Variables: MoE layers write their stats
         loss_sum, count = loss_sum_and_count(m, mb if rows is None else {**mb, "engram_rows": rows})
-        stats = moe_stats(m)
-        if stats:  # the balance loss weighted by tokens, so that dividing by the count gives its mean
-            stats["balance_loss_L"] = stats["balance_loss_L"] * count
-        objective = loss_sum + (aux_weight * jnp.sum(stats["balance_loss_L"]) if aux_weight else 0.0)
+        objective, stats = with_balance_loss(m, loss_sum, count)
         return objective, (loss_sum, count, stats)
 
     grad_fn = jax.value_and_grad(micro, argnums=(0, 1), has_aux=True)
