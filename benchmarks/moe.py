@@ -9,10 +9,12 @@ with and without the aux-loss-free bias update.
    step times as ratios to dense measured in this one run, MFU from active FLOPs (the dense model's closed
    form, mhc_jax.flops, plus the router's 2 C n_routed per token and MoE layer, x 3 for training) over a
    matmul peak measured at start-up. Absolute times on a shared machine are noisy; the load average is recorded.
-2. Load balance: a small MoE model trains `--balance-steps` steps on the embedded corpus with the bias
-   update (bias_update_rate 1e-3, DeepSeek-V3's gamma), without it, and with the sequence-wise balance loss
-   instead (aux_loss_weight 0.01); per step and MoE layer, the max/mean expert load. Plotted to
-   benchmarks/results/plots/moe_load_balance.png.
+2. Load balance: a small MoE model (8 routed experts, top-2, 1 shared) trains `--balance-steps` steps on the
+   embedded corpus with the bias update at gamma = 1e-2 and at DeepSeek-V3's 1e-3 (V3 trains ~5 orders of
+   magnitude more steps, so its gamma barely moves the bias in 300), and without it; per step and MoE
+   layer, the max/mean expert load. Plotted to benchmarks/results/plots/moe_load_balance.png.
+3. jax.lax.ragged_dot alone at equal FLOPs and 1 / 4 / 16 groups: XLA:CPU computes every group as a full
+   dense matmul, which is why the dropless step is slow on CPU.
 Writes benchmarks/results/moe.json.
 """
 
@@ -82,11 +84,23 @@ def step_times(args, peak: float) -> dict:
     return out
 
 
+def ragged_dot_scaling(rows: int = 4096, d: int = 128, groups: tuple[int, ...] = (1, 4, 16)) -> dict:
+    """Seconds of one jax.lax.ragged_dot of `rows` x d by (g, d, d) with the rows split evenly over g groups:
+    the FLOPs do not depend on g, so a time growing with g shows a backend lowering every group as a full
+    dense matmul (XLA:CPU does)."""
+    x = jnp.ones((rows, d), jnp.float32)
+    out = {}
+    for g in groups:
+        w, sizes = jnp.ones((g, d, d), jnp.float32), jnp.full((g,), rows // g, jnp.int32)
+        f = jax.jit(jax.lax.ragged_dot)
+        out[str(g)] = interleaved_medians({"f": lambda: f(x, w, sizes)}, 3, 3)["f"]
+    return out
+
+
 def load_balance(args) -> dict:
-    base = dict(ffn="moe", n_routed_experts=args.experts, experts_per_token=args.experts_per_token,
-                moe_d_ff=args.balance_d_model, n_shared_experts=1)
-    variants = {"bias_update": dict(bias_update_rate=1e-3), "no_balancing": dict(bias_update_rate=0.0),
-                "aux_loss_0.01": dict(bias_update_rate=0.0, aux_loss_weight=0.01)}
+    base = dict(ffn="moe", n_routed_experts=8, experts_per_token=2, moe_d_ff=args.balance_d_model, n_shared_experts=1)
+    variants = {"bias_update_1e-2": dict(bias_update_rate=1e-2), "bias_update_1e-3": dict(bias_update_rate=1e-3),
+                "no_balancing": dict(bias_update_rate=0.0)}
     out = {}
     for name, extra in variants.items():
         cfg = make_cfg(args.balance_d_model, 2, 64, 8, **base, **extra)
@@ -150,6 +164,8 @@ def main() -> None:
     times = step_times(args, peak)
     print(format_table(["variant", "params", "step_time_ratio", "mfu %", "compile_s"],
                        [[n, r["params"], r["step_time_ratio"], 100 * r["mfu"], r["compile_s"]] for n, r in times.items()]))
+    ragged = ragged_dot_scaling()
+    print("ragged_dot seconds by number of groups (same FLOPs):", {g: f"{t:.4f}" for g, t in ragged.items()})
     balance = load_balance(args)
     print(format_table(["balancing", "max/mean load per layer (last fifth)", "loss (last fifth)"],
                        [[n, " ".join(f"{v:.2f}" for v in r["max_over_mean_last_fifth_mean"]),
@@ -160,7 +176,7 @@ def main() -> None:
               "load_average_after": load_average(), "quick": args.quick,
               "shape": {"d_model": args.d_model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
                         "routed_experts": args.experts, "experts_per_token": args.experts_per_token},
-              "step_time": times, "load_balance": balance, "plot": repo_relative(plot_path)}
+              "step_time": times, "ragged_dot_seconds_by_groups": ragged, "load_balance": balance, "plot": repo_relative(plot_path)}
     print("wrote", write_result(args.out, result))
 
 

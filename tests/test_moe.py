@@ -380,7 +380,7 @@ def test_tiny_config_trains_with_moe_and_logs_load_metrics(tmp_path, extra):
         assert last[f"moe_load_max_over_mean/{block}"] >= 1.0
         assert last[f"moe_bias_spread/{block}"] > 0
         assert f"moe_dropped/{block}" in last
-    assert last["moe_load_max_over_mean"] < 8.0 / 2  # not every token on k experts
+    assert 1.0 <= last["moe_load_max_over_mean"] <= 8 / 2  # at worst every token on the same k = 2 of 8 experts
     if "model.capacity_factor=1.0" in extra:
         assert last["moe_balance_loss"] > 0
 

@@ -45,6 +45,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from mhc_jax.config import ModelConfig
+from mhc_jax.errors import ConfigError
 from mhc_jax.layers import param
 from mhc_jax.model.mlp import MLP
 from mhc_jax.sharding import logical_to_spec
@@ -212,7 +213,7 @@ def routed_experts(x_mC: jax.Array, idx_mk: jax.Array, gate_mk: jax.Array, w_gat
     batch_axes = (batch,) if isinstance(batch, str) else tuple(batch or ())
     ep, tp = mesh.shape.get("expert", 1), mesh.shape.get("tensor", 1)
     if m.n_routed_experts % ep:
-        raise ValueError(f"mesh.expert={ep} must divide model.n_routed_experts={m.n_routed_experts}")
+        raise ConfigError(f"mesh.expert={ep} is not allowed: must divide model.n_routed_experts={m.n_routed_experts}")
     ways = math.prod(mesh.shape[a] for a in batch_axes)
     pad = -x_mC.shape[0] % ways  # e.g. one decoded token on a big mesh: padding tokens with zero gates
     if pad:
