@@ -79,3 +79,13 @@ def write_result(path: str, result: Mapping[str, Any]) -> str:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     return repo_relative(path)
+
+
+def load_average() -> str:
+    """`cat /proc/loadavg` (1, 5, 15 minute load averages; '' where the file does not exist): recorded beside
+    timings taken on a shared machine."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from _common import RESULTS, compile_seconds, interleaved_medians, repo_relative, write_result
+from _common import RESULTS, compile_seconds, interleaved_medians, load_average, repo_relative, write_result
 from mhc_jax.config import Config
 from mhc_jax.data import synthetic_batch
 from mhc_jax.flops import model_flops_per_token
@@ -136,7 +136,7 @@ def main() -> None:
     if not len(seqs) == len(batches) == len(widths):
         raise SystemExit(f"--seq {args.seq} and --batch {args.batch} need one value or one per --d-model {widths}")
 
-    load_before = _loadavg()
+    load_before = load_average()
     peak = measure_peak_flops()
     shapes = []
     for d, seq, batch in zip(widths, seqs, batches):
@@ -144,7 +144,7 @@ def main() -> None:
         shapes.append({"d_model": d, "seq": seq, "batch": batch, "layers": args.layers,
                        "step_time": step_time_ratios(args, d, seq, batch, peak),
                        "activation_memory": activation_memory(d, seq, args.n_streams)})
-    load_after = _loadavg()
+    load_after = load_average()
     memory = sinkhorn_memory(args, seqs[0], batches[0])
 
     print(f"\ntrain step, backend={jax.default_backend()} layers={args.layers} n={args.n_streams}; step-time "
@@ -168,15 +168,6 @@ def main() -> None:
                                    "step_time": shapes[0]["step_time"], "shapes": shapes,
                                    "sinkhorn_memory": memory})
     print(f"\nwrote {path}")
-
-
-def _loadavg() -> str:
-    """`cat /proc/loadavg` (1, 5, 15 minute load averages; '' where the file does not exist)."""
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ class TrainingConfig:
     profile_steps: tuple[int, ...] = ()  # [first, last] (1-based, inclusive): jax.profiler trace into workdir/profile
 
 
-MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor")  # MeshConfig's axes, in mesh order
+MESH_AXES: tuple[str, ...] = ("dcn_data", "data", "fsdp", "tensor", "expert")  # MeshConfig's axes, in mesh order
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,7 @@ class MeshConfig:
     data: int = -1  # data parallelism inside a slice
     fsdp: int = 1  # FSDP / ZeRO-3: parameters and optimiser state sharded, batch split
     tensor: int = 1  # tensor parallelism: heads, MLP width, vocabulary
+    expert: int = 1  # expert parallelism: routed experts split over it (tokens reach them by all-to-all); also splits the batch
     zero1: bool = False  # params replicated over fsdp, optimiser state sharded
 
 
@@ -333,6 +334,27 @@ def validate(cfg: Config) -> Config:
     _require(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "must be > 0")
     _require(m.init_std > 0, "model.init_std", m.init_std, "must be > 0")
+    if m.ffn == "moe":
+        for key in ("n_routed_experts", "experts_per_token", "moe_d_ff", "n_groups", "topk_groups"):
+            _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+        _require(m.n_shared_experts >= 0, "model.n_shared_experts", m.n_shared_experts, "must be >= 0")
+        _require(0 <= m.first_dense_layers <= m.n_layers, "model.first_dense_layers", m.first_dense_layers,
+                 f"must be in [0, model.n_layers={m.n_layers}]")
+        _require(m.n_routed_experts % m.n_groups == 0, "model.n_groups", m.n_groups,
+                 f"must divide model.n_routed_experts={m.n_routed_experts}")
+        _require(m.topk_groups <= m.n_groups, "model.topk_groups", m.topk_groups,
+                 f"must be <= model.n_groups={m.n_groups}")
+        _require(m.experts_per_token <= m.topk_groups * (m.n_routed_experts // m.n_groups), "model.experts_per_token",
+                 m.experts_per_token, f"must be <= the experts in model.topk_groups={m.topk_groups} groups "
+                 f"({m.topk_groups * (m.n_routed_experts // m.n_groups)})")
+        _require(m.routed_scaling_factor > 0, "model.routed_scaling_factor", m.routed_scaling_factor, "must be > 0")
+        _require(m.bias_update_rate >= 0, "model.bias_update_rate", m.bias_update_rate, "must be >= 0")
+        _require(m.aux_loss_weight >= 0, "model.aux_loss_weight", m.aux_loss_weight, "must be >= 0")
+        _require(m.capacity_factor >= 0, "model.capacity_factor", m.capacity_factor,
+                 "must be >= 0 (0 = dropless)")
+        ep = cfg.mesh.expert
+        _require(ep == -1 or m.n_routed_experts % ep == 0, "mesh.expert", ep,
+                 f"must divide model.n_routed_experts={m.n_routed_experts}")
 
     _require(r.n_streams >= 1, "residual.n_streams", r.n_streams, "must be >= 1")
     _require(r.sinkhorn_iters >= 1, "residual.sinkhorn_iters", r.sinkhorn_iters, "must be >= 1")

@@ -19,7 +19,7 @@ Tensor names (i = block index, j = stream or n-gram head index):
     final_norm.scale                      final RMSNorm
     blocks.i.attn_norm.scale, blocks.i.mlp_norm.scale
     blocks.i.attn.{wq_CHD, wk_CKD, wv_CKD, wo_HDC}
-    blocks.i.attn.{wq_CHD | wdq_CY, q_norm.scale, wuq_YHD; wdkv_CP, kv_norm.scale, wkr_CI, wuk_PHO, wuv_PHv,
+    blocks.i.attn.{wq_CHD | wdq_Cq, q_norm.scale, wuq_qHD; wdkv_Cc, kv_norm.scale, wkr_Cd, wuk_cHo, wuv_cHv,
                    wo_HvC}             with model.attention=mla (mhc_jax.model.mla: Y/P query/KV latents, O/I
                                           query-key dims without/with RoPE, v value dims)
     blocks.i.mlp.{w_gate_CF, w_up_CF, w_down_FC}

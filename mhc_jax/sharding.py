@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     # Activations and batch arrays (every `constrain` call), named apart from the parameters' axes so that
     # what an activation is split over is decided here, not by reusing a parameter's name.
-    "activation_batch": ("dcn_data", "data", "fsdp"),
+    "activation_batch": ("dcn_data", "data", "fsdp", "expert"),  # expert: data-parallel outside the routed experts
     "activation_length": None,
     "activation_embed": None,  # fsdp splits the batch of activations (it splits weights' embed dimension)
     "activation_streams": None,
@@ -52,6 +52,8 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "engram_rows": ("fsdp", "tensor"),  # engram.shard_axis ("auto": this), see rules_for()
     "engram_mem": None,
     "conv": None,
+    "experts": "expert",  # the routed-expert dimension of DeepSeekMoE weights (expert parallelism, mhc_jax.model.moe)
+    "moe_mlp": "tensor",  # one expert's hidden width
     "layers": None,  # the stacked-layer axis of model.scan_layers: every device holds every layer's shard
 }
 
@@ -133,7 +135,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: dict | None = Non
 
 
 def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, ...]:
-    sizes = [mc.dcn_data, mc.data, mc.fsdp, mc.tensor]
+    sizes = [getattr(mc, axis) for axis in MESH_AXES]
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if n_devices % known:
@@ -147,7 +149,7 @@ def resolve_mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh with axes (dcn_data, data, fsdp, tensor), Auto axis types (sharding-constraint semantics).
+    """A mesh with axes (dcn_data, data, fsdp, tensor, expert), Auto axis types (sharding-constraint semantics).
 
     `devices` defaults to all devices; it may also be the devices of a TPU topology description (AOT
     compilation). Devices from several TPU slices (`slice_index`) are laid out with `dcn_data` across
@@ -162,7 +164,7 @@ def make_mesh(mc: MeshConfig, devices: Sequence[Any] | None = None) -> Mesh:
             raise ConfigError(f"mesh.dcn_data={mc.dcn_data} (resolved {shape[0]}) is not allowed: the devices "
                               f"span {len(slices)} slices, so mesh.dcn_data must be {len(slices)} (the other "
                               "axes stay inside one slice)")
-        grid = mesh_utils.create_hybrid_device_mesh((1, *shape[1:]), (shape[0], 1, 1, 1), devices,
+        grid = mesh_utils.create_hybrid_device_mesh((1, *shape[1:]), (shape[0],) + (1,) * (len(shape) - 1), devices,
                                                     allow_split_physical_axes=True)
         return Mesh(grid, MESH_AXES, axis_types=types)
     if devices == list(jax.devices()):

@@ -81,7 +81,7 @@ def test_needed_bytes_parses_the_compiler_out_of_memory_message():
 def test_multi_slice_mesh_puts_dcn_data_across_slices(libtpu):
     devices = aot.tpu_topology("v5e:2x2", num_slices=2).devices
     mesh = make_mesh(MeshConfig(dcn_data=2, data=-1, fsdp=2), devices)
-    assert dict(mesh.shape) == {"dcn_data": 2, "data": 2, "fsdp": 2, "tensor": 1}
+    assert dict(mesh.shape) == {"dcn_data": 2, "data": 2, "fsdp": 2, "tensor": 1, "expert": 1}
     for s in range(2):
         assert {d.slice_index for d in mesh.devices[s].reshape(-1)} == {s}
     with pytest.raises(ConfigError, match="span 2 slices, so mesh.dcn_data must be 2"):
@@ -116,7 +116,7 @@ def test_splash_attention_compiles_for_tpu_v4_megacore_with_windows_and_segments
         "model.attention_impl=auto", "model.attention_window=128", "model.global_every=2", "model.d_model=256",
         "data.seq_len=256", "model.max_seq_len=256", "data.batch_size=8", "mesh.tensor=2"]))
     compiled, mesh, _ = aot.compile_train_step(cfg, devices)
-    assert dict(mesh.shape) == {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 2}
+    assert dict(mesh.shape) == {"dcn_data": 1, "data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
     # Each block runs the Pallas kernel three times: forward, dq and dkv (a windowed and a global block here).
     calls = [line for line in compiled.as_text().splitlines() if 'custom_call_target="tpu_custom_call"' in line]
     assert len(calls) == 3 * cfg.model.n_layers, len(calls)

@@ -54,15 +54,15 @@ def ref_mla(layer: MLA, cfg, h, pos, seg, window=0):
     O, I = m.qk_nope_head_dim, m.qk_rope_head_dim
     p = lambda name: _np(getattr(layer, name)[...])  # noqa: E731
     if m.q_lora_rank:
-        cq = ref_rms_norm(h @ p("wdq_CY"), _np(layer.q_norm.scale[...]), m.norm_eps)  # Eq. 6
-        q = np.einsum("bty,yhd->bthd", cq, p("wuq_YHD"))  # Eq. 7-8
+        cq = ref_rms_norm(h @ p("wdq_Cq"), _np(layer.q_norm.scale[...]), m.norm_eps)  # Eq. 6
+        q = np.einsum("bty,yhd->bthd", cq, p("wuq_qHD"))  # Eq. 7-8
     else:
         q = np.einsum("btc,chd->bthd", h, p("wq_CHD"))
     q_nope, q_rope = q[..., :O], ref_rope(q[..., O:], pos, m.rope_theta)
-    ckv = ref_rms_norm(h @ p("wdkv_CP"), _np(layer.kv_norm.scale[...]), m.norm_eps)  # Eq. 1
-    k_nope = np.einsum("btp,pho->btho", ckv, p("wuk_PHO"))  # Eq. 2
-    k_rope = ref_rope((h @ p("wkr_CI"))[:, :, None], pos, m.rope_theta)[:, :, 0]  # Eq. 3, shared by heads
-    v = np.einsum("btp,phv->bthv", ckv, p("wuv_PHv"))  # Eq. 5
+    ckv = ref_rms_norm(h @ p("wdkv_Cc"), _np(layer.kv_norm.scale[...]), m.norm_eps)  # Eq. 1
+    k_nope = np.einsum("btp,pho->btho", ckv, p("wuk_cHo"))  # Eq. 2
+    k_rope = ref_rope((h @ p("wkr_Cd"))[:, :, None], pos, m.rope_theta)[:, :, 0]  # Eq. 3, shared by heads
+    v = np.einsum("btp,phv->bthv", ckv, p("wuv_cHv"))  # Eq. 5
     mscale = 1.0 if m.rope_scaling_factor <= 1 else 0.1 * math.log(m.rope_scaling_factor) + 1.0
     scale = mscale ** 2 / math.sqrt(O + I)
     B, T, H = q.shape[:3]
@@ -178,10 +178,10 @@ def test_mla_and_mtp_matrices_take_weight_decay_and_their_norms_do_not():
     from mhc_jax.train.optimizer import group_table
     cfg, model = _model(["model.q_lora_rank=8", "model.mtp_depth=1"])
     groups = {"/".join(map(str, k)): g for k, g in group_table(nnx.state(model, nnx.Param)).items()}
-    for name in ("wdq_CY", "wuq_YHD", "wdkv_CP", "wkr_CI", "wuk_PHO", "wuv_PHv", "wo_HvC"):
+    for name in ("wdq_Cq", "wuq_qHD", "wdkv_Cc", "wkr_Cd", "wuk_cHo", "wuv_cHv", "wo_HvC"):
         assert groups[f"blocks/0/attn/{name}"] == "decay", name
     assert groups["blocks/0/attn/kv_norm/scale"] == groups["blocks/0/attn/q_norm/scale"] == "no_decay"
-    assert groups["mtp/0/w_hidden_CC"] == groups["mtp/0/block/attn/wuk_PHO"] == "decay"
+    assert groups["mtp/0/w_hidden_CC"] == groups["mtp/0/block/attn/wuk_cHo"] == "decay"
     assert groups["mtp/0/hidden_norm/scale"] == "no_decay"
 
 
@@ -202,8 +202,8 @@ def test_attention_maps_of_an_mla_model_are_the_weights_its_output_is_built_from
     h, pos, seg = _inputs(cfg)
     x = jnp.asarray(h, jnp.float32)
     probs_BHTS = np.asarray(attention_probs(layer, x, jnp.asarray(pos), jnp.asarray(seg)), np.float64)
-    ckv_BTP, _ = layer.latents(x, jnp.asarray(pos))
-    v_BTHv = np.einsum("btp,phv->bthv", _np(ckv_BTP), _np(layer.wuv_PHv[...]))
+    ckv_BTc, _ = layer.latents(x, jnp.asarray(pos))
+    v_BTHv = np.einsum("btp,phv->bthv", _np(ckv_BTc), _np(layer.wuv_cHv[...]))
     out = np.einsum("bhts,bshv,hvc->btc", probs_BHTS, v_BTHv, _np(layer.wo_HvC[...]))
     np.testing.assert_allclose(out, _np(layer(x, jnp.asarray(pos), jnp.asarray(seg))[0]), rtol=1e-4, atol=1e-5)
     assert probs_BHTS[0, :, 6, :5].max() == 0.0  # the second document never sees the first
@@ -221,7 +221,7 @@ def test_sharded_mla_mtp_loss_and_grads_equal_single_device():
 
     cfg = make_cfg("mhc").replace(model={"attention": "mla", "mtp_depth": 1, "q_lora_rank": 8})
     p_sh = check_sharded_loss_and_grads(cfg, [(2, 2, 2)])
-    assert p_sh["blocks"][0]["attn"]["wuk_PHO"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
+    assert p_sh["blocks"][0]["attn"]["wuk_cHo"].spec == jax.sharding.PartitionSpec(None, "tensor", None)
 
 
 @pytest.mark.parametrize("kind", ["mhc_lite"])

@@ -109,7 +109,7 @@ def test_mtp_objective_and_metric_equal_a_float64_reference(overrides):
     jbatch = jax.tree.map(jnp.asarray, batch)
     numerator, (count, _, _) = objective_terms(model, jbatch)
     np.testing.assert_allclose(float(numerator / count), ref_obj, rtol=1e-5)
-    loss, _, _, mtp_loss = _loss_and_grads(model, jbatch, 1, with_mtp=True)
+    loss, _, _, mtp_loss, _ = _loss_and_grads(model, jbatch, 1)
     np.testing.assert_allclose(float(loss), ref_main, rtol=1e-5)
     np.testing.assert_allclose(float(mtp_loss), ref_mtp, rtol=1e-5)
     assert ref_mtp > 0
@@ -119,14 +119,14 @@ def test_mtp_gradients_reach_the_modules_accumulate_like_one_batch_and_survive_r
     cfg = load_config("tiny", TINY)
     model = randomize(Transformer(cfg, rngs=nnx.Rngs(0)), 3, scale=0.3)
     batch = jax.tree.map(jnp.asarray, _batch())
-    loss1, (g1, _), _, mtp1 = _loss_and_grads(model, batch, 1, with_mtp=True)
-    loss2, (g2, _), _, mtp2 = _loss_and_grads(model, batch, 2, with_mtp=True)
+    loss1, (g1, _), _, mtp1, _ = _loss_and_grads(model, batch, 1)
+    loss2, (g2, _), _, mtp2, _ = _loss_and_grads(model, batch, 2)
     g = nnx.to_pure_dict(g1)
     assert float(jnp.abs(g["mtp"][1]["w_embed_CC"]).sum()) > 0  # depth 2 learns
     np.testing.assert_allclose(float(mtp1), float(mtp2), rtol=1e-5)
     np.testing.assert_allclose(float(loss1), float(loss2), rtol=1e-5)
     model.remat = "full"
-    _, (g3, _), _ = nnx.jit(_loss_and_grads, static_argnums=2)(model, batch, 1)
+    _, (g3, _), _, _, _ = nnx.jit(_loss_and_grads, static_argnums=2)(model, batch, 1)
     chex.assert_trees_all_close(nnx.to_pure_dict(g3), g, atol=1e-6, rtol=1e-4)
 
 

@@ -30,5 +30,5 @@ def test_train_step_partitions_without_involuntary_full_rematerialization(kind, 
     capfd.readouterr()
     compiled, built, _ = compile_train_step(cfg, jax.devices())
     log = capfd.readouterr().err
-    assert dict(built.shape) == {"dcn_data": 1, "data": d, "fsdp": f, "tensor": t}
+    assert dict(built.shape) == {"dcn_data": 1, "data": d, "fsdp": f, "tensor": t, "expert": 1}
     assert "Involuntary full rematerialization" not in log, log[:3000]

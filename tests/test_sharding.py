@@ -61,9 +61,9 @@ def mesh_of(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
 
 
 def test_mesh_minus_one_takes_the_remaining_devices():
-    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (1, 2, 2, 2)
+    assert resolve_mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (1, 2, 2, 2, 1)
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=1))
-    assert dict(mesh.shape) == {"dcn_data": 1, "data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"dcn_data": 1, "data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 

@@ -63,17 +63,17 @@ class MLA(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         # Low-rank query (q_lora_rank > 0): W_DQ, its RMSNorm and W_UQ; else one full-rank W_Q.
         lowrank = bool(Y)
-        self.wdq_CY = nnx.data(param(rngs, init, (C, Y), ("embed", "q_lora"), pdt) if lowrank else None)
+        self.wdq_Cq = nnx.data(param(rngs, init, (C, Y), ("embed", "q_lora"), pdt) if lowrank else None)
         self.q_norm = nnx.data(RMSNorm(Y, eps=cfg.norm_eps, dtype=dtype, rngs=rngs) if lowrank else None)
-        self.wuq_YHD = nnx.data(param(rngs, init, (Y, H, O + I), ("q_lora", "heads", "head_dim"), pdt)
+        self.wuq_qHD = nnx.data(param(rngs, init, (Y, H, O + I), ("q_lora", "heads", "head_dim"), pdt)
                                 if lowrank else None)
         self.wq_CHD = nnx.data(None if lowrank else param(rngs, init, (C, H, O + I), ("embed", "heads", "head_dim"),
                                                           pdt))
-        self.wdkv_CP = param(rngs, init, (C, P), ("embed", "kv_lora"), pdt)
+        self.wdkv_Cc = param(rngs, init, (C, P), ("embed", "kv_lora"), pdt)
         self.kv_norm = RMSNorm(P, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
-        self.wkr_CI = param(rngs, init, (C, I), ("embed", "head_dim"), pdt)
-        self.wuk_PHO = param(rngs, init, (P, H, O), ("kv_lora", "heads", "head_dim"), pdt)
-        self.wuv_PHv = param(rngs, init, (P, H, v), ("kv_lora", "heads", "head_dim"), pdt)
+        self.wkr_Cd = param(rngs, init, (C, I), ("embed", "head_dim"), pdt)
+        self.wuk_cHo = param(rngs, init, (P, H, O), ("kv_lora", "heads", "head_dim"), pdt)
+        self.wuv_cHv = param(rngs, init, (P, H, v), ("kv_lora", "heads", "head_dim"), pdt)
         self.wo_HvC = param(rngs, nnx.initializers.normal(out_std), (H, v, C), ("heads", "head_dim", "embed"), pdt)
         self.nope_dim, self.rope_dim, self.v_dim = O, I, v
         self.scale = mla_softmax_scale(cfg)
@@ -84,47 +84,47 @@ class MLA(nnx.Module):
         self.dtype = dtype
 
     def _query(self, x_BTC: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(q_nope_BTHO, q_rope_BTHI), RoPE applied to the rope part."""
+        """(q_nope_BTHo, q_rope_BTHd), RoPE applied to the rope part."""
         dt = self.dtype
         if self.wq_CHD is not None:
             q_BTHD = jnp.einsum("btc,chd->bthd", x_BTC, self.wq_CHD[...].astype(dt))
         else:
-            cq_BTY = self.q_norm(x_BTC @ self.wdq_CY[...].astype(dt))  # c_Q, Eq. 6
-            q_BTHD = jnp.einsum("bty,yhd->bthd", cq_BTY, self.wuq_YHD[...].astype(dt))
+            cq_BTq = self.q_norm(x_BTC @ self.wdq_Cq[...].astype(dt))  # c_Q, Eq. 6
+            q_BTHD = jnp.einsum("bty,yhd->bthd", cq_BTq, self.wuq_qHD[...].astype(dt))
         q_BTHD = constrain(q_BTHD, ("activation_batch", "activation_length", "activation_heads",
                                     "activation_head_dim"))
-        q_nope_BTHO, q_rope_BTHI = q_BTHD[..., :self.nope_dim], q_BTHD[..., self.nope_dim:]
-        return q_nope_BTHO, apply_rope(q_rope_BTHI, positions_BT, self.rope_theta)
+        q_nope_BTHo, q_rope_BTHd = q_BTHD[..., :self.nope_dim], q_BTHD[..., self.nope_dim:]
+        return q_nope_BTHo, apply_rope(q_rope_BTHd, positions_BT, self.rope_theta)
 
     def latents(self, x_BTC: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """What the cache holds per token: (c_KV_BTP after its RMSNorm, k_rope_BTI after RoPE)."""
+        """What the cache holds per token: (c_KV_BTP after its RMSNorm, k_rope_BTd after RoPE)."""
         dt = self.dtype
-        ckv_BTP = self.kv_norm(x_BTC @ self.wdkv_CP[...].astype(dt))
-        krope_BT1I = apply_rope((x_BTC @ self.wkr_CI[...].astype(dt))[:, :, None], positions_BT, self.rope_theta)
-        return ckv_BTP, krope_BT1I[:, :, 0]
+        ckv_BTc = self.kv_norm(x_BTC @ self.wdkv_Cc[...].astype(dt))
+        krope_BT1d = apply_rope((x_BTC @ self.wkr_Cd[...].astype(dt))[:, :, None], positions_BT, self.rope_theta)
+        return ckv_BTc, krope_BT1d[:, :, 0]
 
     def __call__(self, x_BTC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                  cache: MLACache | None = None) -> tuple[jax.Array, MLACache | None]:
         """Same contract as `Attention.__call__` (packed rows without a cache; positions against the cache with one)."""
         dt = self.dtype
         x = x_BTC.astype(dt)
-        q_nope_BTHO, q_rope_BTHI = self._query(x, positions_BT)
-        ckv_BTP, krope_BTI = self.latents(x, positions_BT)
+        q_nope_BTHo, q_rope_BTHd = self._query(x, positions_BT)
+        ckv_BTc, krope_BTd = self.latents(x, positions_BT)
         if cache is None:
-            out_BTHv = self._attend_full(q_nope_BTHO, q_rope_BTHI, ckv_BTP, krope_BTI, positions_BT, segment_ids_BT)
+            out_BTHv = self._attend_full(q_nope_BTHo, q_rope_BTHd, ckv_BTc, krope_BTd, positions_BT, segment_ids_BT)
         else:
-            out_BTHv, cache = self._decode(q_nope_BTHO, q_rope_BTHI, ckv_BTP, krope_BTI, positions_BT, cache)
+            out_BTHv, cache = self._decode(q_nope_BTHo, q_rope_BTHd, ckv_BTc, krope_BTd, positions_BT, cache)
         return jnp.einsum("bthv,hvc->btc", out_BTHv.astype(dt), self.wo_HvC[...].astype(dt)), cache
 
-    def _attend_full(self, q_nope_BTHO, q_rope_BTHI, ckv_BTP, krope_BTI, positions_BT, segment_ids_BT):
+    def _attend_full(self, q_nope_BTHo, q_rope_BTHd, ckv_BTc, krope_BTd, positions_BT, segment_ids_BT):
         """Per-head keys and values from the latent, then the shared `attend` on zero-padded head dims."""
         dt = self.dtype
-        H, T = q_nope_BTHO.shape[2], q_nope_BTHO.shape[1]
-        k_nope_BTHO = jnp.einsum("btp,pho->btho", ckv_BTP, self.wuk_PHO[...].astype(dt))
-        v_BTHv = jnp.einsum("btp,phv->bthv", ckv_BTP, self.wuv_PHv[...].astype(dt))
-        krope_BTHI = jnp.broadcast_to(krope_BTI[:, :, None], (*krope_BTI.shape[:2], H, self.rope_dim))
-        q_BTHD = jnp.concatenate([q_nope_BTHO, q_rope_BTHI], axis=-1)
-        k_BTHD = jnp.concatenate([k_nope_BTHO, krope_BTHI], axis=-1)
+        H, T = q_nope_BTHo.shape[2], q_nope_BTHo.shape[1]
+        k_nope_BTHo = jnp.einsum("btp,pho->btho", ckv_BTc, self.wuk_cHo[...].astype(dt))
+        v_BTHv = jnp.einsum("btp,phv->bthv", ckv_BTc, self.wuv_cHv[...].astype(dt))
+        krope_BTHd = jnp.broadcast_to(krope_BTd[:, :, None], (*krope_BTd.shape[:2], H, self.rope_dim))
+        q_BTHD = jnp.concatenate([q_nope_BTHo, q_rope_BTHd], axis=-1)
+        k_BTHD = jnp.concatenate([k_nope_BTHo, krope_BTHd], axis=-1)
         D = max(q_BTHD.shape[-1], self.v_dim)
         # attend scales by 1/sqrt(D): pre-scale q so the product is MLA's scale (mscale^2 / sqrt(O + I)).
         q_BTHD = (q_BTHD * (self.scale * math.sqrt(D))).astype(dt)
@@ -141,33 +141,33 @@ class MLA(nnx.Module):
                           window=self.window, block=self.block)
         return out_BTHD[..., :self.v_dim]
 
-    def _decode(self, q_nope_BTHO, q_rope_BTHI, ckv_BTP, krope_BTI, positions_BT, cache):
+    def _decode(self, q_nope_BTHo, q_rope_BTHd, ckv_BTc, krope_BTd, positions_BT, cache):
         """Absorbed-weight attention over [cached latents, new latents] (as `Attention._decode`: a prompt
         longer than a ring still sees its own window), then the last min(T, slots) new tokens written to
         their slots (position % slots)."""
         dt = self.dtype
-        (ckv_BSP, krope_BSI), _, mask_BTS = extend_cache(cache, (("ckv", ckv_BTP), ("krope", krope_BTI)),
+        (ckv_BSc, krope_BSd), _, mask_BTS = extend_cache(cache, (("ckv", ckv_BTc), ("krope", krope_BTd)),
                                                          positions_BT, self.window, dt)
-        probs_BHTS = self._absorbed_probs(q_nope_BTHO, q_rope_BTHI, ckv_BSP, krope_BSI, mask_BTS)
-        olat_BTHP = jnp.einsum("bhts,bsp->bthp", probs_BHTS.astype(dt), ckv_BSP)
-        out_BTHv = jnp.einsum("bthp,phv->bthv", olat_BTHP, self.wuv_PHv[...].astype(dt))  # W_UV after attending
-        return out_BTHv, write_cache(cache, {"ckv": ckv_BTP, "krope": krope_BTI}, positions_BT)
+        probs_BHTS = self._absorbed_probs(q_nope_BTHo, q_rope_BTHd, ckv_BSc, krope_BSd, mask_BTS)
+        olat_BTHc = jnp.einsum("bhts,bsp->bthp", probs_BHTS.astype(dt), ckv_BSc)
+        out_BTHv = jnp.einsum("bthp,phv->bthv", olat_BTHc, self.wuv_cHv[...].astype(dt))  # W_UV after attending
+        return out_BTHv, write_cache(cache, {"ckv": ckv_BTc, "krope": krope_BTd}, positions_BT)
 
-    def _absorbed_probs(self, q_nope_BTHO, q_rope_BTHI, ckv_BSP, krope_BSI, mask_BTS) -> jax.Array:
+    def _absorbed_probs(self, q_nope_BTHo, q_rope_BTHd, ckv_BSc, krope_BSd, mask_BTS) -> jax.Array:
         """float32 (B, H, T, S) attention weights scored against the latents, W_UK absorbed into the query:
         q_nope . (W_UK c_KV) = (q_nope W_UK^T) . c_KV."""
         f32 = jnp.float32
-        qlat_BTHP = jnp.einsum("btho,pho->bthp", q_nope_BTHO, self.wuk_PHO[...].astype(self.dtype))
-        scores_BHTS = (jnp.einsum("bthp,bsp->bhts", qlat_BTHP, ckv_BSP, preferred_element_type=f32)
-                       + jnp.einsum("bthi,bsi->bhts", q_rope_BTHI, krope_BSI, preferred_element_type=f32))
+        qlat_BTHc = jnp.einsum("btho,pho->bthp", q_nope_BTHo, self.wuk_cHo[...].astype(self.dtype))
+        scores_BHTS = (jnp.einsum("bthp,bsp->bhts", qlat_BTHc, ckv_BSc, preferred_element_type=f32)
+                       + jnp.einsum("bthi,bsi->bhts", q_rope_BTHd, krope_BSd, preferred_element_type=f32))
         return jax.nn.softmax(jnp.where(mask_BTS[:, None], scores_BHTS * self.scale, -jnp.inf), axis=-1)
 
     def attention_probs(self, x_BTC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
         """(B, H, T, T) float32 attention weights of a packed row (mhc_jax.interpret's attention maps)."""
         x = x_BTC.astype(self.dtype)
-        q_nope_BTHO, q_rope_BTHI = self._query(x, positions_BT)
-        ckv_BTP, krope_BTI = self.latents(x, positions_BT)
-        return self._absorbed_probs(q_nope_BTHO, q_rope_BTHI, ckv_BTP, krope_BTI, visible_BTS(segment_ids_BT, self.window))
+        q_nope_BTHo, q_rope_BTHd = self._query(x, positions_BT)
+        ckv_BTc, krope_BTd = self.latents(x, positions_BT)
+        return self._absorbed_probs(q_nope_BTHo, q_rope_BTHd, ckv_BTc, krope_BTd, visible_BTS(segment_ids_BT, self.window))
 
 
 def init_mla_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype, window: int = 0) -> MLACache:

@@ -12,12 +12,14 @@ from mhc_jax.sharding import constrain
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs, d_ff: int = 0):
+        """`d_ff`: the hidden width F; 0 = cfg.d_ff (DeepSeekMoE's shared experts pass theirs)."""
+        F = d_ff or cfg.d_ff
         init = nnx.initializers.normal(cfg.init_std)
         pdt = jnp.dtype(cfg.param_dtype)  # float32 master weights by default
-        self.w_gate_CF = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt)
-        self.w_up_CF = param(rngs, init, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), pdt)
-        self.w_down_FC = param(rngs, nnx.initializers.normal(out_std), (cfg.d_ff, cfg.d_model), ("mlp", "embed"), pdt)
+        self.w_gate_CF = param(rngs, init, (cfg.d_model, F), ("embed", "mlp"), pdt)
+        self.w_up_CF = param(rngs, init, (cfg.d_model, F), ("embed", "mlp"), pdt)
+        self.w_down_FC = param(rngs, nnx.initializers.normal(out_std), (F, cfg.d_model), ("mlp", "embed"), pdt)
         self.dtype = dtype
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:

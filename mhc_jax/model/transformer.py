@@ -20,15 +20,10 @@ from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.masks import layer_windows
 from mhc_jax.model.mla import MLA, init_mla_cache
 from mhc_jax.model.mlp import MLP
+from mhc_jax.model.moe import MoE, MoeStats, is_moe_block
 from mhc_jax.layers import RMSNorm, compute_dtype, param
 from mhc_jax.residual import expand, make_collapse, make_residual
 from mhc_jax.sharding import constrain
-
-try:  # DeepSeekMoE (issue 14 part B)
-    import mhc_jax.model.moe  # noqa: F401
-    _HAS_MOE = True
-except ImportError:
-    _HAS_MOE = False
 
 STREAM_AXES = ("activation_batch", "activation_length", "activation_streams", "activation_embed")  # x_BTnC
 LayerCache = dict[str, Any]  # {"attn": KVCache, "engram": engram conv state (if the block has Engram)}
@@ -53,7 +48,8 @@ class Block(nnx.Module):
         attention = MLA if m.attention == "mla" else Attention
         self.attn = attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = MLP(m, dtype=dtype, out_std=out_std, rngs=rngs)
+        self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if is_moe_block(cfg, index)
+                    else MLP(m, dtype=dtype, out_std=out_std, rngs=rngs))
         self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
         self.mlp_res = make_residual(cfg, 2 * index + 1, rngs=rngs)
         engram = None
@@ -109,7 +105,7 @@ def block_key(cfg: Config, index: int) -> tuple | None:
     if cfg.engram.enabled and index in cfg.engram.layers:
         return None
     m = cfg.model  # blocks with another attention window compile to another program
-    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index])
+    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], is_moe_block(cfg, index))
 
 
 def block_groups(cfg: Config) -> list[tuple[int, ...]]:
@@ -150,13 +146,15 @@ class BlockStack(nnx.Module):
                  remat: str) -> jax.Array:
         graphdef, state = nnx.split(self.layers)
 
-        def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, None]:
-            x, _ = nnx.merge(graphdef, layer_state)(x, positions_BT, segment_ids_BT, None, None)
-            return x, None
+        def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, Any]:
+            layer = nnx.merge(graphdef, layer_state)
+            x, _ = layer(x, positions_BT, segment_ids_BT, None, None)
+            return x, nnx.state(layer, MoeStats)  # what each MoE layer routed leaves the scan as ys
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x_BTnC, _ = jax.lax.scan(body, x_BTnC, state)
+        x_BTnC, stats = jax.lax.scan(body, x_BTnC, state)
+        nnx.update(self.layers, stats)
         return x_BTnC
 
 
@@ -220,9 +218,6 @@ class Transformer(nnx.Module):
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
             rngs, nnx.initializers.normal(m.init_std), (m.d_model, V), ("embed", "vocab"), jnp.dtype(m.param_dtype)))
         self.remat = cfg.training.remat
-        if m.ffn == "moe" and not _HAS_MOE:  # removed when DeepSeekMoE (issue 14 part B) is merged
-            raise ConfigError("model.ffn='moe' is not implemented in this build (DeepSeekMoE lands with issue 14 "
-                              "part B); use model.ffn=dense")
         self.mtp = nnx.List([MTPModule(cfg, k + 1, rngs=rngs) for k in range(m.mtp_depth)])
 
     def __call__(self, tokens_BT: jax.Array, *, positions_BT: jax.Array | None = None,

@@ -36,7 +36,8 @@ from mhc_jax.sharding import batch_shardings, batch_ways, make_mesh
 from mhc_jax.train import sparse_rows
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.evaluation import evaluate_model, token_byte_lengths
-from mhc_jax.train.metrics import MetricsWriter, peak_flops_per_device
+from mhc_jax.model.moe import moe_blocks
+from mhc_jax.train.metrics import MetricsWriter, moe_metrics, peak_flops_per_device
 from mhc_jax.train.optimizer import lr_schedule
 from mhc_jax.train.profile import StepProfiler, finish_run
 from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
@@ -306,7 +307,7 @@ def log_metrics(s: Session) -> None:
         row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(s.schedule(step)),
                "tokens_per_s": tokens_per_s, "step_time": step_time,
                "mfu": s.flops_per_token * tokens_per_s / (s.peak * jax.device_count()),
-               "nonfinite": bool(m["nonfinite"])}
+               "nonfinite": bool(m["nonfinite"]), **moe_metrics(m, moe_blocks(s.cfg))}
         if "mtp_loss" in m:  # multi-token prediction (model.mtp_depth > 0)
             row["mtp_loss"] = m["mtp_loss"]
         s.writer.write(step + 1, "train", row)

@@ -81,6 +81,24 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
     return measure_peak_flops()
 
 
+def moe_metrics(step_metrics: dict[str, Any], moe_blocks: list[int]) -> dict[str, float]:
+    """DeepSeekMoE columns of one train row from the step's `moe_*` arrays (host numpy): per MoE block
+    `moe_load_max_over_mean/<block>` (1 = perfectly balanced), `moe_dropped/<block>` (capacity drops) and
+    `moe_bias_spread/<block>` (max - min of the aux-loss-free bias); their worst / total over blocks; the
+    sequence-wise balance loss. {} for a dense model."""
+    if "moe_load_LI" not in step_metrics:
+        return {}
+    load_LI, dropped_L, bias_LI = (step_metrics[k] for k in ("moe_load_LI", "moe_dropped_L", "moe_bias_LI"))
+    ratio_L = load_LI.max(axis=1) / max(float(load_LI.mean()), 1e-9)
+    spread_L = bias_LI.max(axis=1) - bias_LI.min(axis=1)
+    row = {"moe_load_max_over_mean": float(ratio_L.max()), "moe_dropped": float(dropped_L.sum()),
+           "moe_bias_spread": float(spread_L.max()), "moe_balance_loss": float(step_metrics["moe_balance_loss"])}
+    for block, ratio, dropped, spread in zip(moe_blocks, ratio_L, dropped_L, spread_L):
+        row.update({f"moe_load_max_over_mean/{block}": float(ratio), f"moe_dropped/{block}": float(dropped),
+                    f"moe_bias_spread/{block}": float(spread)})
+    return row
+
+
 class MetricsWriter:
     """Appends one JSON object per line to workdir/metrics.jsonl and mirrors scalars to TensorBoard."""
 

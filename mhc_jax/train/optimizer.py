@@ -22,7 +22,7 @@ from mhc_jax.config import Config, OptimizerConfig
 # Logical axes that a decayed matrix may have; any other axis (streams, mhc, conv, norm, engram_rows)
 # marks a parameter that takes no weight decay.
 DECAYED_AXES = frozenset({"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "engram_mem",
-                          "q_lora", "kv_lora"})
+                          "q_lora", "kv_lora", "experts", "moe_mlp"})
 
 
 def param_group(variable: nnx.Variable) -> str:

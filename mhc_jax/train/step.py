@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.model.moe import moe_stats, update_router_bias
 from mhc_jax.model.transformer import shift_left
 from mhc_jax.train.optimizer import nonfinite_in_row
 
@@ -68,6 +69,18 @@ def objective_terms(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[j
     return loss_sum + m.mtp_loss_weight * mtp_sum, (jnp.sum(mask_BT), loss_sum, mtp_sum)
 
 
+def with_balance_loss(model: nnx.Module, objective: jax.Array, count: jax.Array) -> tuple[jax.Array, dict]:
+    """After a forward pass of `model`: (objective + model.aux_loss_weight x count x the MoE layers' summed
+    sequence-wise balance losses, so that dividing by the count adds their weighted mean; the MoE routing
+    statistics with the balance losses token-weighted likewise). (objective, {}) without MoE."""
+    stats = moe_stats(model)
+    if not stats:
+        return objective, stats
+    stats["balance_loss_L"] = stats["balance_loss_L"] * count
+    weight = model.cfg.model.aux_loss_weight
+    return (objective + weight * jnp.sum(stats["balance_loss_L"]) if weight else objective), stats
+
+
 def _split_micro(batch: Batch, k: int) -> Batch:
     def one(x: jax.Array) -> jax.Array:
         if x.shape[0] % k:
@@ -80,35 +93,41 @@ def loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int = 1) -> tupl
     """Mean token loss over the whole batch and the gradient of the training objective (the loss, plus the
     weighted MTP loss with model.mtp_depth > 0), accumulated over `grad_accum` micro-batches (sums of per-token
     losses and counts, so the result equals one big batch up to float rounding)."""
-    loss, (grads, _), count = _loss_and_grads(model, batch, grad_accum)
+    loss, (grads, _), count = _loss_and_grads(model, batch, grad_accum)[:3]
     return loss, grads, count
 
 
-def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int, with_mtp: bool = False) -> tuple:
-    """`loss_and_grads` with the gradient as (params, sparse Engram rows or None); `with_mtp` appends the
-    (unweighted) MTP loss."""
+def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple:
+    """`loss_and_grads` with the gradient as (params, sparse Engram rows or None), then the token count, the
+    (unweighted) MTP loss (0 without MTP) and the MoE routing statistics of the whole batch
+    (mhc_jax.model.moe.moe_stats: loads and drops summed over micro-batches, balance loss token-weighted; {}
+    without MoE). The gradient is the objective's (loss + weighted MTP loss + weighted balance loss); the loss
+    returned is the language-model loss alone."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     data = {k: v for k, v in batch.items() if k != "engram_rows"}  # rows serve every micro-batch
 
-    def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, jax.Array]:
-        return objective_terms(nnx.merge(graphdef, p, rest), mb if rows is None else {**mb, "engram_rows": rows})
+    def micro(p: Any, rows: jax.Array | None, mb: Batch) -> tuple[jax.Array, tuple]:
+        m = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))  # fresh Variables: MoE layers write their stats
+        objective, sums = objective_terms(m, mb if rows is None else {**mb, "engram_rows": rows})
+        objective, stats = with_balance_loss(m, objective, sums[0])
+        return objective, (sums, stats)
 
     grad_fn = jax.value_and_grad(micro, argnums=(0, 1), has_aux=True)
     diff = (params, batch.get("engram_rows"))
     if grad_accum == 1:
-        (_, sums), grads = grad_fn(*diff, data)
+        (_, (sums, stats)), grads = grad_fn(*diff, data)
     else:
         def body(carry, mb):
-            g_acc, s_acc = carry
-            (_, s), g = grad_fn(*diff, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+            (_, aux), g = grad_fn(*diff, mb)
+            return jax.tree.map(jnp.add, carry, (g, aux)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, diff)
-        (grads, sums), _ = jax.lax.scan(body, (zeros, (jnp.float32(0.0),) * 3), _split_micro(data, grad_accum))
+        zeros = jax.tree.map(jnp.zeros_like, (diff, ((jnp.float32(0.0),) * 3, moe_stats(model))))
+        (grads, (sums, stats)), _ = jax.lax.scan(body, zeros, _split_micro(data, grad_accum))
     count, loss_sum, mtp_sum = sums
     denom = jnp.maximum(count, 1.0)
-    out = (loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count)
-    return (*out, mtp_sum / denom) if with_mtp else out
+    if stats:
+        stats["balance_loss_L"] = stats["balance_loss_L"] / denom
+    return loss_sum / denom, jax.tree.map(lambda g: g / denom, grads), count, mtp_sum / denom, stats
 
 
 def clip_with_rows(grads: Any, row_grads: jax.Array, clip_norm: float) -> tuple[Any, jax.Array, jax.Array]:
@@ -142,7 +161,7 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     non-finite check) runs on the device, so the table, its gradient and its moments are copied in for
     the update; the jit's out_shardings (pinned_host) put the new table and moments back in host memory:
     JAX's optimizer-state offloading pattern."""
-    loss, (grads, row_grads), count, mtp_loss = _loss_and_grads(model, batch, grad_accum, with_mtp=True)
+    loss, (grads, row_grads), count, mtp_loss, stats = _loss_and_grads(model, batch, grad_accum)
     grads = to_device_memory(grads)
     for node in (model, optimizer):  # a no-op unless tables (and their moments) are host-resident
         nnx.update(node, to_device_memory(nnx.state(node)))
@@ -156,6 +175,11 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
                "nonfinite_in_row": nonfinite_in_row(optimizer)}
     if model.cfg.model.mtp_depth:
         metrics["mtp_loss"] = mtp_loss  # mean over depths, unweighted
+    if stats:  # DeepSeekMoE: aux-loss-free bias update from this step's loads, then its metrics
+        metrics.update(moe_load_LI=stats["load_LI"], moe_dropped_L=stats["dropped_L"],
+                       moe_balance_loss=jnp.sum(stats["balance_loss_L"]),
+                       moe_bias_LI=update_router_bias(model, stats["load_LI"],
+                                                      model.cfg.model.bias_update_rate))
     if row_grads is not None:
         metrics["engram_row_grads"] = row_grads
     return metrics
