@@ -196,10 +196,12 @@ display(Image(plot_attention_maps(maps[:, 0], labels, os.path.join(tempfile.mkdt
 target = int(np.argmax(np.asarray(model(jnp.asarray(ids))[0, -1, :256])))  # the model's own next byte
 ig = integrated_gradients(model, ids, target, tok.pad_id)  # baseline: the pad token everywhere
 print(f"next token {tok.decode([target])!r}: logit {ig.logit:.3f}, baseline {ig.baseline_logit:.3f}, "
-      f"attributions sum to {ig.attributions.sum():.3f} (completeness error {100 * ig.completeness_error:.2f}%)")
-# Completeness is tested (< 1%) on freshly initialised models (tests/test_interpret.py); on this model trained
-# at a deliberately high learning rate it has been seen far off (165% in the smoke run), so it is printed
-# here, not asserted: read the bars together with that number.
+      f"attributions sum to {ig.attributions.sum():.3f} (completeness error {100 * ig.completeness_error:.3f}%, "
+      f"{ig.steps} gradient evaluations on {ig.panels} panels)")
+# Training at this high learning rate turns the never-seen pad token's embedding opposite to the frequent
+# tokens' (cosine ~ -0.96), so the path from the baseline passes near zero and the logit rises sharply half
+# way; a fixed 128-node rule missed completeness by 11-165% here. The adaptive rule refines the panels there.
+assert ig.completeness_error < 0.01
 display(Image(plot_attributions(ig, labels, tok.decode([target]), os.path.join(tempfile.mkdtemp(), "ig.png"))))
 h_prompt = np.asarray(collect_h_res(model, jnp.asarray(ids)))  # (sublayers, batch, T, n, n)
 display(Image(plot_h_res_heatmaps(h_prompt[:, 0, -1], os.path.join(tempfile.mkdtemp(), "h_res_prompt.png"),
