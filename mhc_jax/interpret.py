@@ -17,11 +17,12 @@ C model width, A integration nodes (alphas).
   baseline can come close to that: training at a high learning rate pushes the tied embedding of the
   never-seen pad token opposite to the frequent tokens' (notebook 02's mHC model: cosine -0.96 with " "), so
   the straight path shrinks those positions' embeddings ~7x near a = 0.55 and F climbs by 4 logits within
-  ~0.05 of a (dF/da up to 117), where a fixed 128-node rule misses completeness by 11-17%. The integral
-  is therefore adaptive: composite Gauss-Legendre on panels of [0, 1], each panel checked against
-  F(a_hi) - F(a_lo) from forward passes at its ends and halved until the attributions sum to the logit
-  difference (the paper's Proposition 1) within a quarter of `tolerance`; `IGResult.completeness_error`
-  reports the error reached, and above `tolerance` it warns or raises (notebook 02: 0.04% with ~500 nodes).
+  ~0.05 of a (dF/da up to 117), where a fixed 128-node rule misses completeness by 11% (24% on the
+  CPU-size run). The integral is therefore adaptive: composite Gauss-Legendre on panels of [0, 1], each
+  panel checked against F(a_hi) - F(a_lo) from forward passes at its ends and halved until the
+  attributions sum to the logit difference (the paper's Proposition 1) within a quarter of `tolerance`;
+  `IGResult.completeness_error` reports the error reached, and above `tolerance` it warns or raises
+  (notebook 02: 0.04% with ~500 nodes; 0.18% with ~2000 on the CPU-size run).
   Engram ids are functions of the discrete tokens and stay those of the prompt along the path (not
   interpolated); the Engram gate sqrt(|s|) is steep where s crosses 0, which the panels resolve likewise.
 

@@ -200,7 +200,8 @@ print(f"next token {tok.decode([target])!r}: logit {ig.logit:.3f}, baseline {ig.
       f"{ig.steps} gradient evaluations on {ig.panels} panels)")
 # Training at this high learning rate turns the never-seen pad token's embedding opposite to the frequent
 # tokens' (cosine ~ -0.96), so the path from the baseline passes near zero and the logit rises sharply half
-# way; a fixed 128-node rule missed completeness by 11-165% here. The adaptive rule refines the panels there.
+# way; a fixed 128-node rule missed completeness by 11-24% here (165% in one earlier run). The adaptive rule
+# refines the panels there.
 assert ig.completeness_error < 0.01
 display(Image(plot_attributions(ig, labels, tok.decode([target]), os.path.join(tempfile.mkdtemp(), "ig.png"))))
 h_prompt = np.asarray(collect_h_res(model, jnp.asarray(ids)))  # (sublayers, batch, T, n, n)
