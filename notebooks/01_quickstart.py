@@ -37,7 +37,7 @@ if "google.colab" in sys.modules and not os.path.isdir("mhc-jax"):
 if "google.colab" in sys.modules:
     sys.path.insert(0, os.path.abspath("mhc-jax"))  # the editable install's .pth needs a restart otherwise
 
-# The run's size follows the machine: MHC_JAX_SMOKE=1 (set by the tests) -> "smoke", about a minute;
+# The run's size follows the machine: MHC_JAX_SMOKE=1 (set by the tests) -> "smoke", 1-3 minutes;
 # a CPU -> "cpu", a scaled-down run of a few minutes; a GPU or TPU (e.g. Colab) -> "full", the real run.
 import jax
 
