@@ -103,7 +103,7 @@ def test_integrated_gradients_are_complete_within_one_percent(setup, mhc_model, 
     assert res.completeness_error <= 0.01 and res.steps >= 64 and res.panels >= 8
 
 
-def _reference_attributions(model, tokens, target, baseline_TC, nodes=4096):
+def _reference_attributions(model, tokens, target, baseline_TC, nodes=1024):
     """Midpoint rule with `nodes` equal weights 1/nodes: the same per-point gradients (one compiled shape of
     64 points), none of the adaptive panel logic under test."""
     e_TC = jnp.take(model.embed_VC[...], jnp.asarray(tokens[0]), axis=0)
@@ -122,7 +122,7 @@ def test_completeness_holds_where_the_path_passes_near_zero(setup, mhc_model):
     fixed Gauss-Legendre rule missed completeness by 11-165%. Reproduced here with baseline embeddings
     e'_t = -e_t + 0.1 |e_t| u_t (u_t a unit vector orthogonal to e_t): the path's norm falls to ~5%. The
     fixed 64-node rule misses by far more than 1%; the adaptive rule is complete within 1%, its attributions
-    agree with a 4096-point midpoint rule, and it says when its budget is too small."""
+    agree with a 1024-point midpoint rule, and it says when its budget is too small."""
     _, _, _, tok, tokens, _ = setup
     model, target = mhc_model, tok.encode("\n")[0]
     e = np.asarray(jnp.take(model.embed_VC[...], jnp.asarray(tokens[0]), axis=0), np.float64)
