@@ -28,6 +28,11 @@ class TrainingError(MhcJaxError, RuntimeError):
     """A run that cannot go on (e.g. non-finite losses in a row); the message says what to change."""
 
 
+class NumericalError(MhcJaxError, ArithmeticError):
+    """A numerical method that missed the accuracy asked for (e.g. integrated gradients' completeness);
+    the message says what it reached and what to change."""
+
+
 def disk_full(err: BaseException) -> OSError | None:
     """The ENOSPC / EDQUOT OSError behind `err` (itself or a cause or context of it), if any."""
     seen: set[int] = set()

@@ -13,13 +13,18 @@ C model width, A integration nodes (alphas).
   with baseline e' the embedding of one token id at every position (the tokenizer's pad id is the usual
   choice) or given (T, C) embeddings. Zero embeddings make a poor baseline: RMS normalisation is singular
   at 0, so along a path from 0 the logit swings over many decades of a near 0 (measured on the tiny
-  model: F moves by ~1 between a = 1e-8 and 1e-4), which no affordable quadrature resolves. The integral
-  uses Gauss-Legendre quadrature with `steps` nodes; completeness (sum_t attr_t = F(e) - F(e'), the
-  paper's Proposition 1) then holds to a small tolerance that `IGResult.completeness_error` reports
-  (mHC tiny model: 0.2% at 64 nodes, ~1e-6 at 128). Engram ids are functions of the discrete tokens and stay
-  those of the prompt along the path (not interpolated); the Engram gate's sign(s) jumps where s crosses 0,
-  which the gradient cannot see, so with Engram layers completeness holds only up to those jumps (~2% on
-  the tiny model).
+  model: F moves by ~1 between a = 1e-8 and 1e-4), which no affordable quadrature resolves. A token
+  baseline can come close to that: training at a high learning rate pushes the tied embedding of the
+  never-seen pad token opposite to the frequent tokens' (notebook 02's mHC model: cosine -0.96 with " "), so
+  the straight path shrinks those positions' embeddings ~7x near a = 0.55 and F climbs by 4 logits within
+  ~0.05 of a (dF/da up to 117), where a fixed 128-node rule misses completeness by 11% (24% on the
+  CPU-size run). The integral is therefore adaptive: composite Gauss-Legendre on panels of [0, 1], each
+  panel checked against F(a_hi) - F(a_lo) from forward passes at its ends and halved until the
+  attributions sum to the logit difference (the paper's Proposition 1) within a quarter of `tolerance`;
+  `IGResult.completeness_error` reports the error reached, and above `tolerance` it warns or raises
+  (notebook 02: 0.04% with ~500 nodes; 0.18% with ~2000 on the CPU-size run).
+  Engram ids are functions of the discrete tokens and stay those of the prompt along the path (not
+  interpolated); the Engram gate sqrt(|s|) is steep where s crosses 0, which the panels resolve likewise.
 
 Call both outside a `jax.set_mesh` context for a single prompt: one row does not split over the batch
 axes of a multi-device mesh (the parameters keep their own shardings).
@@ -28,6 +33,7 @@ axes of a multi-device mesh (the parameters keep their own shardings).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from mhc_jax.diagnostics import _pyplot
+from mhc_jax.errors import NumericalError
 from mhc_jax.layers import apply_rope
 from mhc_jax.model.alibi import alibi_bias
 from mhc_jax.model.attention import Attention
@@ -113,12 +120,18 @@ class IGResult:
     attributions: np.ndarray  # (T,) float64, one per prompt token
     logit: float  # F(e): the target's logit at the last position
     baseline_logit: float  # F(e') with the baseline embeddings
+    steps: int = 0  # quadrature nodes the adaptive rule used (each a forward and backward pass)
+    panels: int = 0  # Gauss-Legendre panels [a_i, a_i+1] the path ended up split into
 
     @property
     def completeness_error(self) -> float:
         """|sum(attributions) - (F(e) - F(e'))| relative to |F(e) - F(e')|."""
         diff = self.logit - self.baseline_logit
         return abs(float(self.attributions.sum()) - diff) / max(abs(diff), 1e-12)
+
+
+class IncompleteAttributionsWarning(UserWarning):
+    """Integrated gradients stopped at `max_steps` with a completeness error above the tolerance."""
 
 
 def _target_logit(model, embeds_ATC, tokens_ATC_ids, target, model_kwargs):
@@ -132,31 +145,83 @@ def quadrature(steps: int) -> tuple[np.ndarray, np.ndarray]:
     return (nodes + 1) / 2, weights / 2
 
 
-@nnx.jit(static_argnames=("steps",))
-def _integrate(model, tokens_1T, embeds_TC, baseline_TC, target, model_kwargs, steps: int):
-    alphas, weights = quadrature(steps)
-    alphas_A = jnp.asarray(alphas, jnp.float32)
-    weights_A = jnp.asarray(weights, jnp.float32)
+@nnx.jit
+def _path_points(model, tokens_1T, embeds_TC, baseline_TC, target, model_kwargs, alphas_A, weights_A):
+    """At the path points e' + a (e - e'), a in alphas_A: F (A,), and w_a * sum_c (e - e')_tc dF/de_tc (A, T)."""
     delta_TC = embeds_TC - baseline_TC
     path_ATC = baseline_TC[None] + alphas_A[:, None, None] * delta_TC[None]
-    tokens_AT = jnp.broadcast_to(tokens_1T, (steps, tokens_1T.shape[1]))
-    kwargs = {k: jnp.broadcast_to(v, (steps, *v.shape[1:])) for k, v in model_kwargs.items()}
-
-    def weighted_sum(path):
-        return jnp.sum(weights_A * _target_logit(model, path, tokens_AT, target, kwargs))
-
-    grads_ATC = jax.grad(weighted_sum)(path_ATC)  # already weighted by the quadrature weights
-    attributions_T = jnp.sum(delta_TC * grads_ATC.sum(0), axis=-1)
-    ends = _target_logit(model, jnp.stack([embeds_TC, baseline_TC]), jnp.concatenate([tokens_1T, tokens_1T]),
-                         target, {k: jnp.concatenate([v, v]) for k, v in model_kwargs.items()})
-    return attributions_T, ends[0], ends[1]
+    A = alphas_A.shape[0]
+    tokens_AT = jnp.broadcast_to(tokens_1T, (A, tokens_1T.shape[1]))
+    kwargs = {k: jnp.broadcast_to(v, (A, *v.shape[1:])) for k, v in model_kwargs.items()}
+    logits_A, pullback = jax.vjp(lambda p: _target_logit(model, p, tokens_AT, target, kwargs), path_ATC)
+    (grads_ATC,) = pullback(weights_A)  # one backward pass gives every point's gradient, already weighted
+    return logits_A, jnp.sum(grads_ATC * delta_TC[None], axis=-1)
 
 
-def integrated_gradients(model: nnx.Module, tokens_1T: Any, target: int, baseline: int | Any, *, steps: int = 128,
-                         engram_ids_1TEG: Any | None = None) -> IGResult:
+_PANEL_NODES = 8  # Gauss-Legendre nodes per panel: exact for polynomials of degree 15 on each panel
+
+
+def _adaptive_integral(evaluate, steps: int, goal_rtol: float, max_steps: int):
+    """Composite Gauss-Legendre over panels of [0, 1], split where completeness fails on the panel.
+
+    On each panel [lo, hi] the quadrature must give F(hi) - F(lo), which the forward passes at the panel's
+    ends give exactly; the miss is that panel's quadrature error, and the misses add up to the completeness
+    error. Panels whose miss is above their share of the goal are halved until the misses sum below
+    goal_rtol |F(1) - F(0)| (or their signed sum does and their sum is below 4x that) or `max_steps` nodes
+    are spent. `evaluate(alphas, weights)` -> (F, attr)."""
+    order = min(_PANEL_NODES, steps)
+    nodes, weights = quadrature(order)
+    edges = np.linspace(0.0, 1.0, max(1, steps // order) + 1)
+    pending = list(zip(edges[:-1], edges[1:]))
+    ends: dict[float, float] = {}  # F at each panel end
+    done: dict[tuple[float, float], tuple[np.ndarray, float]] = {}  # panel -> (attributions (T,), miss)
+    used = 0
+    while True:
+        new_ends = sorted({a for panel in pending for a in panel} - ends.keys())
+        alphas = np.concatenate([lo + (hi - lo) * nodes for lo, hi in pending] + [np.asarray(new_ends)])
+        w = np.concatenate([(hi - lo) * weights for lo, hi in pending] + [np.zeros(len(new_ends))])
+        f, attr = evaluate(alphas, w)
+        used += len(pending) * order
+        ends.update(zip(new_ends, f[len(alphas) - len(new_ends):].tolist()))
+        for i, (lo, hi) in enumerate(pending):
+            a = attr[i * order:(i + 1) * order].sum(0)
+            done[(lo, hi)] = (a, float(a.sum()) - (ends[hi] - ends[lo]))
+        diff = ends[1.0] - ends[0.0]
+        # float32 logits: differences below ~1e-5 of their size are rounding, not quadrature error.
+        goal = max(goal_rtol * abs(diff), 1e-5 * max(abs(ends[1.0]), abs(ends[0.0]), 1.0))
+        misses = {panel: abs(miss) for panel, (_, miss) in done.items()}
+        bound, error = sum(misses.values()), abs(sum(miss for _, miss in done.values()))
+        # Done when the misses' sum is below the goal, or when their signed sum (the completeness error) is
+        # and their sum is below 4x the goal (so no cancellation hides an error above that): a steep
+        # sqrt(|s|) (the Engram gate) converges slowly in every panel around it, not only in one.
+        if bound <= goal or (error <= goal and bound <= 4 * goal):
+            break
+        worst = sorted(misses, key=misses.get, reverse=True)
+        split = [p for p in worst if misses[p] > goal / len(misses)] or worst[:1]
+        affordable = (max_steps - used) // (2 * order)  # two halves per split panel
+        if affordable < 1:
+            break
+        pending = []
+        for lo, hi in split[:affordable]:
+            del done[(lo, hi)]
+            mid = (lo + hi) / 2
+            pending += [(lo, mid), (mid, hi)]
+    attributions = np.sum([a for a, _ in done.values()], axis=0)
+    return attributions, ends[1.0], ends[0.0], used, len(done)
+
+
+def integrated_gradients(model: nnx.Module, tokens_1T: Any, target: int, baseline: int | Any, *, steps: int = 64,
+                         tolerance: float = 0.01, max_steps: int = 4096, batch_size: int = 64,
+                         on_incomplete: str = "warn", engram_ids_1TEG: Any | None = None) -> IGResult:
     """Integrated-gradients attributions of each prompt token to the logit of `target` as the next token
     (after the last prompt position). `baseline`: a token id (its embedding at every position, e.g. the
-    tokenizer's pad id) or (T, C) baseline embeddings."""
+    tokenizer's pad id) or (T, C) baseline embeddings.
+
+    The path integral starts with `steps` Gauss-Legendre nodes (panels of 8) and halves the panels that miss
+    completeness until the attributions sum to F(e) - F(e') within tolerance / 4 or `max_steps` nodes are
+    spent (`batch_size` path points per forward/backward pass). `IGResult.completeness_error` is the error
+    reached; above `tolerance` it warns (`on_incomplete="warn"`, IncompleteAttributionsWarning), raises
+    (`"raise"`, NumericalError) or stays silent (`"ignore"`)."""
     tokens_1T = jnp.asarray(tokens_1T, jnp.int32)
     if tokens_1T.ndim != 2 or tokens_1T.shape[0] != 1:
         raise ValueError(f"tokens must have shape (1, T), got {tokens_1T.shape}")
@@ -165,20 +230,52 @@ def integrated_gradients(model: nnx.Module, tokens_1T: Any, target: int, baselin
         raise ValueError(f"target={target} is not a token id in [0, {V})")
     if steps < 2:
         raise ValueError(f"steps={steps} must be >= 2")
-    table_VC = model.embed_VC[...]
-    embeds_TC = jnp.take(table_VC, tokens_1T[0], axis=0).astype(jnp.float32)
+    if max_steps < steps:
+        raise ValueError(f"max_steps={max_steps} must be >= steps={steps}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance={tolerance} must be in (0, 1)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if on_incomplete not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_incomplete={on_incomplete!r} must be 'warn', 'raise' or 'ignore'")
+    # Through host numpy: token and given baselines get the same placement, hence one compiled program.
+    table_VC = np.asarray(model.embed_VC[...], np.float32)
+    embeds_TC = table_VC[np.asarray(tokens_1T[0])]
     if isinstance(baseline, (int, np.integer)):
         if not 0 <= baseline < V:
             raise ValueError(f"baseline={baseline} is not a token id in [0, {V})")
-        baseline_TC = jnp.broadcast_to(table_VC[baseline].astype(jnp.float32), embeds_TC.shape)
+        baseline_TC = np.broadcast_to(table_VC[baseline], embeds_TC.shape)
     else:
-        baseline_TC = jnp.asarray(baseline, jnp.float32)
+        baseline_TC = np.asarray(baseline, np.float32)
         if baseline_TC.shape != embeds_TC.shape:
             raise ValueError(f"baseline embeddings must have shape {embeds_TC.shape} (T, C), got {baseline_TC.shape}")
+    embeds_TC, baseline_TC = jnp.asarray(embeds_TC), jnp.asarray(baseline_TC)
     kwargs = {} if engram_ids_1TEG is None else {"engram_ids_BTEG": jnp.asarray(engram_ids_1TEG)}
-    attr, logit, base = _integrate(model, tokens_1T, embeds_TC, baseline_TC, int(target), kwargs, steps=steps)
-    return IGResult(tokens=np.asarray(tokens_1T[0]), target=int(target),
-                    attributions=np.asarray(attr, np.float64), logit=float(logit), baseline_logit=float(base))
+
+    def evaluate(alphas: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = -(-len(alphas) // batch_size) * batch_size  # padded to whole batches: one compiled shape
+        a = np.zeros(n, np.float32)
+        w = np.zeros(n, np.float32)
+        a[:len(alphas)], w[:len(alphas)] = alphas, weights
+        out = [_path_points(model, tokens_1T, embeds_TC, baseline_TC, int(target), kwargs,
+                            jnp.asarray(a[i:i + batch_size]), jnp.asarray(w[i:i + batch_size]))
+               for i in range(0, n, batch_size)]
+        f = np.concatenate([np.asarray(o[0], np.float64) for o in out])
+        attr = np.concatenate([np.asarray(o[1], np.float64) for o in out])
+        return f[:len(alphas)], attr[:len(alphas)]
+
+    attr, logit, base, used, panels = _adaptive_integral(evaluate, steps, tolerance / 4, max_steps)
+    result = IGResult(tokens=np.asarray(tokens_1T[0]), target=int(target), attributions=attr, logit=logit,
+                      baseline_logit=base, steps=used, panels=panels)
+    if result.completeness_error > tolerance and on_incomplete != "ignore":
+        msg = (f"integrated gradients: attributions sum to {attr.sum():.6g} but F(e) - F(e') = {logit - base:.6g} "
+               f"(completeness error {result.completeness_error:.2%} > tolerance {tolerance:.2%}) after "
+               f"{used} quadrature nodes; raise max_steps={max_steps}, or pick a baseline whose path to the input "
+               f"keeps the embeddings away from 0")
+        if on_incomplete == "raise":
+            raise NumericalError(msg)
+        warnings.warn(msg, IncompleteAttributionsWarning, stacklevel=2)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

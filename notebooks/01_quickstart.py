@@ -20,11 +20,16 @@
 #
 # | machine | settings | about |
 # |---|---|---|
-# | any, `MHC_JAX_SMOKE=1` (CI) | smoke: a few steps of a tiny model | 1 min |
-# | CPU (2 cores) | cpu: d=128, 4 layers, 200 steps | 4 min |
-# | GPU / TPU (Colab) | full: d=256, 6 layers, 2000 steps | 5 min |
+# | any, `MHC_JAX_SMOKE=1` (CI) | smoke: a tiny model, 30 steps | 1 min |
+# | CPU (2 cores) | cpu: d=128, 4 layers, 150 steps of 16 x 128 tokens | 5 min |
+# | GPU / TPU (Colab) | full: d=256, 6 layers, 2000 steps of 32 x 128 tokens | 5 min |
+#
+# Measured on a shared 2-core CPU machine running 5-10x more work than cores (load average 9-21), as the
+# notebook's CPU time (user + system; an idle 2-core machine takes about that long or less): smoke 61 s
+# (wall 200 s under that load), cpu 268 s (wall 503 s; 200 steps took 334 s). The GPU / TPU row is not
+# measured.
 # %%
-RUN_MINUTES = {"smoke": 1, "cpu": 4, "full": 5}  # whole notebook, by size (see the table above)
+RUN_MINUTES = {"smoke": 1, "cpu": 5, "full": 5}  # whole notebook, by size (see the table above)
 
 # Colab: clone and install the library (nothing happens when run elsewhere, e.g. in CI).
 import os
@@ -37,7 +42,7 @@ if "google.colab" in sys.modules and not os.path.isdir("mhc-jax"):
 if "google.colab" in sys.modules:
     sys.path.insert(0, os.path.abspath("mhc-jax"))  # the editable install's .pth needs a restart otherwise
 
-# The run's size follows the machine: MHC_JAX_SMOKE=1 (set by the tests) -> "smoke", about a minute;
+# The run's size follows the machine: MHC_JAX_SMOKE=1 (set by the tests) -> "smoke", 1-3 minutes;
 # a CPU -> "cpu", a scaled-down run of a few minutes; a GPU or TPU (e.g. Colab) -> "full", the real run.
 import jax
 
@@ -63,7 +68,7 @@ medium = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_k
           "optimizer.lr=3e-3", "optimizer.warmup_steps=50"]
 overrides = {
     "smoke": ["training.steps=30", "training.eval_every=15", "checkpoint.every=30"],
-    "cpu": medium + ["training.steps=200", "training.eval_every=100", "checkpoint.every=100"],
+    "cpu": medium + ["training.steps=150", "training.eval_every=75", "checkpoint.every=75"],
     "full": medium + ["model.d_model=256", "model.n_layers=6", "model.d_ff=1024", "data.batch_size=32",
                       "training.steps=2000", "training.eval_every=500", "checkpoint.every=500",
                       "optimizer.warmup_steps=100"],

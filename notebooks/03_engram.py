@@ -21,9 +21,15 @@
 #
 # | machine | settings | about |
 # |---|---|---|
-# | any, `MHC_JAX_SMOKE=1` (CI) | smoke: a few steps of a tiny model | 2 min |
-# | CPU (2 cores) | cpu: 2 runs of d=128, 4 layers, 250 steps | 5 min |
-# | GPU / TPU (Colab) | full: 2 runs of d=128, 4 layers, 800 steps | 6 min |
+# | any, `MHC_JAX_SMOKE=1` (CI) | smoke: 2 runs of a tiny model, 30 steps | 2 min |
+# | CPU (2 cores) | cpu: 2 runs of d=128, 4 layers, 150 steps of 8 x 128 tokens | 5 min |
+# | GPU / TPU (Colab) | full: 2 runs of d=128, 4 layers, 800 steps of 16 x 128 tokens | 6 min |
+#
+# Measured on a shared 2-core CPU machine running ~8x more work than cores (load average 15-20), as the
+# notebook's CPU time (user + system; an idle 2-core machine takes about that long or less): smoke 72 s
+# (wall 229 s under that load). The cpu row is estimated from measured parts: notebook 01 trains the same
+# d=128 model at ~1.3 CPU-s per step of 16 x 128 tokens, so two runs of 150 steps of 8 x 128 take ~3.5 min,
+# plus ~1 min for the rest. The GPU / TPU row is not measured.
 # %%
 RUN_MINUTES = {"smoke": 2, "cpu": 5, "full": 6}  # whole notebook, by size (see the table above)
 
@@ -38,7 +44,7 @@ if "google.colab" in sys.modules and not os.path.isdir("mhc-jax"):
 if "google.colab" in sys.modules:
     sys.path.insert(0, os.path.abspath("mhc-jax"))  # the editable install's .pth needs a restart otherwise
 
-# The run's size follows the machine: MHC_JAX_SMOKE=1 (set by the tests) -> "smoke", about a minute;
+# The run's size follows the machine: MHC_JAX_SMOKE=1 (set by the tests) -> "smoke", 1-3 minutes;
 # a CPU -> "cpu", a scaled-down run of a few minutes; a GPU or TPU (e.g. Colab) -> "full", the real run.
 import jax
 
@@ -122,7 +128,7 @@ medium = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_k
           "model.max_seq_len=256", "data.seq_len=128", "data.batch_size=16"]
 size = {
     "smoke": ["training.steps=30", "training.eval_every=30", "checkpoint.every=30"],
-    "cpu": medium + ["training.steps=250", "training.eval_every=250", "checkpoint.every=250"],
+    "cpu": medium + ["data.batch_size=8", "training.steps=150", "training.eval_every=150", "checkpoint.every=150"],
     "full": medium + ["training.steps=800", "training.eval_every=200", "checkpoint.every=800"],
 }[SIZE]
 engram_keys = ["engram.layers=[1]", "engram.heads_per_ngram=4", "engram.head_dim=16", "engram.table_size=1297"]

@@ -92,14 +92,21 @@ def setup(tmp_path_factory):
     return root, export_dir, rows
 
 
+@pytest.fixture(scope="module")
+def lm(setup):
+    """One adapter for the tests that drive lm-eval: the export loads and its shapes compile once."""
+    return MhcJaxLM(export=setup[1], batch_size=4)
+
+
 def evaluate(root, lm, task):
-    return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(root)),
+    # include_defaults=False: indexing lm-eval's ~14k built-in task YAMLs costs ~20 s a call; ours suffice.
+    return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(root),
+                                                                                    include_defaults=False),
                                    log_samples=True, bootstrap_iters=0)
 
 
-def test_multiple_choice_task_matches_the_scorer_and_the_builtin_metric(setup):
-    root, export_dir, rows = setup
-    lm = MhcJaxLM(export=export_dir, batch_size=4)
+def test_multiple_choice_task_matches_the_scorer_and_the_builtin_metric(setup, lm):
+    root, _, rows = setup
     out = evaluate(root, lm, "mhc_prose_mc")
     samples = out["samples"]["mhc_prose_mc"]
     assert len(samples) == len(rows["mhc_prose_mc"])
@@ -115,9 +122,8 @@ def test_multiple_choice_task_matches_the_scorer_and_the_builtin_metric(setup):
     assert metrics["acc_norm,none"] == pytest.approx(builtin["acc_norm"])
 
 
-def test_rolling_loglikelihood_task_scores_every_token(setup):
-    root, export_dir, rows = setup
-    lm = MhcJaxLM(export=export_dir, batch_size=4)
+def test_rolling_loglikelihood_task_scores_every_token(setup, lm):
+    root, _, rows = setup
     out = evaluate(root, lm, "mhc_prose_rolling")
     samples = out["samples"]["mhc_prose_rolling"]
     texts = [r["text"] for r in rows["mhc_prose_rolling"]]
@@ -131,9 +137,8 @@ def test_rolling_loglikelihood_task_scores_every_token(setup):
         -sum(direct) / (np.log(2) * n_bytes), rel=1e-6)
 
 
-def test_generate_until_task_returns_the_scorers_greedy_text(setup):
-    root, export_dir, rows = setup
-    lm = MhcJaxLM(export=export_dir, batch_size=4)
+def test_generate_until_task_returns_the_scorers_greedy_text(setup, lm):
+    root, _, rows = setup
     out = evaluate(root, lm, "mhc_prose_gen")
     samples = out["samples"]["mhc_prose_gen"]
     assert len(samples) == 4
