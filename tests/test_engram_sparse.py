@@ -49,7 +49,7 @@ def covering_ids(cfg: Config, seed: int, cover: bool = True) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.zeros((B, T, len(cfg.engram.layers), 2), np.int32)
     for l, layer in enumerate(cfg.engram.layers):
-        for j, p in enumerate(layer_primes(cfg, layer).reshape(-1)):
+        for j, p in enumerate(layer_primes(cfg.engram, layer).reshape(-1)):
             if cover:
                 col = np.concatenate([rng.permutation(p), rng.integers(0, p, B * T - p)])
             else:
@@ -71,7 +71,7 @@ def dense_and_sparse(clip_norm: float = 1e9) -> tuple:
     sparse_cfg = make_cfg("sparse").replace(optimizer=dict(clip_norm=clip_norm))
     dense = Transformer(dense_cfg, rngs=nnx.Rngs(0))
     sparse = Transformer(sparse_cfg, rngs=nnx.Rngs(0))
-    tables = host_tables_from_model(sparse_cfg, dense, engram_adam(sparse_cfg))
+    tables = host_tables_from_model(sparse_cfg.engram, dense, engram_adam(sparse_cfg))
     return dense_cfg, dense, sparse_cfg, sparse, tables
 
 
@@ -207,7 +207,7 @@ def test_generation_equals_device_placement():
     _, dense, cfg, sparse, tables = dense_and_sparse()
     for block in list(dense.blocks) + list(sparse.blocks):
         block.engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(2), block.engram.conv[...].shape)
-    ids = EngramIds(cfg, ByteTokenizer())
+    ids = EngramIds(cfg.engram, ByteTokenizer())
     prompt = [256] + list(b"def f(x):")
     lengths = []
 

@@ -36,7 +36,7 @@ def logits_of(model, tokenizer, text: str) -> np.ndarray:
     ids = np.asarray([[tokenizer.bos_id] + tokenizer.encode(text)], np.int32)
     engram = None
     if model.cfg.engram.enabled:
-        engram = jnp.asarray(EngramIds(model.cfg, tokenizer)(ids))
+        engram = jnp.asarray(EngramIds(model.cfg.engram, tokenizer)(ids))
     return np.asarray(nnx.jit(lambda m, t, e: m(t, engram_ids_BTEG=e))(model, jnp.asarray(ids), engram))
 
 
@@ -84,7 +84,7 @@ def test_sparse_host_tables_export_under_the_table_names_and_load_back_bitwise(t
     manifest = json.load(open(os.path.join(out, "export.json")))
     assert manifest["tensors"]["blocks.1.engram.table"]["axes"] == ["engram_rows", "engram_mem"]
     chex.assert_trees_all_equal(jax.device_get(nnx.state(original)), jax.device_get(nnx.state(loaded.model)))
-    ids = EngramIds(cfg, loaded.tokenizer)
+    ids = EngramIds(cfg.engram, loaded.tokenizer)
     prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def f(x):")
     assert (generate(loaded.model, prompt, 8, engram_ids=ids, engram_tables=loaded.engram_tables)
             == generate(original, prompt, 8, engram_ids=ids, engram_tables=tables))

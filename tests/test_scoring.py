@@ -36,7 +36,7 @@ def reference(scorer: Scorer, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.asarray([ids[:-1]], np.int32)
     kwargs = {}
     if scorer.engram_ids is not None:
-        kwargs["engram_ids_BTEG"] = jnp.asarray(EngramIds(scorer.cfg, scorer.tokenizer)(tokens))
+        kwargs["engram_ids_BTEG"] = jnp.asarray(EngramIds(scorer.cfg.engram, scorer.tokenizer)(tokens))
     logits = np.asarray(scorer.model(jnp.asarray(tokens), **kwargs)[0], np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -46,11 +46,13 @@ class Block(nnx.Module):
         self.attn = Attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(m, dtype=dtype, out_std=out_std, rngs=rngs)
-        self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
-        self.mlp_res = make_residual(cfg, 2 * index + 1, rngs=rngs)
+        self.attn_res = make_residual(cfg.residual, m.d_model, 2 * index, norm_eps=m.norm_eps, rngs=rngs)
+        self.mlp_res = make_residual(cfg.residual, m.d_model, 2 * index + 1, norm_eps=m.norm_eps, rngs=rngs)
         engram = None
         if cfg.engram.enabled and index in cfg.engram.layers:
-            engram = Engram(cfg, layer_id=index, rngs=rngs)
+            engram = Engram(cfg.engram, index, d_model=m.d_model, n_streams=cfg.n_streams, n_layers=m.n_layers,
+                            init_std=m.init_std, norm_eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype,
+                            rngs=rngs)
         self.engram = nnx.data(engram)
 
     def __call__(self, x_BTnC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
@@ -171,7 +173,7 @@ class Transformer(nnx.Module):
                                     for g in block_groups(cfg)])
         else:
             self.blocks = nnx.List([Block(cfg, i, rngs=rngs, window=windows[i]) for i in range(m.n_layers)])
-        self.collapse = make_collapse(cfg, rngs=rngs)
+        self.collapse = make_collapse(cfg.residual, m.d_model, norm_eps=m.norm_eps, rngs=rngs)
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, rngs=rngs)
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
             rngs, nnx.initializers.normal(m.init_std), (m.d_model, V), ("embed", "vocab"), jnp.dtype(m.param_dtype)))
@@ -276,7 +278,7 @@ def expected_param_count(cfg: Config) -> int:
     mlp = 3 * C * F
     norms = 2 * C
     total = V * C + m.n_layers * (attention + mlp + norms) + C + (0 if m.tie_embeddings else C * V)
-    total += residual_param_count(cfg)
+    total += residual_param_count(cfg.residual, m.d_model, m.n_layers)
     if cfg.engram.enabled:
-        total += sum(engram_param_count(cfg, layer) for layer in cfg.engram.layers)
+        total += sum(engram_param_count(cfg.engram, layer, m.d_model, cfg.n_streams) for layer in cfg.engram.layers)
     return total
