@@ -51,7 +51,7 @@ def step_times(cfgs: dict[str, Config], tokens: np.ndarray, steps: int) -> tuple
     fns, params = {}, {}
     for name, cfg in cfgs.items():
         model = Transformer(cfg, rngs=nnx.Rngs(0))
-        engram_ids = EngramIds(cfg, ByteTokenizer()) if cfg.engram.enabled else None
+        engram_ids = EngramIds(cfg.engram, ByteTokenizer()) if cfg.engram.enabled else None
         batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg, tokens=tokens, engram_ids=engram_ids))
         fns[name] = functools.partial(train_step, model, make_optimizer(cfg, model), batch)
         compile_seconds(fns[name])
@@ -60,7 +60,7 @@ def step_times(cfgs: dict[str, Config], tokens: np.ndarray, steps: int) -> tuple
 
 
 def hasher_throughput(cfg: Config, tokens: np.ndarray, repeats: int) -> dict:
-    engram_ids = EngramIds(cfg, ByteTokenizer())
+    engram_ids = EngramIds(cfg.engram, ByteTokenizer())
     T = 4096
     rows = tokens[: (tokens.size // T) * T].reshape(-1, T)[:16]
     engram_ids(rows)  # warm caches
@@ -71,7 +71,7 @@ def hasher_throughput(cfg: Config, tokens: np.ndarray, repeats: int) -> dict:
 
 def collision_rates(cfg: Config, tokens: np.ndarray) -> list[dict]:
     """Per layer and order: distinct n-grams (in compressed ids) against the table slots they land in."""
-    engram_ids = EngramIds(cfg, ByteTokenizer())
+    engram_ids = EngramIds(cfg.engram, ByteTokenizer())
     e = cfg.engram
     compressed = engram_ids.vocab(tokens[None, :])
     ids = engram_ids(tokens[None, :])[0]  # (T, L, (N-1) * K)

@@ -63,7 +63,7 @@ def host_batches(cfg: Config, n: int) -> list[dict[str, np.ndarray]]:
         tokens = np.asarray(ByteTokenizer().encode(f.read()), np.int32)
     B, T = cfg.data.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)
-    ids = EngramIds(cfg, ByteTokenizer()) if cfg.engram.enabled else None
+    ids = EngramIds(cfg.engram, ByteTokenizer()) if cfg.engram.enabled else None
     out = []
     for _ in range(n):
         starts = rng.integers(0, tokens.size - T - 1, B)
@@ -101,7 +101,7 @@ def run_case(cfg: Config, batches: list[dict], warmup: int, steps: int) -> dict[
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
         graphdef, state, shardings = init_train_state(cfg, mesh)
-        tables = HostTables(cfg, engram_adam(cfg)) if cfg.engram.sparse else None
+        tables = HostTables(cfg.engram, engram_adam(cfg), seed=cfg.training.seed) if cfg.engram.sparse else None
         init_s = time.perf_counter() - t0
         to_device = lambda b: global_batch(b, batch_shardings(b, mesh))
         rows = None if tables is None else RowPrefetcher(Cycle(batches), tables, cfg.engram_row_bucket, to_device)

@@ -32,7 +32,10 @@ Tensor names (i = block index, j = stream or n-gram head index):
                                           (mhc.md Eqs. 7-8); HC / mHC-lite: their own coefficients likewise
     collapse.*                            the n-stream -> 1 read-out, when it has weights
     blocks.i.engram.*                     Engram: `table` (hashed n-gram rows), `key_projs.j`, `value_proj`,
-                                          norms and the causal `conv`
+                                          norms and the causal `conv`. Sparse host tables (engram.update=
+                                          sparse) are exported under the same `table` names (their Adam
+                                          moments are training state, not exported); `load` puts them back
+                                          into host RAM (`Exported.engram_tables`)
 The letters in a name are its dimensions (C model width, H/K query/KV heads, D head dim, F MLP width,
 V vocabulary). `load(DIR)` rebuilds the model from these files alone: its logits equal the original's bit for bit.
 """
@@ -58,6 +61,7 @@ from mhc_jax.data.tokenizer import load_tokenizer
 from mhc_jax.errors import CheckpointError, MhcJaxError
 from mhc_jax.model import Transformer
 from mhc_jax.sharding import make_mesh, train_state_shardings_of
+from mhc_jax.train.sparse_rows import host_tables, tables_from_workdir
 from mhc_jax.train.state import load_model_from_workdir
 
 FORMAT = "mhc-jax-safetensors"
@@ -75,14 +79,22 @@ class Exported:
     model: Any  # mhc_jax.model.Transformer
     tokenizer: Any
     step: int
+    engram_tables: Any = None  # engram.update=sparse: mhc_jax.engram.host_tables.HostTables (zero moments)
 
 
 def tensor_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
 
-def model_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """(name -> host numpy array, name -> {shape, dtype, axes}) for every variable of `model`."""
+def host_table_name(layer: int) -> str:
+    """The tensor name of a sparse host table: the dense table's name."""
+    return f"blocks.{layer}.engram.table"
+
+
+def model_tensors(model: nnx.Module, engram_tables: Any = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """(name -> host numpy array, name -> {shape, dtype, axes}) for every variable of `model`, and the
+    tables of `engram_tables` (HostTables, engram.update=sparse) under the dense tables' names."""
     tensors, info = {}, {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         name = tensor_name(path)
@@ -91,15 +103,24 @@ def model_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, d
         axes = var.get_metadata().get("axes")
         info[name] = {"shape": list(value.shape), "dtype": str(value.dtype), "kind": type(var).__name__,
                       "axes": None if axes is None else list(axes)}
+    for layer, table in zip(getattr(engram_tables, "layers", ()), getattr(engram_tables, "tables", ())):
+        name = host_table_name(layer)
+        tensors[name] = table  # float32, C-contiguous: written without a copy
+        info[name] = {"shape": list(table.shape), "dtype": str(table.dtype), "kind": "Param",
+                      "axes": ["engram_rows", "engram_mem"]}
     return tensors, info
 
 
-def export_model(cfg: Config, model: nnx.Module, out: str, step: int = 0) -> str:
-    """Writes `model` (built from `cfg`) into the folder `out` (created; files replaced). Returns `out`."""
+def export_model(cfg: Config, model: nnx.Module, out: str, step: int = 0, engram_tables: Any = None) -> str:
+    """Writes `model` (built from `cfg`; with engram.update=sparse also its host `engram_tables`) into the
+    folder `out` (created; files replaced). Returns `out`."""
     from safetensors.numpy import save_file
 
+    if cfg.engram.sparse and engram_tables is None:
+        raise CheckpointError("engram.update=sparse keeps the Engram tables outside the model: pass "
+                              "engram_tables (mhc_jax.train.sparse_rows.tables_from_workdir)")
     os.makedirs(out, exist_ok=True)
-    tensors, info = model_tensors(model)
+    tensors, info = model_tensors(model, engram_tables)
     tmp = os.path.join(out, WEIGHTS_FILE + ".tmp")
     save_file(tensors, tmp, metadata={"format": FORMAT, "version": str(VERSION), "step": str(step)})
     os.replace(tmp, os.path.join(out, WEIGHTS_FILE))  # never a half-written weights file under its name
@@ -122,7 +143,7 @@ def export_model(cfg: Config, model: nnx.Module, out: str, step: int = 0) -> str
 def export_workdir(workdir: str, out: str, step: int | None = None) -> str:
     """The newest (or `step`) checkpoint of a train.py workdir, exported into `out`."""
     cfg, model, step = load_model_from_workdir(workdir, step=step)
-    return export_model(cfg, model, out, step)
+    return export_model(cfg, model, out, step, tables_from_workdir(workdir, cfg, step))
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
@@ -153,7 +174,8 @@ def load(directory: str, mesh: Mesh | None = None) -> Exported:
         graphdef, state = nnx.split(abstract)
         shardings = train_state_shardings_of(state, mesh, cfg)
         flat = dict(nnx.to_flat_state(state))
-        expected = {tensor_name(p) for p in flat}
+        host_names = [host_table_name(layer) for layer in cfg.engram.layers] if cfg.engram.sparse else []
+        expected = {tensor_name(p) for p in flat} | set(host_names)
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or extra:
             raise CheckpointError(f"{directory}/{manifest['weights']} does not match the config's model: "
@@ -173,8 +195,16 @@ def load(directory: str, mesh: Mesh | None = None) -> Exported:
         pure = _unflatten({tensor_name(p): fill(p, v) for p, v in flat.items()})
         nnx.replace_by_pure_dict(state, pure)
         model = nnx.merge(graphdef, state)
+    tables = None
+    if host_names:  # sparse: the tables go back into host RAM, with zero moments
+        tables = host_tables(cfg, initialise=False)
+        for i, name in enumerate(host_names):
+            if tensors[name].shape != tables.tables[i].shape or tensors[name].dtype != np.float32:
+                raise CheckpointError(f"tensor {name}: file has {tensors[name].shape} {tensors[name].dtype}, the "
+                                      f"config's host table needs {tables.tables[i].shape} float32")
+            tables.tables[i] = np.ascontiguousarray(tensors.pop(name))
     return Exported(cfg=cfg, model=model, tokenizer=load_tokenizer(cfg.data.tokenizer),
-                    step=int(manifest.get("step", 0)))
+                    step=int(manifest.get("step", 0)), engram_tables=tables)
 
 
 def _unflatten(flat: dict[str, Any]) -> dict:

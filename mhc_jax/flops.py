@@ -45,7 +45,7 @@ def residual_flops_per_token(cfg: Config) -> float:
     kind's formula sits next to its class (mhc_jax.residual.RESIDUAL_KINDS)."""
     r, C = cfg.residual, cfg.model.d_model
     per = residual_kind(r.kind).flops(r, C)
-    head = collapse_flops(r, C) if learned_collapse(cfg) else 0.0
+    head = collapse_flops(r, C) if learned_collapse(r) else 0.0
     return 2 * cfg.model.n_layers * per + head
 
 

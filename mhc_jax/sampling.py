@@ -102,7 +102,7 @@ def generate(model: nnx.Module, prompt_ids: list[int], max_new_tokens: int, *, t
                           f"exceeds model.max_seq_len={cfg.model.max_seq_len}; shorten the prompt or ask for "
                           f"fewer tokens")
     if cfg.engram.enabled and engram_ids is None:
-        raise ValueError("this model has Engram layers: pass engram_ids=EngramIds(cfg, tokenizer)")
+        raise ValueError("this model has Engram layers: pass engram_ids=EngramIds(cfg.engram, tokenizer)")
     if cfg.engram.sparse and engram_tables is None:
         raise ValueError("this model has engram.update=sparse (tables in host RAM): pass engram_tables=HostTables")
     key = jax.random.key(seed)
@@ -183,6 +183,6 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str, max_new_tokens: int
         print(f"warning: the prompt is {len(ids) - 1 + dropped} tokens; its first {dropped} were dropped so that "
               f"it and max_new_tokens={max_new_tokens} fit model.max_seq_len={cfg.model.max_seq_len}",
               file=sys.stderr)
-    engram_fn = EngramIds(cfg, tokenizer) if cfg.engram.enabled else None
+    engram_fn = EngramIds(cfg.engram, tokenizer) if cfg.engram.enabled else None
     new = generate(model, ids, max_new_tokens, engram_ids=engram_fn, eos_id=tokenizer.eos_id, **kwargs)
     return tokenizer.decode(new)

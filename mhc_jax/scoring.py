@@ -49,7 +49,7 @@ class Scorer:
         self.max_len = self.cfg.model.max_seq_len
         self.engram_ids = None
         if self.cfg.engram.enabled:
-            self.engram_ids = EngramIds(self.cfg, tokenizer)
+            self.engram_ids = EngramIds(self.cfg.engram, tokenizer)
 
     # ----------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> int:

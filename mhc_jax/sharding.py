@@ -220,7 +220,7 @@ def train_state_shardings_of(state: Any, mesh: Mesh, cfg: Config | None = None) 
     if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "device":
         warn_replicated_tables(state, shardings, mesh, cfg)
     if cfg is not None and cfg.engram.enabled and cfg.engram.placement == "host":
-        shardings = table_shardings(state, shardings, cfg)
+        shardings = table_shardings(state, shardings, cfg.engram)
     return shardings
 
 

@@ -165,7 +165,7 @@ text = textwrap.dedent('''
         return parser.parse_args(argv)
 ''').strip()[: cfg_e.model.max_seq_len - 1]
 ids_T = np.asarray([tok.bos_id] + tok.encode(text), np.int32)[: cfg_e.model.max_seq_len]
-engram_ids = EngramIds(cfg_e, tok)(ids_T[None])  # (1, T, layers, k)
+engram_ids = EngramIds(cfg_e.engram, tok)(ids_T[None])  # (1, T, layers, k)
 layer = cfg_e.engram.layers[0]
 
 

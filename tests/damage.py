@@ -7,10 +7,11 @@ import os
 import numpy as np
 
 
-def _array_files(step_dir: str) -> list[str]:
-    """The state's data files (OCDBT `d/` folders; which of them a restore reads depends on how Orbax
-    merged the per-process writes, so damage goes to all of them)."""
-    return sorted(f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+def _array_files(step_dir: str, item: str = "state") -> list[str]:
+    """The data files of an item (`state`, or `engram_tables`: sparse Engram host tables) (OCDBT `d/`
+    folders; which of them a restore reads depends on how Orbax merged the per-process writes, so damage
+    goes to all of them)."""
+    return sorted(f for f in glob.glob(os.path.join(step_dir, item, "**", "d", "*"), recursive=True)
                   if os.path.isfile(f) and os.path.getsize(f) >= 64)
 
 

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mhc_jax.residual import make_residual
+
 
 def ref_sinkhorn(x: np.ndarray, iters: int, eps: float = 0.0, xp=np) -> np.ndarray:
     """Eq. 9 in float64: M0 = exp(x - max); iters x (column normalise, then row normalise).
@@ -36,6 +38,12 @@ def randomize(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> nnx.Modu
         if isinstance(var, nnx.Param):
             var[...] = jnp.asarray(scale * rng.standard_normal(np.shape(var[...])), var[...].dtype)
     return module
+
+
+def connection(cfg, sublayer_index: int) -> nnx.Module:
+    """`make_residual` (the kind of residual.kind) around one sublayer, from a whole Config's sections."""
+    return make_residual(cfg.residual, cfg.model.d_model, sublayer_index, norm_eps=cfg.model.norm_eps,
+                         rngs=nnx.Rngs(0))
 
 
 def build(cls: type, cfg, *sublayer_index: int) -> nnx.Module:

@@ -60,7 +60,7 @@ def test_host_resident_engram_table_moves_its_bytes_from_hbm_to_host_memory(libt
     reports = {place: aot.fit_report(load_config("configs/tiny.yaml", engram + [f"engram.placement={place}",
                                                                                "engram.update=dense"]),
                                      "v4:2x2x1", config_name=place) for place in ("device", "host")}
-    table = table_bytes(load_config("configs/tiny.yaml", engram), 1)  # rows x dim x 4 bytes
+    table = table_bytes(load_config("configs/tiny.yaml", engram).engram, 1)  # rows x dim x 4 bytes
     assert reports["device"].host_bytes_per_device == 0
     # Table + Adam moments (3 copies) leave the arguments; the compiled step compiles for TPU unchanged.
     moved = reports["device"].argument_bytes - reports["host"].argument_bytes

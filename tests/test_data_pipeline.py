@@ -199,7 +199,7 @@ def test_engram_ids_never_mix_documents(corpus: Path, tmp_path: Path) -> None:
     from mhc_jax.engram.ids import EngramIds
 
     cfg = make_cfg(corpus, tmp_path, "engram.enabled=true", "engram.layers=[0, 1]", "engram.max_ngram=3")
-    hasher = EngramIds(cfg, load_tokenizer("byte"))
+    hasher = EngramIds(cfg.engram, load_tokenizer("byte"))
     batch = take(make_train_iterator(cfg), 1)[0]
     chex.assert_shape(batch["engram_ids"], (B, T, 2, hasher.ids_per_position))
     assert batch["engram_ids"].dtype == np.int32
@@ -233,7 +233,7 @@ def test_synthetic_batch_packs_documents_like_the_pipeline_and_takes_real_engram
 
     cfg = make_cfg(corpus, tmp_path, "engram.enabled=true", "engram.layers=[1]")
     tokens = np.asarray(load_tokenizer("byte").encode(corpus.read_text()), np.int32)
-    hasher = EngramIds(cfg, load_tokenizer("byte"))
+    hasher = EngramIds(cfg.engram, load_tokenizer("byte"))
     batch = synthetic_batch(cfg, tokens=tokens, documents=3, masked=0.25, engram_ids=hasher)
     np.testing.assert_array_equal(batch["inputs"][0], tokens[:T])
     np.testing.assert_array_equal(batch["targets"][0], tokens[1:T + 1])

@@ -146,7 +146,7 @@ def test_engram_ids_stack_layers_in_config_order_as_int32():
     from mhc_jax.data.tokenizer import ByteTokenizer
     from mhc_jax.engram.ids import EngramIds
     tok = ByteTokenizer()
-    engram_ids = EngramIds(_ids_cfg(), tok)
+    engram_ids = EngramIds(_ids_cfg().engram, tok)
     tokens = np.array([tok.encode("The cat sat on THE mat."), tok.encode("the cat sat on the mat!")])
     got = engram_ids(tokens)
     assert got.dtype == np.int32 and got.shape == (2, tokens.shape[1], 2, 2 * 4)
@@ -162,7 +162,7 @@ def test_generation_ids_of_last_token_equal_training_ids():
     from mhc_jax.data.tokenizer import ByteTokenizer
     from mhc_jax.engram.ids import EngramIds
     tok = ByteTokenizer()
-    engram_ids = EngramIds(_ids_cfg(), tok)
+    engram_ids = EngramIds(_ids_cfg().engram, tok)
     tokens = np.array([tok.encode("Only Alexander the Great could tame the horse.")])
     training = engram_ids(tokens)
     for t in range(1, tokens.shape[1] + 1):  # generation: the history grows one token at a time
@@ -175,7 +175,7 @@ def test_engram_ids_respect_segments_of_packed_rows():
     from mhc_jax.data.tokenizer import ByteTokenizer
     from mhc_jax.engram.ids import EngramIds
     tok = ByteTokenizer()
-    engram_ids = EngramIds(_ids_cfg(), tok)
+    engram_ids = EngramIds(_ids_cfg().engram, tok)
     a, b = tok.encode("first doc"), tok.encode("second")
     packed = np.array([a + b])
     seg = np.array([[1] * len(a) + [2] * len(b)])

@@ -17,7 +17,7 @@ from flax import nnx
 from mhc_jax.config import Config, MeshConfig
 from mhc_jax.engram.hashing import engram_primes
 from mhc_jax.engram.layer import (Engram, engram_param_count, head_offsets, table_rows, table_shardings)
-from mhc_jax.model.transformer import Transformer, count_params, expected_param_count
+from mhc_jax.model import Transformer, count_params, expected_param_count
 from mhc_jax.sharding import make_mesh, rules_for, state_shardings
 
 C, T, B = 32, 12, 2
@@ -75,6 +75,14 @@ def numpy_engram(engram: Engram, x_BTnC: np.ndarray, ids_BTG: np.ndarray, seg_BT
     return conv / (1 + np.exp(-conv)) + u
 
 
+def build_engram(cfg: Config, layer: int) -> Engram:
+    """The Engram layer as mhc_jax.model.transformer.Block builds it: its section plus the model's sizes."""
+    m = cfg.model
+    return Engram(cfg.engram, layer, d_model=m.d_model, n_streams=cfg.n_streams, n_layers=m.n_layers,
+                  init_std=m.init_std, norm_eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype,
+                  rngs=nnx.Rngs(0))
+
+
 def head_offsets_of(engram: Engram) -> np.ndarray:
     return np.asarray(engram.offsets, np.int64)
 
@@ -82,7 +90,7 @@ def head_offsets_of(engram: Engram) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["plain", "mhc"])
 def test_output_shape_is_batch_time_streams_channels(kind: str):
     cfg = make_cfg(kind)
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     n = cfg.n_streams
     x = jax.random.normal(jax.random.key(0), (B, T, n, C))
     y, state = engram(x, jnp.asarray(random_ids(cfg, 1, (B, T))))
@@ -93,7 +101,7 @@ def test_output_shape_is_batch_time_streams_channels(kind: str):
 @pytest.mark.parametrize("kind", ["plain", "mhc"])
 def test_matches_float64_reference_with_random_conv_and_segments(kind: str):
     cfg = make_cfg(kind)
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     randomise_conv(engram)
     x = np.random.default_rng(0).normal(size=(B, T, cfg.n_streams, C)).astype(np.float32)
     ids = random_ids(cfg, 1, (B, T))
@@ -105,7 +113,7 @@ def test_matches_float64_reference_with_random_conv_and_segments(kind: str):
 
 def test_zero_initialised_conv_leaves_gated_value_unchanged():
     cfg = make_cfg("mhc")
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     np.testing.assert_array_equal(np.asarray(engram.conv[...]), 0.0)
     x = jax.random.normal(jax.random.key(3), (B, T, 4, C))
     ids = jnp.asarray(random_ids(cfg, 1, (B, T)))
@@ -117,7 +125,7 @@ def test_zero_initialised_conv_leaves_gated_value_unchanged():
 
 def test_gate_lies_strictly_between_zero_and_one():
     cfg = make_cfg("mhc")
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     x = 50.0 * jax.random.normal(jax.random.key(4), (B, T, 4, C))
     e = 50.0 * jax.random.normal(jax.random.key(5), (B, T, cfg.engram.d_mem))
     g = engram.gate(x, e)
@@ -129,21 +137,21 @@ def test_gate_lies_strictly_between_zero_and_one():
 
 def test_gradients_reach_only_looked_up_rows():
     cfg = make_cfg("plain")
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     randomise_conv(engram)
     x = jax.random.normal(jax.random.key(0), (B, T, 1, C))
     ids = random_ids(cfg, 1, (B, T))
 
     grads = nnx.grad(lambda m: jnp.sum(m(x, jnp.asarray(ids))[0] ** 2))(engram)
     g_rows = np.abs(np.asarray(grads.table[...])).sum(axis=1)
-    used = np.zeros(table_rows(cfg, 1), bool)
+    used = np.zeros(table_rows(cfg.engram, 1), bool)
     used[(ids + head_offsets_of(engram)).reshape(-1)] = True
     assert np.all(g_rows[~used] == 0.0)
     assert np.all(g_rows[used] > 0.0)
 
 
 def _sharded_vs_single(cfg: Config, mesh_cfg: MeshConfig, n_streams: int = 1) -> None:
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     randomise_conv(engram)
     x = jax.random.normal(jax.random.key(0), (8, T, n_streams, C))
     ids = jnp.asarray(random_ids(cfg, 1, (8, T)))
@@ -185,13 +193,13 @@ def test_row_sharded_lookup_over_fsdp_axis_with_sharded_batch_equals_single_devi
 def test_host_placement_equals_device_placement():
     dev_cfg = make_cfg("mhc")
     host_cfg = dev_cfg.replace(engram=dict(placement="host", update="dense"))  # the offloaded dense table
-    dev = Engram(dev_cfg, 1, rngs=nnx.Rngs(0))
-    host = Engram(host_cfg, 1, rngs=nnx.Rngs(0))
+    dev = build_engram(dev_cfg, 1)
+    host = build_engram(host_cfg, 1)
     randomise_conv(dev)
     randomise_conv(host)
     graphdef, state = nnx.split(host)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    shardings = table_shardings(state, state_shardings(state, mesh, rules_for(host_cfg)), host_cfg)
+    shardings = table_shardings(state, state_shardings(state, mesh, rules_for(host_cfg)), host_cfg.engram)
     assert shardings["table"].memory_kind == "pinned_host"
     assert shardings["value_proj"].memory_kind in (None, "device")
     host = nnx.merge(graphdef, jax.device_put(state, shardings))
@@ -212,16 +220,16 @@ def test_host_placement_equals_device_placement():
 
 def test_table_shardings_leave_device_placement_untouched():
     cfg = make_cfg("plain")
-    state = nnx.state(Engram(cfg, 1, rngs=nnx.Rngs(0)))
+    state = nnx.state(build_engram(cfg, 1))
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     shardings = state_shardings(state, mesh, rules_for(cfg))
-    assert table_shardings(state, shardings, cfg) is shardings
+    assert table_shardings(state, shardings, cfg.engram) is shardings
 
 
 @pytest.mark.parametrize("kind", ["plain", "mhc"])
 def test_decode_with_cache_equals_full_sequence(kind: str):
     cfg = make_cfg(kind)
-    engram = Engram(cfg, 1, rngs=nnx.Rngs(0))
+    engram = build_engram(cfg, 1)
     randomise_conv(engram)
     x = jax.random.normal(jax.random.key(0), (B, T, cfg.n_streams, C))
     ids = jnp.asarray(random_ids(cfg, 1, (B, T)))
@@ -240,11 +248,11 @@ def test_param_count_matches_closed_form():
     for kind in ("plain", "mhc"):
         cfg = make_cfg(kind, layers=[0, 1])
         for layer in (0, 1):
-            engram = Engram(cfg, layer, rngs=nnx.Rngs(0))
-            assert count_params(engram) == engram_param_count(cfg, layer)
-            assert table_rows(cfg, layer) % 8 == 0 and table_rows(cfg, layer) >= \
+            engram = build_engram(cfg, layer)
+            assert count_params(engram) == engram_param_count(cfg.engram, layer, cfg.model.d_model, cfg.n_streams)
+            assert table_rows(cfg.engram, layer) % 8 == 0 and table_rows(cfg.engram, layer) >= \
                 engram_primes((0, 1), 3, 2, 61)[layer].sum()
-    assert list(head_offsets(cfg, 1)) == list(np.concatenate([[0], np.cumsum(engram_primes((0, 1), 3, 2, 61)[1])[:-1]]))
+    assert list(head_offsets(cfg.engram, 1)) == list(np.concatenate([[0], np.cumsum(engram_primes((0, 1), 3, 2, 61)[1])[:-1]]))
 
 
 @pytest.mark.parametrize("kind", ["plain", "mhc"])
@@ -297,6 +305,6 @@ def test_default_shard_axis_splits_rows_on_fsdp_and_tensor_meshes_and_replicatio
     caplog.clear()
     tensor_cfg = cfg.replace(engram={"shard_axis": "tensor"})  # the old default, on an FSDP mesh
     train_state_shardings(model, opt, make_mesh(MeshConfig(data=2, fsdp=4)), tensor_cfg)
-    rows = table_rows(cfg, 1)
+    rows = table_rows(cfg.engram, 1)
     (msg,) = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
     assert "engram.shard_axis='tensor'" in msg and f"{rows * cfg.engram.head_dim * 4 / 2**20:.1f} MiB" in msg

@@ -20,7 +20,9 @@ from mhc_jax.errors import CheckpointError
 from mhc_jax.export import Exported, export_model, load, main, model_tensors
 from mhc_jax.model import Transformer
 from mhc_jax.sharding import make_mesh
+from mhc_jax.sampling import generate
 from mhc_jax.train.loop import run
+from mhc_jax.train.sparse_rows import tables_from_workdir
 from mhc_jax.train.state import load_model_from_workdir
 
 from conftest import PROSE_FILE, stdlib_prose
@@ -34,7 +36,7 @@ def logits_of(model, tokenizer, text: str) -> np.ndarray:
     ids = np.asarray([[tokenizer.bos_id] + tokenizer.encode(text)], np.int32)
     engram = None
     if model.cfg.engram.enabled:
-        engram = jnp.asarray(EngramIds(model.cfg, tokenizer)(ids))
+        engram = jnp.asarray(EngramIds(model.cfg.engram, tokenizer)(ids))
     return np.asarray(nnx.jit(lambda m, t, e: m(t, engram_ids_BTEG=e))(model, jnp.asarray(ids), engram))
 
 
@@ -42,7 +44,7 @@ def logits_of(model, tokenizer, text: str) -> np.ndarray:
 def trained_workdir(tmp_path_factory):
     placement = "host" if host_memory_supported() else "device"
     workdir = str(tmp_path_factory.mktemp("run"))
-    # update=dense: the offloaded dense table, a model parameter (sparse host tables are not exported yet)
+    # update=dense: the offloaded dense table, a model parameter (sparse host tables: the test below)
     run(load_config("tiny", MHC_ENGRAM + [f"engram.placement={placement}", "engram.update=dense"]), workdir, progress=False)
     return workdir
 
@@ -61,6 +63,33 @@ def test_export_then_load_gives_bitwise_equal_logits(trained_workdir, tmp_path):
     chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
     kinds = lambda s: [x.sharding.memory_kind for x in jax.tree.leaves(s)]  # noqa: E731
     assert kinds(a) == kinds(b)
+
+
+def test_sparse_host_tables_export_under_the_table_names_and_load_back_bitwise(tmp_path):
+    """engram.update=sparse: the host tables (not model parameters) are written as blocks.i.engram.table
+    and `load` returns them in host RAM: tables, every model variable and greedy generation are bitwise
+    the original's."""
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+    run(load_config("tiny", MHC_ENGRAM + ["engram.placement=host", "engram.update=sparse"]), workdir, progress=False)
+    assert main(["--workdir", workdir, "--out", out]) == 0
+    cfg, original, step = load_model_from_workdir(workdir)
+    tables = tables_from_workdir(workdir, cfg, step)
+    assert cfg.engram.sparse and tables is not None and tables.count == step == 2
+    loaded = load(out)
+    assert loaded.engram_tables is not None and loaded.engram_tables.layers == tables.layers == (1,)
+    for got, want in zip(loaded.engram_tables.tables, tables.tables):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(load_file(os.path.join(out, "model.safetensors"))["blocks.1.engram.table"],
+                                  tables.tables[0])
+    manifest = json.load(open(os.path.join(out, "export.json")))
+    assert manifest["tensors"]["blocks.1.engram.table"]["axes"] == ["engram_rows", "engram_mem"]
+    chex.assert_trees_all_equal(jax.device_get(nnx.state(original)), jax.device_get(nnx.state(loaded.model)))
+    ids = EngramIds(cfg.engram, loaded.tokenizer)
+    prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("def f(x):")
+    assert (generate(loaded.model, prompt, 8, engram_ids=ids, engram_tables=loaded.engram_tables)
+            == generate(original, prompt, 8, engram_ids=ids, engram_tables=tables))
+    with pytest.raises(CheckpointError, match="pass engram_tables"):
+        export_model(cfg, original, str(tmp_path / "no_tables"))
 
 
 def test_safetensors_file_holds_every_mhc_and_engram_tensor_under_documented_names(trained_workdir, tmp_path):

@@ -124,5 +124,42 @@ def test_no_function_imports_a_package_module():
     assert not bad, "imports inside functions (move them to the top of the module):\n" + "\n".join(bad)
 
 
+# Leaf modules take what they use (issue 13): layers, connections and the Engram package get their config
+# section (ModelConfig, ResidualConfig, EngramConfig) and explicit model arguments, never the whole Config.
+LEAF_PACKAGES = ("mhc_jax.layers", "mhc_jax.residual", "mhc_jax.engram", "mhc_jax.model")
+# The model's assembly: the transformer splits the whole Config into the sections and sizes its leaves take
+# (and the block-memory probe builds a block the same way).
+WHOLE_CONFIG_ALLOWED = {"mhc_jax.model.transformer": "builds blocks and leaves from the whole Config",
+                        "mhc_jax.model.memory": "compiles one Block(cfg) of the transformer",
+                        "mhc_jax.model.param_count": "the closed-form count of the whole Transformer(cfg)"}
+
+
+def whole_config_uses(source: str) -> list[int]:
+    """Lines where `source` imports the whole `Config` (or reaches it as `config.Config`)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("config") \
+                and any(alias.name == "Config" for alias in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr == "Config":
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_whole_config_finder_sees_an_import_and_an_attribute_and_accepts_sections():
+    assert whole_config_uses("from mhc_jax.config import Config, EngramConfig\n") == [1]
+    assert whole_config_uses("import mhc_jax.config as c\ndef f(x: c.Config): pass\n") == [2]
+    assert whole_config_uses("from mhc_jax.config import EngramConfig, ResidualConfig\n") == []
+
+
+def test_leaf_modules_do_not_take_the_whole_config():
+    bad = []
+    for module, path in _modules().items():
+        if module.startswith(LEAF_PACKAGES) and module not in WHOLE_CONFIG_ALLOWED:
+            with open(path, encoding="utf-8") as f:
+                bad += [f"{module}:{line}" for line in whole_config_uses(f.read())]
+    assert not bad, "leaf modules take their config section and explicit arguments, not Config:\n" + "\n".join(bad)
+
+
 if __name__ == "__main__":
     print(listing(import_graph()[0]))

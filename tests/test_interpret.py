@@ -33,7 +33,7 @@ def setup():
         model = Transformer(cfg, rngs=nnx.Rngs(3))
     tok = ByteTokenizer()
     tokens = np.asarray([[tok.bos_id] + tok.encode(PROMPT)], np.int32)
-    engram = EngramIds(cfg, tok)(tokens)
+    engram = EngramIds(cfg.engram, tok)(tokens)
     return cfg, mesh, model, tok, tokens, engram
 
 

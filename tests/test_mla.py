@@ -235,6 +235,6 @@ def test_cached_generation_with_engram_equals_recomputing_every_step(kind):
     cfg, model = _model([f"residual.kind={kind}", "engram.enabled=true", "engram.layers=[1]",
                          "engram.heads_per_ngram=2", "engram.head_dim=8", "engram.table_size=101",
                          "model.mtp_depth=1"])
-    kw = dict(temperature=1.0, top_k=20, seed=2, engram_ids=EngramIds(cfg, load_tokenizer("byte")))
+    kw = dict(temperature=1.0, top_k=20, seed=2, engram_ids=EngramIds(cfg.engram, load_tokenizer("byte")))
     cached = generate(model, [256, 10, 20, 30], 10, **kw)
     assert cached == generate(model, [256, 10, 20, 30], 10, use_cache=False, **kw)

@@ -10,6 +10,9 @@ import subprocess
 import sys
 import time
 
+from collections.abc import Callable
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,10 +23,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 import damage
 from conftest import PROSE_FILE, REPO_ROOT
 from mhc_jax.config import ConfigError, load_config
-from mhc_jax.errors import TrainingError
+from mhc_jax.errors import CheckpointError, TrainingError
 from mhc_jax.generate import check_sampling, fit_prompt
 from mhc_jax.sharding import make_mesh
-from mhc_jax.train.checkpoint import Checkpointer, tree_checksums
+from mhc_jax.train.checkpoint import HOST_ITEM, Checkpointer, host_tree_checksums, tree_checksums
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import read_metrics
 from mhc_jax.train.state import init_train_state, restore_train_state
@@ -87,6 +90,10 @@ def test_checksum_matches_its_formula_is_mesh_independent_and_sees_one_flipped_b
     flipped = tree["w"].copy()
     flipped.view(np.uint32)[5, 7] ^= 1 << 13
     assert tree_checksums({"w": jnp.asarray(flipped)})["['w']"] != sums["['w']"]
+    # the host tables' numpy checksum (chunked, on the host) is the same function
+    tree["count"] = np.asarray(1234567890, np.int32)
+    assert host_tree_checksums(tree) == tree_checksums(jax.tree.map(jnp.asarray, tree))
+    assert host_tree_checksums({"w": flipped})["['w']"] != sums["['w']"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +120,23 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_its_step_saved_again(train
     assert Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint).all_steps() == [2, 4, 6]
 
 
+def flip_silently(files: list[str], silent: Callable[[], bool]) -> None:
+    """Flips single bits of `files` until `silent()` says the storage reads them back without complaint
+    but with other numbers (compressed chunks carry no checksum of their own); undoes every other flip."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        path = files[int(rng.integers(len(files)))]
+        data = bytearray(open(path, "rb").read())
+        at, bit = int(rng.integers(len(data))), 1 << int(rng.integers(8))
+        data[at] ^= bit
+        open(path, "wb").write(bytes(data))
+        if silent():
+            return
+        data[at] ^= bit  # rejected or harmless: undo it and try another
+        open(path, "wb").write(bytes(data))
+    pytest.fail("no silent corruption found in 300 single-bit flips")
+
+
 def test_silently_changed_numbers_fail_the_checksum_and_the_previous_step_is_used(tmp_path):
     """Searches for a byte flip that the storage layer reads back without complaint but with other numbers
     (compressed chunks carry no checksum of their own), then checks that restore refuses it."""
@@ -133,24 +157,67 @@ def test_silently_changed_numbers_fail_the_checksum_and_the_previous_step_is_use
         except Exception:  # noqa: BLE001 - the storage layer noticed this flip
             return None
 
-    rng = np.random.default_rng(0)
-    files = damage._array_files(str(tmp_path / "c" / "2"))
-    for _ in range(300):
-        path = files[int(rng.integers(len(files)))]
-        data = bytearray(open(path, "rb").read())
-        at, bit = int(rng.integers(len(data))), 1 << int(rng.integers(8))
-        data[at] ^= bit
-        open(path, "wb").write(bytes(data))
-        read = unverified_read()
-        if read is not None and not np.array_equal(read, values * 2):
-            break  # a silent corruption: readable, other numbers
-        data[at] ^= bit  # rejected or harmless: undo it and try another
-        open(path, "wb").write(bytes(data))
-    else:
-        pytest.fail("no silent corruption found in 300 single-bit flips")
+    flip_silently(damage._array_files(str(tmp_path / "c" / "2")),
+                  lambda: (read := unverified_read()) is not None and not np.array_equal(read, values * 2))
     restored, _, _, step = ckpt.restore(target)
     assert step == 1 and "checksum mismatch in 1 of 1 arrays (e.g. ['w'])" in ckpt.skipped[0]["reason"]
     np.testing.assert_array_equal(np.asarray(restored["w"]), values)
+    ckpt.close()
+
+
+def _host_tables(step: int) -> dict:
+    """A sparse Engram host item (mhc_jax.engram.host_tables.HostTables.state_dict) with distinct numbers."""
+    t = np.linspace(-1, 1, 2048, dtype=np.float32).reshape(256, 8) * step
+    return {"count": np.asarray(step, np.int64), "layer_1": {"table": t, "mu": t / 10, "nu": t * t}}
+
+
+@pytest.mark.parametrize("how", ["silent", "flip_bytes", "truncate"])
+def test_damaged_host_tables_fail_their_checksums_and_the_previous_step_is_used(tmp_path, how):
+    """The sparse Engram tables and row moments (Orbax item engram_tables) are covered by the checksums:
+    a damaged host item makes its step unreadable like damaged state: the trainer's restore falls back to
+    the previous step and moves the damaged one aside; a reader is told the step is damaged."""
+    import orbax.checkpoint as ocp
+    ckpt = Checkpointer(str(tmp_path / "c"), tiny().checkpoint, heal=True)
+    w = np.arange(64, dtype=np.float32)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.asarray(w * step)}, None, {"step": step}, force=True, host_state=_host_tables(step))
+    ckpt.wait()
+    step_dir = str(tmp_path / "c" / "2")
+
+    def silent() -> bool:
+        try:
+            out = ckpt.manager.restore(2, args=ocp.args.Composite(
+                **{HOST_ITEM: ocp.args.StandardRestore(_host_tables(0))}))
+        except Exception:  # noqa: BLE001 - the storage layer noticed this flip
+            return False
+        got = jax.tree.map(np.asarray, out[HOST_ITEM])
+        return not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(_host_tables(2))))
+
+    files = damage._array_files(step_dir, HOST_ITEM)
+    if how == "silent":
+        flip_silently(files, silent)
+    else:  # the kinds of damage.KINDS, to the host item's files (the state stays intact)
+        for path in files:
+            data = bytearray(open(path, "rb").read())
+            if how == "truncate":
+                data = data[:len(data) // 2]
+            else:
+                mid = len(data) // 2
+                data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+            open(path, "wb").write(bytes(data))
+
+    reader = Checkpointer(str(tmp_path / "c"), tiny().checkpoint, read_only=True)
+    with pytest.raises(CheckpointError, match="checkpoint step 2 in .* is unreadable"):
+        reader.restore_host_state(_host_tables(0), 2)
+    reader.close()
+    target = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    restored, _, _, step = ckpt.restore(target, host_target=_host_tables(0))
+    assert step == 1 and [s["step"] for s in ckpt.skipped] == [2]
+    if how == "silent":
+        assert "checksum mismatch in 1 of 4 engram_tables arrays" in ckpt.skipped[0]["reason"]
+    assert ckpt.skipped[0]["moved_to"] and os.path.isdir(ckpt.skipped[0]["moved_to"])
+    chex.assert_trees_all_equal(ckpt.host_state, _host_tables(1))
+    np.testing.assert_array_equal(np.asarray(restored["w"]), w)
     ckpt.close()
 
 

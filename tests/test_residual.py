@@ -14,13 +14,13 @@ from flax import nnx
 
 from mhc_jax.config import Config, ResidualConfig
 from mhc_jax.model import Transformer, count_params, expected_param_count
-from mhc_jax.residual import RESIDUAL_KINDS, make_residual
+from mhc_jax.residual import RESIDUAL_KINDS
 from mhc_jax.residual.collapse import LearnedCollapse, collapse_param_count
 from mhc_jax.residual.hc import HyperConnection, hc_param_count
 from mhc_jax.residual.mhc import ManifoldHyperConnection, mhc_param_count
 from mhc_jax.residual.mhc_lite import MHCLite, mhc_lite_param_count
 
-from references import build, randomize, ref_sinkhorn, ref_v4_comb
+from references import build, connection, randomize, ref_sinkhorn, ref_v4_comb
 
 C = 16
 NORM_EPS = 1e-6
@@ -198,7 +198,7 @@ def test_deepseek_v4_variant_matches_its_numpy_reference():
 def test_ablation_switches_give_one_over_n_ones_identity(kind):
     n = 4
     cfg = make_cfg(kind, n, use_pre=False, use_post=False, use_res=False)
-    conn = randomize(make_residual(cfg, 1, rngs=nnx.Rngs(0)))
+    conn = randomize(connection(cfg, 1))
     x = streams(n)
     h_pre, h_post, h_res = conn.mappings(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(h_pre), np.full((2, 3, n), 1.0 / n, np.float32))
@@ -347,7 +347,7 @@ def test_registry_covers_every_configurable_kind_and_its_param_count_matches_the
     assert tuple(RESIDUAL_KINDS) == typing.get_args(typing.get_type_hints(ResidualConfig)["kind"])
     for name, kind in RESIDUAL_KINDS.items():
         cfg = make_cfg(name)
-        conn = make_residual(cfg, 0, rngs=nnx.Rngs(0))
+        conn = connection(cfg, 0)
         assert type(conn) is kind.connection
         assert count(conn) == kind.param_count(cfg.residual, C)
         assert kind.flops(cfg.residual, C) >= 0.0
@@ -384,7 +384,7 @@ def ref_mhc_loss_jnp(x, phi, bias, a_pre, a_post, a_res, w_out):
 
 @pytest.mark.parametrize("recompute", [True, False])
 def test_fused_mhc_gradients_match_float64_reference(recompute):
-    conn = randomize(make_residual(make_cfg("mhc", recompute=recompute), 0, rngs=nnx.Rngs(0)))
+    conn = randomize(connection(make_cfg("mhc", recompute=recompute), 0))
     x = streams()
     w_out = np.random.default_rng(7).standard_normal(x.shape)
     names = ("phi", "bias", "alpha_pre", "alpha_post", "alpha_res")
@@ -421,7 +421,7 @@ def test_recompute_changes_neither_values_nor_gradients(kind):
     x = jnp.asarray(streams())
     outs = []
     for recompute in (True, False):
-        conn = randomize(make_residual(make_cfg(kind, recompute=recompute), 1, rngs=nnx.Rngs(0)))
+        conn = randomize(connection(make_cfg(kind, recompute=recompute), 1))
         graphdef, params = nnx.split(conn, nnx.Param)
         f = lambda p, x_: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x_, branch_jax)))
         outs.append(jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x))

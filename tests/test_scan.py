@@ -34,7 +34,7 @@ def _batch(cfg, seed=0):
     if cfg.engram.enabled:
         from mhc_jax.data.tokenizer import load_tokenizer
         from mhc_jax.engram.ids import EngramIds
-        batch["engram_ids"] = EngramIds(cfg, load_tokenizer("byte"))(batch["inputs"], batch["segment_ids"])
+        batch["engram_ids"] = EngramIds(cfg.engram, load_tokenizer("byte"))(batch["inputs"], batch["segment_ids"])
     return batch
 
 
@@ -98,7 +98,7 @@ def test_cached_generation_of_a_scanned_model_equals_the_unrolled_model():
     cfg_u, cfg_s = _cfg(False, *ENGRAM), _cfg(True, *ENGRAM)
     from mhc_jax.data.tokenizer import load_tokenizer
     from mhc_jax.engram.ids import EngramIds
-    ids = EngramIds(cfg_u, load_tokenizer("byte"))
+    ids = EngramIds(cfg_u.engram, load_tokenizer("byte"))
     kw = dict(temperature=1.0, top_k=20, seed=1, engram_ids=ids)
     out_s = generate(Transformer(cfg_s, rngs=nnx.Rngs(3)), [256, 10, 20, 30], 8, **kw)
     assert out_s == generate(Transformer(cfg_u, rngs=nnx.Rngs(3)), [256, 10, 20, 30], 8, **kw)

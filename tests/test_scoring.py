@@ -46,7 +46,7 @@ def reference(scorer: Scorer, ids: list[int], pad: bool = True) -> tuple[np.ndar
         tokens = np.pad(tokens, ((0, 0), (0, scorer.max_len - n)), constant_values=scorer.tokenizer.pad_id)
     engram = None
     if scorer.engram_ids is not None:
-        engram = jnp.asarray(EngramIds(scorer.cfg, scorer.tokenizer)(tokens))
+        engram = jnp.asarray(EngramIds(scorer.cfg.engram, scorer.tokenizer)(tokens))
     logits = np.asarray(_forward(scorer.model, jnp.asarray(tokens), engram), np.float64)[0, :n]
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))

@@ -11,11 +11,10 @@ import pytest
 from flax import nnx
 
 from mhc_jax.config import Config
-from mhc_jax.residual import make_residual
 from mhc_jax.sinkhorn import sinkhorn_knopp
 from mhc_jax.sinkhorn_pallas import sinkhorn_knopp_pallas
 
-from references import randomize, ref_sinkhorn, ref_v4_comb
+from references import connection, randomize, ref_sinkhorn, ref_v4_comb
 
 
 def _logits(shape, scale=2.0, seed=0) -> np.ndarray:
@@ -60,7 +59,7 @@ def test_mhc_connection_with_pallas_equals_xla_values_and_gradients():
     def run(impl):
         cfg = Config().replace(model={"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32},
                                residual={"kind": "mhc", "impl": impl})
-        conn = randomize(make_residual(cfg, 0, rngs=nnx.Rngs(0)))
+        conn = randomize(connection(cfg, 0))
         graphdef, params = nnx.split(conn, nnx.Param)
         x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, 4, 16)).astype(np.float32))
         f = lambda p, x_: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x_, jnp.tanh)))

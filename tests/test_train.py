@@ -185,7 +185,7 @@ def test_cached_generation_equals_recomputing_the_full_sequence(overrides):
     if cfg.engram.enabled:
         from mhc_jax.data.tokenizer import load_tokenizer
         from mhc_jax.engram.ids import EngramIds
-        engram_fn = EngramIds(cfg, load_tokenizer("byte"))
+        engram_fn = EngramIds(cfg.engram, load_tokenizer("byte"))
     prompt = [256, 10, 20, 30, 40]
     for kwargs in ({"temperature": 0.0}, {"temperature": 1.0, "top_k": 20, "top_p": 0.9, "seed": 1}):
         cached = generate(model, prompt, 12, use_cache=True, engram_ids=engram_fn, **kwargs)

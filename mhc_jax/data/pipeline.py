@@ -113,7 +113,7 @@ def _build(cfg: Config, split: str, *, train: bool, mesh: Mesh | None, process_i
     tokenizer = _tokenizer_for(cfg)
     engram_ids = None
     if cfg.engram.enabled:
-        engram_ids = EngramIds(cfg, tokenizer)
+        engram_ids = EngramIds(cfg.engram, tokenizer)
 
     source = open_split(cfg, split)
     ds = grain.MapDataset.source(source)

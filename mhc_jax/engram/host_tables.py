@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import optax
 
-from mhc_jax.config import Config
+from mhc_jax.config import EngramConfig
 from mhc_jax.errors import ConfigError, DataError
 from mhc_jax.engram.layer import head_offsets, table_rows
 
@@ -56,16 +56,15 @@ class RowFeed:
 class HostTables:
     """The Engram tables of every layer (config order) with their Adam moments, in host RAM."""
 
-    def __init__(self, cfg: Config, tx: optax.GradientTransformation, *, initialise: bool = True):
-        """`tx`: the Engram group's optimiser, `mhc_jax.train.optimizer.engram_adam(cfg)`."""
-        e = cfg.engram
+    def __init__(self, e: EngramConfig, tx: optax.GradientTransformation, *, seed: int = 0, initialise: bool = True):
+        """`e`: the engram section; `tx`: the Engram group's optimiser (`mhc_jax.train.optimizer.engram_adam`);
+        `seed`: the run's training.seed, which with engram.seed and the layer seeds each table's init."""
         if not e.enabled:
             raise ConfigError("HostTables needs engram.enabled=true")
-        self.cfg = cfg
         self.layers = tuple(e.layers)
         self.dim = e.head_dim
-        self.offsets = [head_offsets(cfg, layer) for layer in self.layers]
-        self.n_rows = [table_rows(cfg, layer) for layer in self.layers]
+        self.offsets = [head_offsets(e, layer) for layer in self.layers]
+        self.n_rows = [table_rows(e, layer) for layer in self.layers]
         self.tables = [np.empty((r, self.dim), np.float32) for r in self.n_rows]
         # np.zeros maps zero pages lazily: moments of rows never touched cost no physical memory.
         self.mu = [np.zeros((r, self.dim), np.float32) for r in self.n_rows]
@@ -76,7 +75,7 @@ class HostTables:
             for layer, table in zip(self.layers, self.tables):
                 # N(0, table_init_std) like the dense table (demo: torch nn.Embedding), seeded per layer;
                 # written in place, so a 2.5 GB table needs no temporary copy.
-                np.random.default_rng([cfg.training.seed, e.seed, layer]).standard_normal(
+                np.random.default_rng([seed, e.seed, layer]).standard_normal(
                     out=table, dtype=np.float32)
                 table *= np.float32(e.table_init_std)
         self._cpu = jax.devices("cpu")[0]
@@ -198,9 +197,9 @@ class HostTables:
         return out
 
 
-def host_tables_from_model(cfg: Config, model: Any, tx: optax.GradientTransformation) -> HostTables:
+def host_tables_from_model(e: EngramConfig, model: Any, tx: optax.GradientTransformation) -> HostTables:
     """HostTables holding the tables of a model with dense Engram tables (tests, conversions)."""
-    tables = HostTables(cfg, tx, initialise=False)
+    tables = HostTables(e, tx, initialise=False)
     engrams = [block.engram for block in model.blocks if block.engram is not None]
     for i, engram in enumerate(engrams):
         tables.tables[i][...] = np.asarray(jax.device_get(engram.table[...]), np.float32)

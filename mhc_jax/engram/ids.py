@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from mhc_jax.config import Config
+from mhc_jax.config import EngramConfig
 from mhc_jax.engram.compression import CompressedVocab, TokenizerLike, compress_tokenizer, identity_vocab
 from mhc_jax.engram.hashing import NgramHasher
 
@@ -21,8 +21,7 @@ class EngramIds:
     """`ids(tokens_BT, segment_ids_BT)` -> int32 (B, T, E, G): E = len(engram.layers) in
     config order; entry [..., l, j] lies in [0, primes[layer l][j]) (the layer adds per-head row offsets)."""
 
-    def __init__(self, cfg: Config, tokenizer: TokenizerLike):
-        e = cfg.engram
+    def __init__(self, e: EngramConfig, tokenizer: TokenizerLike):
         self.layers = tuple(e.layers)
         self.max_ngram = e.max_ngram
         self.vocab: CompressedVocab = (compress_tokenizer(tokenizer) if e.compress_tokenizer

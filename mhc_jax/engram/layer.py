@@ -40,7 +40,8 @@ from jax import lax
 from jax.experimental.compute_on import compute_on
 from jax.sharding import NamedSharding
 
-from mhc_jax.config import Config, ConfigError
+from mhc_jax.config import EngramConfig
+from mhc_jax.errors import ConfigError
 from mhc_jax.engram.hashing import engram_primes
 from mhc_jax.layers import RMSNorm, compute_dtype, param, rms_norm
 
@@ -56,38 +57,36 @@ EngramState = dict[str, jax.Array]  # {"conv": (B, (kernel - 1) * max_ngram, n, 
 # --------------------------------------------------------------------------------------------------
 
 
-def layer_primes(cfg: Config, layer_id: int) -> np.ndarray:
+def layer_primes(e: EngramConfig, layer_id: int) -> np.ndarray:
     """(max_ngram - 1, K) table sizes of one Engram layer; the primes depend on the whole layer list."""
-    e = cfg.engram
     if layer_id not in e.layers:
         raise ValueError(f"layer_id={layer_id} is not in engram.layers={e.layers}")
     return engram_primes(e.layers, e.max_ngram, e.heads_per_ngram, e.table_size)[layer_id]
 
 
-def head_offsets(cfg: Config, layer_id: int) -> np.ndarray:
+def head_offsets(e: EngramConfig, layer_id: int) -> np.ndarray:
     """First row of each head's block in the layer's one table, in the order of the hashed ids."""
-    sizes = layer_primes(cfg, layer_id).reshape(-1)
+    sizes = layer_primes(e, layer_id).reshape(-1)
     return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
 
 
-def table_rows(cfg: Config, layer_id: int) -> int:
+def table_rows(e: EngramConfig, layer_id: int) -> int:
     """Sum of the per-head primes, padded to a multiple of engram.row_pad_multiple."""
-    rows = int(layer_primes(cfg, layer_id).sum())
-    m = cfg.engram.row_pad_multiple
+    rows = int(layer_primes(e, layer_id).sum())
+    m = e.row_pad_multiple
     return -(-rows // m) * m
 
 
-def engram_param_count(cfg: Config, layer_id: int) -> int:
+def engram_param_count(e: EngramConfig, layer_id: int, d_model: int, n_streams: int) -> int:
     """table + n key projections + value projection + 3 per-stream RMSNorm scales + conv weights."""
-    e, C, n = cfg.engram, cfg.model.d_model, cfg.n_streams
-    return (table_rows(cfg, layer_id) * e.head_dim + (n + 1) * e.d_mem * C + 3 * n * C
+    C, n = d_model, n_streams
+    return (table_rows(e, layer_id) * e.head_dim + (n + 1) * e.d_mem * C + 3 * n * C
             + e.kernel_size * n * C)
 
 
-def table_bytes(cfg: Config, layer_id: int) -> int:
-    """Memory of one layer's table: rows x W (engram.head_dim) x bytes per element (param_dtype)."""
-    itemsize = jnp.dtype(cfg.model.param_dtype).itemsize
-    return table_rows(cfg, layer_id) * cfg.engram.head_dim * itemsize
+def table_bytes(e: EngramConfig, layer_id: int, param_dtype: str = "float32") -> int:
+    """Memory of one layer's table: rows x W (engram.head_dim) x bytes per element (model.param_dtype)."""
+    return table_rows(e, layer_id) * e.head_dim * jnp.dtype(param_dtype).itemsize
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,11 +147,11 @@ def host_memory_supported() -> bool:
     return any(m.kind == HOST_MEMORY_KIND for m in jax.devices()[0].addressable_memories())
 
 
-def table_shardings(state: Any, shardings: Any, cfg: Config) -> Any:
+def table_shardings(state: Any, shardings: Any, e: EngramConfig) -> Any:
     """`shardings` (from mhc_jax.sharding.state_shardings(state, ...)) with every Engram table (the params
     whose axes include "engram_rows") moved to host memory when engram.placement=host; unchanged for
     device. Use the result for `jax.device_put(state, ...)` and as the jit in/out shardings."""
-    if not cfg.engram.enabled or cfg.engram.placement != "host" or cfg.engram.sparse:
+    if not e.enabled or e.placement != "host" or e.sparse:
         return shardings
     if not host_memory_supported():
         raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
@@ -181,9 +180,12 @@ def _scales(norms: nnx.List) -> jax.Array:
 class Engram(nnx.Module):
     """`engram(x_BTnC, ids_BTG, segment_ids_BT, state)` -> (Y_BTnC, new_state or None)."""
 
-    def __init__(self, cfg: Config, layer_id: int, *, rngs: nnx.Rngs):
-        e, m = cfg.engram, cfg.model
-        C, n, M = m.d_model, cfg.n_streams, e.d_mem
+    def __init__(self, e: EngramConfig, layer_id: int, *, d_model: int, n_streams: int, n_layers: int,
+                 init_std: float, norm_eps: float, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+        """`e`: the engram section; the model's width C (`d_model`), residual streams n, depth (`n_layers`,
+        which scales the value projection's init like the other projections writing the residual),
+        `init_std`, `norm_eps`, compute and parameter dtypes."""
+        C, n, M = d_model, n_streams, e.d_mem
         self.layer_id = layer_id
         self.n_streams = n
         self.d_model = C
@@ -194,22 +196,22 @@ class Engram(nnx.Module):
         self.placement = e.placement
         self.sparse = e.sparse  # no table here: the step passes the batch's rows (mhc_jax.engram.host_tables)
         self.capture_gates = False  # set by mhc_jax.diagnostics.engram_gate_stats: sow the gates
-        self.eps = m.norm_eps
-        self.dtype = compute_dtype(m.dtype)
+        self.eps = norm_eps
+        self.dtype = compute_dtype(dtype)
         # Sparse: the host adds the offsets (HostTables.feed), so nothing here depends on the table's size and
         # one compiled step serves every table size.
-        self.offsets = () if e.sparse else tuple(int(o) for o in head_offsets(cfg, layer_id))
-        rows = table_rows(cfg, layer_id)
+        self.offsets = () if e.sparse else tuple(int(o) for o in head_offsets(e, layer_id))
+        rows = table_rows(e, layer_id)
         if e.placement == "host" and not e.sparse and not host_memory_supported():
             raise ConfigError(f"engram.placement='host' needs memory kind {HOST_MEMORY_KIND!r}, which backend "
                               f"{jax.default_backend()!r} does not offer; use placement=device")
         log.info("Engram layer %d: table %d rows x %d = %.1f MB, placement=%s%s", layer_id, rows, e.head_dim,
-                 table_bytes(cfg, layer_id) / 2**20, e.placement,
+                 table_bytes(e, layer_id, param_dtype) / 2**20, e.placement,
                  f" (rows sharded over mesh axis {e.shard_axis!r})" if e.placement == "device"
                  else " (host RAM, sparse row updates)" if e.sparse
                  else f" (memory kind {HOST_MEMORY_KIND}, gather on the host)")
 
-        pdt = jnp.dtype(m.param_dtype)
+        pdt = jnp.dtype(param_dtype)
         if e.sparse:
             rngs.params()  # the table's key, unused: every other parameter gets the key it has with dense tables
             self.table = nnx.data(None)
@@ -217,14 +219,14 @@ class Engram(nnx.Module):
             self.table = param(rngs, nnx.initializers.normal(e.table_init_std), (rows, e.head_dim),
                                ("engram_rows", "engram_mem"), pdt)
         key_init = nnx.initializers.normal(1.0 / math.sqrt(M))  # keys are RMS-normed, scale only sets init
-        out_std = m.init_std / math.sqrt(2 * m.n_layers)  # like the other projections writing the residual
+        out_std = init_std / math.sqrt(2 * n_layers)  # like the other projections writing the residual
         self.key_projs = nnx.List([param(rngs, key_init, (M, C), ("engram_mem", "embed"), pdt)
                                    for _ in range(n)])
         self.value_proj = param(rngs, nnx.initializers.normal(out_std), (M, C), ("engram_mem", "embed"), pdt)
-        self.key_norms = nnx.List([RMSNorm(C, eps=m.norm_eps, dtype=jnp.float32, rngs=rngs) for _ in range(n)])
-        self.query_norms = nnx.List([RMSNorm(C, eps=m.norm_eps, dtype=jnp.float32, rngs=rngs)
+        self.key_norms = nnx.List([RMSNorm(C, eps=norm_eps, dtype=jnp.float32, rngs=rngs) for _ in range(n)])
+        self.query_norms = nnx.List([RMSNorm(C, eps=norm_eps, dtype=jnp.float32, rngs=rngs)
                                      for _ in range(n)])
-        self.conv_norms = nnx.List([RMSNorm(C, eps=m.norm_eps, dtype=jnp.float32, rngs=rngs)
+        self.conv_norms = nnx.List([RMSNorm(C, eps=norm_eps, dtype=jnp.float32, rngs=rngs)
                                     for _ in range(n)])
         # Engram paper: the conv is zero-initialised so the module starts as Y = U.
         self.conv = param(rngs, nnx.initializers.zeros, (e.kernel_size, n, C), ("conv", "streams", "embed"), pdt)

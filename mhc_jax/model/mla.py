@@ -17,13 +17,13 @@ chunked; masks as in mhc_jax.model.masks: causal, same document, optional window
 for queries, keys and values, so q, k and v are zero-padded to D = max(qk_nope + qk_rope, v_head_dim) and q is
 pre-scaled so that attend's 1/sqrt(D) gives MLA's scale; zero dims add nothing to q . k or to the output.
 
-Generation caches per token only the normalised latent c_KV (P = kv_lora_rank values) and the rotated k_rope
-(I = qk_rope_head_dim values), not heads x dims, and decodes by weight absorption: W_UK is absorbed into the
+Generation caches per token only the normalised latent c_KV (c = kv_lora_rank values) and the rotated k_rope
+(d = qk_rope_head_dim values), not heads x dims, and decodes by weight absorption: W_UK is absorbed into the
 query (q_nope W_UK^T scores against c_KV directly), attention averages latents, and W_UV is applied after.
 
-Shapes: B batch, T new tokens, S keys, C d_model, H heads, Y query latent, P KV latent, O non-rotary and I
-rotary query/key dims per head, v value dims per head, D query/key head dim O + I (in `_attend_full`: padded to
-max(O + I, v)).
+Shapes: B batch, T new tokens, S keys, C d_model, H heads, q query latent, c KV latent, o non-rotary and d
+rotary query/key dims per head, v value dims per head, D query/key head dim o + d (in `_attend_full`: padded to
+max(o + d, v)).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from mhc_jax.model.attention import _log_choice_once, attend, extend_cache, reso
 from mhc_jax.model.masks import visible_BTS
 from mhc_jax.sharding import constrain
 
-MLACache = dict[str, jax.Array]  # {"ckv": (B, S, P), "krope": (B, S, I), "pos": (B, S) int32, -1 = empty slot}
+MLACache = dict[str, jax.Array]  # {"ckv": (B, S, c), "krope": (B, S, d), "pos": (B, S) int32, -1 = empty slot}
 
 
 def yarn_mscale(factor: float) -> float:
@@ -57,25 +57,25 @@ def mla_softmax_scale(cfg: ModelConfig) -> float:
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, out_std: float, rngs: nnx.Rngs, window: int = 0):
         """`window`: this block's sliding window (0 = full causal), as for `Attention`."""
-        C, H, P, Y = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.q_lora_rank
-        O, I, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        C, H, c, q = cfg.d_model, cfg.n_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+        o, d, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         init = nnx.initializers.normal(cfg.init_std)
         pdt = jnp.dtype(cfg.param_dtype)
         # Low-rank query (q_lora_rank > 0): W_DQ, its RMSNorm and W_UQ; else one full-rank W_Q.
-        lowrank = bool(Y)
-        self.wdq_Cq = nnx.data(param(rngs, init, (C, Y), ("embed", "q_lora"), pdt) if lowrank else None)
-        self.q_norm = nnx.data(RMSNorm(Y, eps=cfg.norm_eps, dtype=dtype, rngs=rngs) if lowrank else None)
-        self.wuq_qHD = nnx.data(param(rngs, init, (Y, H, O + I), ("q_lora", "heads", "head_dim"), pdt)
+        lowrank = bool(q)
+        self.wdq_Cq = nnx.data(param(rngs, init, (C, q), ("embed", "q_lora"), pdt) if lowrank else None)
+        self.q_norm = nnx.data(RMSNorm(q, eps=cfg.norm_eps, dtype=dtype, rngs=rngs) if lowrank else None)
+        self.wuq_qHD = nnx.data(param(rngs, init, (q, H, o + d), ("q_lora", "heads", "head_dim"), pdt)
                                 if lowrank else None)
-        self.wq_CHD = nnx.data(None if lowrank else param(rngs, init, (C, H, O + I), ("embed", "heads", "head_dim"),
+        self.wq_CHD = nnx.data(None if lowrank else param(rngs, init, (C, H, o + d), ("embed", "heads", "head_dim"),
                                                           pdt))
-        self.wdkv_Cc = param(rngs, init, (C, P), ("embed", "kv_lora"), pdt)
-        self.kv_norm = RMSNorm(P, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
-        self.wkr_Cd = param(rngs, init, (C, I), ("embed", "head_dim"), pdt)
-        self.wuk_cHo = param(rngs, init, (P, H, O), ("kv_lora", "heads", "head_dim"), pdt)
-        self.wuv_cHv = param(rngs, init, (P, H, v), ("kv_lora", "heads", "head_dim"), pdt)
+        self.wdkv_Cc = param(rngs, init, (C, c), ("embed", "kv_lora"), pdt)
+        self.kv_norm = RMSNorm(c, eps=cfg.norm_eps, dtype=dtype, rngs=rngs)
+        self.wkr_Cd = param(rngs, init, (C, d), ("embed", "head_dim"), pdt)
+        self.wuk_cHo = param(rngs, init, (c, H, o), ("kv_lora", "heads", "head_dim"), pdt)
+        self.wuv_cHv = param(rngs, init, (c, H, v), ("kv_lora", "heads", "head_dim"), pdt)
         self.wo_HvC = param(rngs, nnx.initializers.normal(out_std), (H, v, C), ("heads", "head_dim", "embed"), pdt)
-        self.nope_dim, self.rope_dim, self.v_dim = O, I, v
+        self.nope_dim, self.rope_dim, self.v_dim = o, d, v
         self.scale = mla_softmax_scale(cfg)
         self.rope_theta = cfg.rope_theta
         self.window = window
@@ -126,7 +126,7 @@ class MLA(nnx.Module):
         q_BTHD = jnp.concatenate([q_nope_BTHo, q_rope_BTHd], axis=-1)
         k_BTHD = jnp.concatenate([k_nope_BTHo, krope_BTHd], axis=-1)
         D = max(q_BTHD.shape[-1], self.v_dim)
-        # attend scales by 1/sqrt(D): pre-scale q so the product is MLA's scale (mscale^2 / sqrt(O + I)).
+        # attend scales by 1/sqrt(D): pre-scale q so the product is MLA's scale (mscale^2 / sqrt(o + d)).
         q_BTHD = (q_BTHD * (self.scale * math.sqrt(D))).astype(dt)
         pad = lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, D - a.shape[-1])))  # noqa: E731
         platform = target_platform()

@@ -25,9 +25,9 @@ def attention_param_count(m: ModelConfig) -> int:
     if m.attention == "gqa":
         K, D = m.n_kv_heads, m.resolved_head_dim
         return C * H * D + 2 * C * K * D + H * D * C
-    Y, P, O, I, v = m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
-    query = C * Y + Y + Y * H * (O + I) if Y else C * H * (O + I)  # W_DQ + norm + W_UQ, or W_Q
-    return query + C * P + P + C * I + P * H * O + P * H * v + H * v * C  # W_DKV + norm, W_KR, W_UK, W_UV, W_O
+    q, c, o, d, v = m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    query = C * q + q + q * H * (o + d) if q else C * H * (o + d)  # W_DQ + norm + W_UQ, or W_Q
+    return query + C * c + c + C * d + c * H * o + c * H * v + H * v * C  # W_DKV + norm, W_KR, W_UK, W_UV, W_O
 
 
 def is_moe_block(m: ModelConfig, index: int) -> bool:
@@ -64,12 +64,12 @@ def _count(cfg: Config, active: bool) -> int:
     blocks = sum(block_param_count(m, i, active) for i in range(m.n_layers))
     head = V * C  # the untied head, or the tied embedding used as the head
     embed = 0 if (active or m.tie_embeddings) else V * C  # the lookup table alone is not multiplied
-    total = embed + head + blocks + C + residual_param_count(cfg) + mtp_param_count(m, active)
+    total = embed + head + blocks + C + residual_param_count(cfg.residual, C, m.n_layers) + mtp_param_count(m, active)
     if cfg.engram.enabled:
         for layer in cfg.engram.layers:
-            total += engram_param_count(cfg, layer)
+            total += engram_param_count(cfg.engram, layer, C, cfg.n_streams)
             if active:
-                total -= table_rows(cfg, layer) * cfg.engram.head_dim
+                total -= table_rows(cfg.engram, layer) * cfg.engram.head_dim
     return total
 
 

@@ -50,11 +50,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if is_moe_block(cfg, index)
                     else MLP(m, dtype=dtype, out_std=out_std, rngs=rngs))
-        self.attn_res = make_residual(cfg, 2 * index, rngs=rngs)
-        self.mlp_res = make_residual(cfg, 2 * index + 1, rngs=rngs)
+        self.attn_res = make_residual(cfg.residual, m.d_model, 2 * index, norm_eps=m.norm_eps, rngs=rngs)
+        self.mlp_res = make_residual(cfg.residual, m.d_model, 2 * index + 1, norm_eps=m.norm_eps, rngs=rngs)
         engram = None
         if cfg.engram.enabled and index in cfg.engram.layers:
-            engram = Engram(cfg, layer_id=index, rngs=rngs)
+            engram = Engram(cfg.engram, index, d_model=m.d_model, n_streams=cfg.n_streams, n_layers=m.n_layers,
+                            init_std=m.init_std, norm_eps=m.norm_eps, dtype=m.dtype, param_dtype=m.param_dtype,
+                            rngs=rngs)
         self.engram = nnx.data(engram)
 
     def __call__(self, x_BTnC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
@@ -213,7 +215,7 @@ class Transformer(nnx.Module):
                                     for g in block_groups(cfg)])
         else:
             self.blocks = nnx.List([Block(cfg, i, rngs=rngs, window=windows[i]) for i in range(m.n_layers)])
-        self.collapse = make_collapse(cfg, rngs=rngs)
+        self.collapse = make_collapse(cfg.residual, m.d_model, norm_eps=m.norm_eps, rngs=rngs)
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=self.dtype, rngs=rngs)
         self.head_CV = nnx.data(None if m.tie_embeddings else param(
             rngs, nnx.initializers.normal(m.init_std), (m.d_model, V), ("embed", "vocab"), jnp.dtype(m.param_dtype)))

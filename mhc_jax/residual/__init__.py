@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax.config import Config, ResidualConfig
+from mhc_jax.config import ResidualConfig
 from mhc_jax.residual.base import Branch, StreamConnection  # noqa: F401 (re-exported)
 from mhc_jax.residual.collapse import LearnedCollapse, collapse_param_count
 from mhc_jax.residual.hc import HyperConnection, hc_flops, hc_param_count
@@ -50,10 +50,10 @@ def residual_kind(name: str) -> ResidualKind:
     return RESIDUAL_KINDS[name]
 
 
-def make_residual(cfg: Config, sublayer_index: int, *, rngs: nnx.Rngs) -> nnx.Module:
+def make_residual(r: ResidualConfig, d_model: int, sublayer_index: int, *, norm_eps: float,
+                  rngs: nnx.Rngs) -> nnx.Module:
     """The connection around sublayer `sublayer_index` (attention of block b is 2b, its MLP 2b + 1)."""
-    return residual_kind(cfg.residual.kind).connection(cfg.residual, cfg.model.d_model, sublayer_index,
-                                                       norm_eps=cfg.model.norm_eps, rngs=rngs)
+    return residual_kind(r.kind).connection(r, d_model, sublayer_index, norm_eps=norm_eps, rngs=rngs)
 
 
 def expand(x_BTC: jax.Array, n_streams: int) -> jax.Array:
@@ -61,21 +61,20 @@ def expand(x_BTC: jax.Array, n_streams: int) -> jax.Array:
     return jnp.broadcast_to(x_BTC[:, :, None, :], (*x_BTC.shape[:2], n_streams, x_BTC.shape[-1]))
 
 
-def learned_collapse(cfg: Config) -> bool:
+def learned_collapse(r: ResidualConfig) -> bool:
     """Whether the streams end in DeepSeek-V4's learned head (else a sum; one stream is always a sum)."""
-    return cfg.residual.collapse == "learned" and cfg.n_streams > 1
+    return r.collapse == "learned" and r.kind != "plain" and r.n_streams > 1  # plain: one stream
 
 
-def make_collapse(cfg: Config, *, rngs: nnx.Rngs) -> nnx.Module:
+def make_collapse(r: ResidualConfig, d_model: int, *, norm_eps: float, rngs: nnx.Rngs) -> nnx.Module:
     """(B, T, n, C) -> (B, T, C) before the final norm: a sum of the streams, or DeepSeek-V4's learned head."""
-    if not learned_collapse(cfg):
+    if not learned_collapse(r):
         return SumCollapse()
-    return LearnedCollapse(cfg.residual, cfg.model.d_model, norm_eps=cfg.model.norm_eps, rngs=rngs)
+    return LearnedCollapse(r, d_model, norm_eps=norm_eps, rngs=rngs)
 
 
-def residual_param_count(cfg: Config) -> int:
+def residual_param_count(r: ResidualConfig, d_model: int, n_layers: int) -> int:
     """Closed-form parameter count of all connections plus the collapse head (for tests and FLOPs)."""
-    r, C = cfg.residual, cfg.model.d_model
-    per = residual_kind(r.kind).param_count(r, C)
-    head = collapse_param_count(r, C) if learned_collapse(cfg) else 0
-    return 2 * cfg.model.n_layers * per + head
+    per = residual_kind(r.kind).param_count(r, d_model)
+    head = collapse_param_count(r, d_model) if learned_collapse(r) else 0
+    return 2 * n_layers * per + head

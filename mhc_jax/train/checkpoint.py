@@ -3,7 +3,8 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a partially written
 checkpoint is never listed. Every checkpoint also carries a checksum of every array (computed on the
-devices, see `tree_checksums`) and of its data-iterator state; restore recomputes and compares them, so
+devices, see `tree_checksums`; the sparse Engram host tables' on the host, `host_tree_checksums`) and of its
+data-iterator state; restore recomputes and compares them, so
 flipped bytes are caught, not trained on. A checkpoint that is listed but unreadable or fails its checksums
 is skipped in favour of the previous one with one warning; with `heal=True` (the trainer) it is first moved
 aside to `<directory>_unreadable/<step>-<UTC time>` (renamed, never deleted), so the run can save that step
@@ -85,6 +86,41 @@ def tree_checksums(tree: Any) -> dict[str, str]:
             for path, s in jax.tree_util.tree_flatten_with_path(sums)[0]}
 
 
+_HOST_CHUNK = 1 << 22  # words per numpy pass: a 2.5 GB table is checksummed with ~50 MB of temporaries
+
+
+def _host_words(x: np.ndarray) -> np.ndarray:
+    """`_words` in numpy, flattened: 64-bit types as two words each in memory order (as the bitcast)."""
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.bool_:
+        return x.reshape(-1).astype(np.uint32)
+    if x.dtype.itemsize < 4:
+        return x.reshape(-1).view(np.dtype(f"uint{8 * x.dtype.itemsize}")).astype(np.uint32)
+    return x.reshape(-1).view(np.uint32)
+
+
+def _host_array_checksum(x: np.ndarray) -> tuple[int, int]:
+    """`_array_checksum` of a host (numpy) array, on the host CPU in chunks: uint32 arithmetic wraps in
+    numpy as in XLA, so the two sums are the same numbers."""
+    u = _host_words(x)
+    s1 = s2 = np.uint32(0)
+    with np.errstate(over="ignore"):
+        for start in range(0, u.size, _HOST_CHUNK):
+            w = u[start:start + _HOST_CHUNK]
+            idx = np.arange(start, start + w.size, dtype=np.uint64).astype(np.uint32)  # wraps like the iota
+            s1 = s1 + np.sum(w * (np.uint32(2) * idx + np.uint32(1)), dtype=np.uint32)
+            mixed = (w ^ (w >> np.uint32(16))) * np.uint32(0x45D9F3B)
+            s2 = s2 + np.sum(mixed * ((idx * np.uint32(0x9E3779B1)) | np.uint32(1)), dtype=np.uint32)
+    return int(s1), int(s2)
+
+
+def host_tree_checksums(tree: Any) -> dict[str, str]:
+    """`tree_checksums` of a numpy tree kept in host RAM (sparse Engram tables and row moments), computed
+    on the host without copying the tables to a device."""
+    return {jax.tree_util.keystr(path): "%08x%08x" % _host_array_checksum(np.asarray(x))
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _json_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -117,6 +153,7 @@ class Checkpointer:
         self.skipped: list[dict[str, Any]] = []
         self._bytes = 0  # size of the last saved state (for the full-disk message)
         self._in_flight: int | None = None  # step of an async save not yet known to be committed
+        self.host_state: Any = None  # the verified host item of the last `restore(..., host_target=...)`
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=cfg.async_save,
                                                cleanup_tmp_directories=not read_only)
@@ -136,6 +173,8 @@ class Checkpointer:
              force: bool = False, host_state: Any = None) -> bool:
         """`host_state`: a numpy tree kept in host RAM (sparse Engram tables and moments), item HOST_ITEM."""
         meta = dict(meta or {}, checksums=tree_checksums(state))
+        if host_state is not None:
+            meta["host_checksums"] = host_tree_checksums(host_state)
         if data_state is not None:
             meta["data_digest"] = _json_digest(data_state)
         meta["meta_digest"] = _json_digest(meta)
@@ -202,18 +241,22 @@ class Checkpointer:
         return meta
 
     def restore(self, abstract_state: Any, step: int | None = None,
-                check_meta: Callable[[dict], None] | None = None) -> tuple[Any, dict | None, dict, int]:
+                check_meta: Callable[[dict], None] | None = None,
+                host_target: Any = None) -> tuple[Any, dict | None, dict, int]:
         """Restores `step`, or the newest readable step (unreadable newer ones are skipped, and moved
         aside with heal=True). `check_meta(meta)` runs before any array is read and may raise (e.g. a
-        ConfigError when the run's model differs); such errors are not damage and propagate."""
+        ConfigError when the run's model differs); such errors are not damage and propagate.
+        `host_target`: the host item's numpy tree (sparse Engram tables), restored and verified with the
+        step (a damaged one makes the step unreadable like damaged state) into `self.host_state`."""
         self.skipped = []
+        self.host_state = None
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
                 raise CheckpointError(f"checkpoint step {step} does not exist in {self.directory}; "
                                       f"it holds steps {steps or 'none'}")
             try:
-                return self._restore_step(abstract_state, step, check_meta)
+                return self._restore_step(abstract_state, step, check_meta, host_target)
             except MhcJaxError:
                 raise
             except Exception as err:  # noqa: BLE001 - any failure to read it is reported as unreadable
@@ -223,7 +266,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         for s in reversed(steps):
             try:
-                return self._restore_step(abstract_state, s, check_meta)
+                return self._restore_step(abstract_state, s, check_meta, host_target)
             except MhcJaxError:
                 raise
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous
@@ -238,19 +281,41 @@ class Checkpointer:
                               + "; ".join(f"step {d['step']}: {d['reason']}" for d in self.skipped))
 
     def restore_host_state(self, target: Any, step: int) -> Any:
-        """The HOST_ITEM of `step` as numpy arrays shaped like `target` (raises CheckpointError if absent)."""
+        """The HOST_ITEM of `step` as numpy arrays shaped like `target`, verified against the step's
+        checksums (CheckpointError if absent or damaged)."""
+        self._check_has_host_item(step)
+        try:
+            return self._read_host_state(target, step, self.read_meta(step))
+        except MhcJaxError:
+            raise
+        except Exception as err:  # noqa: BLE001 - damaged or unreadable: reported like `restore(step=...)`
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable: "
+                                  f"{_reason(err)}") from err
+
+    def _check_has_host_item(self, step: int) -> None:
         if "://" not in self.directory and not os.path.isdir(os.path.join(self.directory, str(step), HOST_ITEM)):
             raise CheckpointError(f"checkpoint {self.directory}/{step} holds no {HOST_ITEM!r} (sparse Engram "
                                   "tables): it was written with engram.update=dense")
+
+    def _read_host_state(self, target: Any, step: int, meta: dict) -> Any:
         out = self.manager.restore(step, args=ocp.args.Composite(  # numpy leaves restore as numpy
             **{HOST_ITEM: ocp.args.StandardRestore(target)}))
-        return jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else np.asarray(x), out[HOST_ITEM])
+        host = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else np.asarray(x), out[HOST_ITEM])
+        want = meta.get("host_checksums")
+        if want is not None:  # written before host checksums existed: trusted as it is
+            got = host_tree_checksums(host)
+            bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+            if bad:
+                raise _Damaged(f"checksum mismatch in {len(bad)} of {len(want)} {HOST_ITEM} arrays (e.g. {bad[0]})")
+        return host
 
-    def _restore_step(self, abstract_state: Any, step: int,
-                      check_meta: Callable[[dict], None] | None) -> tuple[Any, dict | None, dict, int]:
+    def _restore_step(self, abstract_state: Any, step: int, check_meta: Callable[[dict], None] | None,
+                      host_target: Any = None) -> tuple[Any, dict | None, dict, int]:
         meta = self.read_meta(step)
         if check_meta is not None:
             check_meta(meta)
+        if host_target is not None:
+            self._check_has_host_item(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         has_data = os.path.isdir(os.path.join(self.directory, str(step), "data")) if "://" not in self.directory \
             else "data_digest" in meta
@@ -266,6 +331,8 @@ class Checkpointer:
                 raise _Damaged(f"checksum mismatch in {len(bad)} of {len(want)} arrays (e.g. {bad[0]})")
         if "data_digest" in meta and _json_digest(data) != meta["data_digest"]:
             raise _Damaged("its data-iterator state does not match its digest")
+        if host_target is not None:
+            self.host_state = self._read_host_state(host_target, step, meta)
         return state, data, meta, step
 
     def _move_aside(self, step: int, reason: str) -> str:

@@ -121,7 +121,7 @@ def _write_config_once(state: dict, ckpt: Checkpointer, cfg: Config, workdir: st
 
 
 def _resume(ckpt: Checkpointer, cfg: Config, workdir: str, writer: MetricsWriter, graphdef: nnx.GraphDef,
-            state: Any, shardings: Any, train_iter: Any) -> tuple[Any, int]:
+            state: Any, shardings: Any, train_iter: Any, host_target: Any = None) -> tuple[Any, int]:
     """(state, step) of the newest readable checkpoint, or (state, 0) when there is none. Steps it falls
     back over are moved aside by the Checkpointer and logged here (stdout and metrics.jsonl); a changed
     config is said in one line, or refused (`resume_changes`)."""
@@ -133,7 +133,8 @@ def _resume(ckpt: Checkpointer, cfg: Config, workdir: str, writer: MetricsWriter
         changes[:] = resume_changes(meta.get("config", {}), cfg, f"workdir {workdir!r}")
 
     try:
-        state, data_state, _, start = restore_train_state(ckpt, graphdef, state, shardings, check_meta=check)
+        state, data_state, _, start = restore_train_state(ckpt, graphdef, state, shardings, check_meta=check,
+                                                          host_target=host_target)
     finally:
         for s in ckpt.skipped:
             writer.write(s["step"], "checkpoint_fallback", s)
@@ -267,9 +268,11 @@ def restore(s: Session) -> int:
     """Loads the newest readable checkpoint (state, data-iterator position, sparse Engram tables), if any,
     falling back over unreadable steps (`_resume`); returns the step."""
     t = s.cfg.training
-    s.state, s.start = _resume(s.ckpt, s.cfg, s.workdir, s.writer, s.graphdef, s.state, s.shardings, s.train_iter)
+    host_target = None if s.tables is None else s.tables.state_dict()  # restored and verified with the step
+    s.state, s.start = _resume(s.ckpt, s.cfg, s.workdir, s.writer, s.graphdef, s.state, s.shardings, s.train_iter,
+                               host_target)
     if s.tables is not None and s.start:
-        sparse_rows.restore_tables(s.ckpt, s.tables, s.start)
+        s.tables.load_state_dict(s.ckpt.host_state)
     s.result.step = s.start
     if s.start >= t.steps:
         if s.is_main:

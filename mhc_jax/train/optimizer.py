@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -76,12 +77,50 @@ def lr_schedule(oc: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [oc.warmup_steps])
 
 
+def scale_by_fixed_form_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's scaling (`optax.scale_by_adam`'s state and maths) in a form whose float32 rounding does not
+    depend on the program it is compiled into, so dense tables (updated inside the whole train step) and
+    sparse rows (updated alone on the host, mhc_jax.engram.host_tables) get bitwise the same update:
+
+        m <- m + (1 - b1) (g - m),   v <- v + (1 - b2) (g^2 - v),   u = (m c1) / (sqrt(v c2) + eps),
+        c1 = 1 / (1 - b1^t), c2 = 1 / (1 - b2^t).
+
+    optax writes b1 m + (1 - b1) g: two products into one sum, so LLVM's multiply-add contraction may fuse
+    either product, and which one varies with the surrounding code; here each sum has one product. optax
+    divides by the broadcast bias corrections, which XLA rewrites by context (a multiply by the reciprocal
+    in one program, one division by a product in another); here they are multiplies by scalars. Equal to
+    optax's Adam up to float rounding."""
+
+    def init(params: Any) -> optax.ScaleByAdamState:
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params),
+                                      nu=optax.tree.zeros_like(params))
+
+    def update(updates: Any, state: optax.ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        mu = jax.tree.map(lambda g, m: m + (1 - b1) * (g - m), updates, state.mu)
+        nu = jax.tree.map(lambda g, v: v + (1 - b2) * (g * g - v), updates, state.nu)
+        count = optax.safe_increment(state.count)
+        t = count.astype(jnp.float32)
+        c1, c2 = 1.0 / (1.0 - b1 ** t), 1.0 / (1.0 - b2 ** t)
+        updates = jax.tree.map(lambda m, v: (m * c1.astype(m.dtype)) / (jnp.sqrt(v * c2.astype(v.dtype)) + eps),
+                               mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def adamw(oc: OptimizerConfig, lr: optax.ScalarOrSchedule, weight_decay: float) -> optax.GradientTransformation:
+    """`optax.adamw` (same chain, same state tree) with the fixed-form Adam scaling above, for every group:
+    then the whole update, not only the tables', is bitwise the same whichever program it is compiled
+    into (dense and sparse Engram runs take the same steps, bit for bit)."""
+    return optax.chain(scale_by_fixed_form_adam(oc.b1, oc.b2, oc.eps), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(lr))
+
+
 def engram_adam(cfg: Config) -> optax.GradientTransformation:
     """The Engram tables' optimiser: Adam, engram.lr_multiplier x the schedule, no weight decay."""
-    oc = cfg.optimizer
-    schedule = lr_schedule(oc, cfg.training.steps)
-    return optax.adamw(lambda s: schedule(s) * cfg.engram.lr_multiplier, b1=oc.b1, b2=oc.b2, eps=oc.eps,
-                       weight_decay=0.0)
+    schedule = lr_schedule(cfg.optimizer, cfg.training.steps)
+    return adamw(cfg.optimizer, lambda s: schedule(s) * cfg.engram.lr_multiplier, 0.0)
 
 
 def make_tx(cfg: Config, params: Any) -> optax.GradientTransformation:
@@ -89,9 +128,9 @@ def make_tx(cfg: Config, params: Any) -> optax.GradientTransformation:
     `params` (nnx.state(model, nnx.Param)) decides each parameter's group."""
     oc = cfg.optimizer
     schedule = lr_schedule(oc, cfg.training.steps)
-    adamw = lambda lr, wd: optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=wd)
     groups = optax.multi_transform(
-        {"decay": adamw(schedule, oc.weight_decay), "no_decay": adamw(schedule, 0.0), "engram": engram_adam(cfg)},
+        {"decay": adamw(oc, schedule, oc.weight_decay), "no_decay": adamw(oc, schedule, 0.0),
+         "engram": engram_adam(cfg)},
         labeller(group_table(params)))
     # Sparse Engram tables: the step clips parameters and table rows by one global norm (step.clip_with_rows).
     chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm > 0 and not cfg.engram.sparse else []

@@ -25,7 +25,7 @@ def host_tables(cfg: Config, initialise: bool = True) -> HostTables:
     if jax.process_count() > 1:
         raise ConfigError(f"engram.update=sparse runs on one process for now ({jax.process_count()} here; the "
                           "multi-host plan is in the README's Engram section); use engram.update=dense")
-    return HostTables(cfg, engram_adam(cfg), initialise=initialise)
+    return HostTables(cfg.engram, engram_adam(cfg), seed=cfg.training.seed, initialise=initialise)
 
 
 def _to_device(mesh: Mesh):

@@ -52,11 +52,13 @@ def init_train_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, Any, Any]:
 
 
 def restore_train_state(ckpt: Checkpointer, graphdef: nnx.GraphDef, state: Any, shardings: Any,
-                        step: int | None = None, check_meta: Any = None) -> tuple[Any, dict | None, dict, int]:
+                        step: int | None = None, check_meta: Any = None,
+                        host_target: Any = None) -> tuple[Any, dict | None, dict, int]:
     """Restores into the structure of `state` on `shardings` (which may be another mesh than the saved one);
-    `check_meta(meta)` vets the checkpoint's metadata (e.g. its config) before any array is read."""
+    `check_meta(meta)` vets the checkpoint's metadata (e.g. its config) before any array is read.
+    `host_target`: sparse Engram tables' numpy tree, restored and verified with the step (`ckpt.host_state`)."""
     target = abstract_like(nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
-    pure, data_state, meta, step = ckpt.restore(target, step, check_meta)
+    pure, data_state, meta, step = ckpt.restore(target, step, check_meta, host_target)
     restored = jax.tree.map(lambda x: x, state)  # a structural copy to fill in
     nnx.replace_by_pure_dict(restored, pure)
     return restored, data_state, meta, step
