@@ -21,6 +21,7 @@ import pytest
 
 from mhc_jax import distributed
 from mhc_jax.config import ConfigError, load_config
+from mhc_jax.data.pipeline import tokenized
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import read_metrics
 
@@ -92,7 +93,9 @@ def _train_cmd(workdir) -> list[str]:
 def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_path, capsys):
     t0 = time.time()
     # Reference: this process, 8 devices, the same config and mesh (it also builds the dataset once).
+    before = tokenized()["tokens"]
     reference = run(load_config("tiny", ARGS), str(tmp_path / "reference"), progress=False)
+    ref_tokens = tokenized()["tokens"] - before
     ref_losses = _losses(tmp_path / "reference")
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
 
@@ -121,9 +124,14 @@ def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_
     assert sorted(evals) == [4, 8]
     assert evals[8] == pytest.approx(reference.eval["loss"], abs=1e-5)
     # The end-of-run sample: the same text on every process, and the single-process text.
-    digests = [re.search(rf"process (\d): finished at step {STEPS}, sample digest (\w+)", o).groups() for o in outs]
+    digests = [re.search(rf"process (\d): finished at step {STEPS}, sample digest (\w+), tokenized \d+ "
+                         r"documents \((\d+) tokens\)", o).groups() for o in outs]
     assert sorted(d[0] for d in digests) == ["0", "1"]
     assert {d[1] for d in digests} == {hashlib.sha256(reference.sample.encode()).hexdigest()[:16]}
+    # Each process read and packed only its rows: the resumed run (steps 5..8, one eval) is about half of
+    # the reference's data work, split between the two processes (a whole-batch host would do ~1/2 alone).
+    shares = [int(d[2]) / ref_tokens for d in digests]
+    assert all(0.1 < x < 0.4 for x in shares) and sum(shares) < 0.75, (shares, ref_tokens)
     assert reference.sample in outs[0] and "--- sample" not in outs[1]
 
     # evaluate and generate, multi-process, against the same CLIs on this single process.
