@@ -66,7 +66,7 @@ class ModelConfig:
     attention_impl: Literal["auto", "xla", "chunked", "cudnn", "splash"] = "auto"
     attention_block: int = 512  # chunked / splash: query and key block length (splash: a multiple of 128)
     # Runs of identical blocks as one lax.scan over stacked parameters (compile time flat in depth); see README "Scan over layers".
-    scan_layers: bool = False
+    scan_layers: bool = True
 
     @property
     def resolved_head_dim(self) -> int:
