@@ -1,6 +1,7 @@
 """TPU ahead-of-time compile time of the 27B train step at 12 / 30 / 60 layers, scanned vs unrolled.
 
     python benchmarks/scan_compile.py [--quick] [--topology v4:2x2x2] [--width 256] [--unrolled-max 30]
+                                      [--set data.seq_len=512 ...]
 
 Compiles `mhc_jax.train.step.make_sharded_step` for `configs/paper/mhc_27b.yaml` (d_model 2560, mHC n = 4,
 remat full, bf16) on a small TPU topology from this CPU host (libtpu, no TPU), with a per-device batch
@@ -10,7 +11,8 @@ per layer, so its compile time should be flat in depth. Times are lower + compil
 the ratios (unrolled / scanned at the same depth, and scanned 60 / scanned 12) are the result.
 `--quick` compiles 12 and 30 layers only. `--width D` shrinks the model's width only (d_model D, 4 heads of
 D / 4, d_ff 3D; depth, sequence, vocabulary, mHC and remat as in the file) so a loaded CPU host finishes;
-`--unrolled-max N` compiles the unrolled program only up to N layers (the scanned one at every depth).
+`--unrolled-max N` compiles the unrolled program only up to N layers (the scanned one at every depth);
+`--set KEY=VALUE` adds any other override (recorded in the JSON).
 A warm-up compile (2 layers, not recorded) comes first so libtpu's start-up is in no row.
 Writes benchmarks/results/scan_compile.json.
 """
@@ -48,11 +50,13 @@ def main() -> None:
     p.add_argument("--topology", default="v4:2x2x2")
     p.add_argument("--width", type=int, default=0, help="d_model override (0 = the config's width)")
     p.add_argument("--unrolled-max", type=int, default=60, help="deepest unrolled program compiled")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="further config overrides, recorded in the JSON (e.g. data.seq_len=512)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scan_compile.json"))
     args = p.parse_args()
     devices = list(tpu_topology(args.topology).devices)
     depths = (12, 30) if args.quick else (12, 30, 60)
-    extra = width_overrides(args.width)
+    extra = width_overrides(args.width) + args.set
     compile_seconds(2, True, devices, extra)  # warm-up: libtpu and JAX start-up costs land in no row
     rows: list[dict] = []
     for layers in depths:

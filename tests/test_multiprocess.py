@@ -49,7 +49,10 @@ def _free_port() -> int:
 def _env(cache_dir: str = "") -> dict[str, str]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if cache_dir:  # the persistent compilation cache: the resumed run and the CLIs reuse the programs
+    # The persistent compilation cache: the resumed run and the CLIs reuse the programs. One directory per
+    # process: a CPU executable with gloo collectives compiled by one process, loaded by the other, left the
+    # processes creating their gloo contexts out of step (a 30 s key-value timeout at the first collective).
+    if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     for name in ("MHC_JAX_COORDINATOR", "MHC_JAX_NUM_PROCESSES", "MHC_JAX_PROCESS_ID", "MHC_JAX_DISTRIBUTED"):
         env.pop(name, None)
@@ -65,7 +68,7 @@ def _spawn(cmd: list[str], out_dir, tag: str) -> list[tuple[subprocess.Popen, st
         launch = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(N_PROCESSES), "--process-id", str(i)]
         with open(log_path, "w") as log:
             procs.append((subprocess.Popen(cmd + launch, stdout=log, stderr=subprocess.STDOUT,
-                                           env=_env(os.path.join(out_dir, "jax-cache")),
+                                           env=_env(os.path.join(out_dir, f"jax-cache-{i}")),
                                            cwd=REPO_ROOT), log_path))
     return procs
 
