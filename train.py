@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from mhc_jax.data.pipeline import tokenized
     from mhc_jax.train.loop import run
 
     result = run(cfg, workdir, progress=not args.no_progress)
@@ -47,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Every process ran the whole program, the sample included; a digest shows that they all agree.
     digest = hashlib.sha256(result.sample.encode()).hexdigest()[:16]
+    work = tokenized()  # this process's share of the data: it reads and packs only its rows
+    done = (f"finished at step {result.step}, sample digest {digest}, tokenized {work['documents']} documents "
+            f"({work['tokens']} tokens)")
     if not is_main_process():
-        print(f"process {jax.process_index()}: finished at step {result.step}, sample digest {digest}")
+        print(f"process {jax.process_index()}: {done}")
         return 0
     print()
     print(f"finished at step {result.step}: train loss {result.train_loss:.4f}", end="")
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result.sample)
         print("-" * 71)
     if jax.process_count() > 1:
-        print(f"process 0: finished at step {result.step}, sample digest {digest}")
+        print(f"process 0: {done}")
     print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}")
     print(f"metrics:     {os.path.join(workdir, 'metrics.jsonl')} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
     if result.plots:

@@ -92,7 +92,7 @@ class ModelConfig:
     mtp_depth: int = 0  # multi-token prediction modules (DeepSeek-V3 Sec. 2.2); 0 = off
     mtp_loss_weight: float = 0.3  # lambda of the MTP loss (DeepSeek-V3: 0.3, later 0.1)
     # Runs of identical blocks as one lax.scan over stacked parameters (compile time flat in depth); see README "Scan over layers".
-    scan_layers: bool = False
+    scan_layers: bool = True
 
     @property
     def resolved_head_dim(self) -> int:

@@ -32,8 +32,17 @@ def connections(model: nnx.Module) -> list[Connection]:
     return sorted(found, key=lambda c: c.sublayer_index)
 
 
+def _unrolled(model: nnx.Module) -> nnx.Module:
+    """A copy of `model` (values shared) whose blocks are plain Blocks, so each connection's mapping is
+    sown where it is computed: a scan body's sows do not escape the scan (model.scan_layers)."""
+    return model.unrolled() if hasattr(model, "unrolled") else nnx.merge(*nnx.split(model))
+
+
 @nnx.jit
 def _forward_capture(model: nnx.Module, tokens_BT: jax.Array, model_kwargs: dict[str, Any]) -> jax.Array:
+    model = _unrolled(model)  # inside the jit: the per-layer slices of stacked parameters stay in the program
+    for c in connections(model):
+        c.capture_mappings = True
     _, sown = nnx.capture(lambda m: m(tokens_BT, **model_kwargs), nnx.Intermediate)(model)
     by_path = {tuple(path[:-1]): var.get_value() for path, var in nnx.to_flat_state(sown)
                if path[-1] == "h_res"}
@@ -44,23 +53,19 @@ def _forward_capture(model: nnx.Module, tokens_BT: jax.Array, model_kwargs: dict
 def collect_h_res(model: nnx.Module, tokens_BT: jax.Array, **model_kwargs: Any) -> jax.Array:
     """The acting H_res of every sublayer on a real forward pass: (n_sublayers, B, T, n, n) float32.
 
-    Each connection sows its H_res only while `capture_mappings` is set, so training pays nothing; the
-    model's call signature is unchanged. The plain residual has H = 1: (2 * n_layers, B, T, 1, 1) ones.
+    Each connection sows its H_res only while `capture_mappings` is set (on a copy of the model made inside
+    the jitted pass, unscanned), so training pays nothing; the model's call signature is unchanged. The
+    plain residual has H = 1: (2 * n_layers, B, T, 1, 1) ones.
     """
-    conns = connections(model)
     B, T = tokens_BT.shape
-    if not conns:
-        n_plain = sum(isinstance(node, PlainResidual) for _, node in nnx.iter_graph(model))
+    if not connections(model):
+        cfg = getattr(model, "cfg", None)
+        n_plain = (2 * cfg.model.n_layers if cfg is not None
+                   else sum(isinstance(node, PlainResidual) for _, node in nnx.iter_graph(model)))
         if n_plain == 0:
             raise ValueError(f"{type(model).__name__} has no residual connections to inspect")
         return jnp.ones((n_plain, B, T, 1, 1), jnp.float32)
-    try:
-        for c in conns:
-            c.capture_mappings = True
-        return _forward_capture(model, tokens_BT, model_kwargs)  # sowing works inside nnx.remat too
-    finally:
-        for c in conns:
-            c.capture_mappings = False
+    return _forward_capture(model, tokens_BT, model_kwargs)  # sowing works inside nnx.remat too
 
 
 def _fwd_gain(m: np.ndarray) -> np.ndarray:

@@ -95,17 +95,11 @@ def _capture_maps(model: nnx.Module, tokens_BT: jax.Array, model_kwargs: dict[st
 def attention_maps(model: nnx.Module, tokens_BT: Any, **model_kwargs: Any) -> np.ndarray:
     """(L, B, H, T, T) float32 attention weights of every block and head for `tokens_BT` (model kwargs such
     as `engram_ids_BTEG` or `segment_ids_BT` pass through). Rows sum to 1; entries above the diagonal are 0."""
-    originals = [block.attn for block in model.blocks]
-    remat = model.remat
-    try:
-        for block in model.blocks:
-            block.attn = _AttentionProbe(block.attn)
-        model.remat = "none"  # nothing to save for a single forward pass
-        return np.asarray(_capture_maps(model, jnp.asarray(tokens_BT), model_kwargs))
-    finally:
-        for block, attn in zip(model.blocks, originals):
-            block.attn = attn
-        model.remat = remat
+    model = model.unrolled()  # a copy, values shared, one Block per layer (model.scan_layers stacks them)
+    for block in model.blocks:
+        block.attn = _AttentionProbe(block.attn)
+    model.remat = "none"  # nothing to save for a single forward pass
+    return np.asarray(_capture_maps(model, jnp.asarray(tokens_BT), model_kwargs))
 
 
 # --------------------------------------------------------------------------------------------------

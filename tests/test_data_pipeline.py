@@ -1,5 +1,6 @@
 """The Grain pipeline: packing invariants, the batch format, determinism, exact resume (get_state/set_state
-and Orbax), per-process slices, global arrays on a mesh, Engram ids, and bad configs."""
+and Orbax), per-process row slots (each process tokenizes only its rows), global arrays on a mesh, Engram
+ids, and bad configs."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mhc_jax.config import Config, ConfigError, MeshConfig, load_config
+from mhc_jax.errors import DataError
 from mhc_jax.data.layout import batch_spec, synthetic_batch
 from mhc_jax.data.packing import PackDocuments
 from mhc_jax.data.pipeline import (load_tokenizer, make_eval_iterator, make_train_iterator, open_split,
-                                   restore_args, save_args)
+                                   restore_args, save_args, tokenized)
 from mhc_jax.data.tokenizer import train_sentencepiece
 from mhc_jax.sharding import make_mesh
 
@@ -92,15 +94,18 @@ def test_packing_keeps_every_token_once_in_order_with_in_document_targets(
     batches = list(make_eval_iterator(cfg.replace(data={"eval_split": "train"}), num_batches=10**6))
     for batch in batches:
         check_row_invariants(batch, tok.bos_id, tok.pad_id)
-    valid = np.concatenate([b["segment_ids"].reshape(-1) > 0 for b in batches])
-    inputs = np.concatenate([b["inputs"].reshape(-1) for b in batches])[valid]
-    targets = np.concatenate([b["targets"].reshape(-1) for b in batches])[valid]
     docs = [tok.encode(source[i]) for i in range(len(source))]
-    np.testing.assert_array_equal(inputs, np.concatenate([[tok.bos_id, *d] for d in docs]))
-    np.testing.assert_array_equal(targets, np.concatenate([[*d, tok.eos_id] for d in docs]))
+    # Row slot r packs documents r, r + B, r + 2B, ... in order, one row per batch.
+    for r in range(B):
+        valid = np.concatenate([b["segment_ids"][r] > 0 for b in batches])
+        inputs = np.concatenate([b["inputs"][r] for b in batches])[valid]
+        targets = np.concatenate([b["targets"][r] for b in batches])[valid]
+        np.testing.assert_array_equal(inputs, np.concatenate([[tok.bos_id, *d] for d in docs[r::B]]))
+        np.testing.assert_array_equal(targets, np.concatenate([[*d, tok.eos_id] for d in docs[r::B]]))
+        assert tok.decode(inputs) == "".join(source[i] for i in range(r, len(source), B))
+    assert batches[-1]["loss_mask"].any(), "the iterator stops after the last batch holding a token"
     if tokenizer == "byte":
         assert sum(len(d) + 1 > T for d in docs) > 10 and sum(len(d) + 1 < T // 2 for d in docs) > 10
-    assert tok.decode(inputs) == "".join(source[i] for i in range(len(source)))
 
 
 def test_one_training_epoch_is_a_shuffled_permutation_of_the_documents(corpus: Path, tmp_path: Path) -> None:
@@ -108,13 +113,17 @@ def test_one_training_epoch_is_a_shuffled_permutation_of_the_documents(corpus: P
     tok = load_tokenizer("byte")
     source = open_split(cfg, "train")
     docs = [source[i] for i in range(len(source))]
-    n_batches = (sum(len(d.encode()) + 1 for d in docs) // (B * T)) + 2
-    stream = np.concatenate([b["inputs"].reshape(-1) for b in take(make_train_iterator(cfg), n_batches)])
-    assert (stream != tok.pad_id).all(), "training rows are always full"
-    starts = np.flatnonzero(stream == tok.bos_id)
-    seen = [tok.decode(stream[s + 1:e]) for s, e in zip(starts[:len(docs)], starts[1:len(docs) + 1])]
+    n_batches = 2 * (sum(len(d.encode()) + 1 for d in docs) // (B * T)) + 4
+    batches = take(make_train_iterator(cfg), n_batches)
+    seen = []
+    for r in range(B):  # slot r holds positions r, r + B, ... of the epoch's document order
+        stream = np.concatenate([b["inputs"][r] for b in batches])
+        assert (stream != tok.pad_id).all(), "training rows are always full"
+        starts = np.flatnonzero(stream == tok.bos_id)
+        n = len(range(r, len(docs), B))
+        seen += [tok.decode(stream[s + 1:e]) for s, e in zip(starts[:n], starts[1:n + 1])]
     assert sorted(seen) == sorted(docs)
-    assert seen != docs
+    assert seen != [d for r in range(B) for d in docs[r::B]]
 
 
 def test_same_seed_gives_the_same_batches_and_another_seed_differs(corpus: Path, tmp_path: Path) -> None:
@@ -169,16 +178,48 @@ def test_resume_from_an_orbax_checkpoint_continues_exactly(corpus: Path, tmp_pat
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
-def test_process_slices_are_disjoint_and_cover_the_global_batch(corpus: Path, tmp_path: Path,
-                                                                process_count: int) -> None:
-    cfg = make_cfg(corpus, tmp_path, "engram.enabled=true", "engram.layers=[1]")
-    whole = take(make_train_iterator(cfg, process_index=0, process_count=1), 3)
-    parts = [take(make_train_iterator(cfg, process_index=p, process_count=process_count), 3)
-             for p in range(process_count)]
+def test_each_process_tokenizes_only_its_rows_and_the_rows_cover_the_global_batch(corpus: Path, tmp_path: Path,
+                                                                                   process_count: int) -> None:
+    cfg = make_cfg(corpus, tmp_path, "engram.enabled=true", "engram.layers=[1]", "data.prefetch=0")
+
+    def run(p: int, n: int) -> tuple[list[dict], dict[str, int]]:
+        before = tokenized()
+        batches = take(make_train_iterator(cfg, process_index=p, process_count=n), 3)
+        return batches, {k: v - before[k] for k, v in tokenized().items()}
+
+    whole, whole_work = run(0, 1)
+    parts, work = zip(*(run(p, process_count) for p in range(process_count)))
     for step, batch in enumerate(whole):
         for key, value in batch.items():
             chex.assert_shape(parts[0][step][key], (B // process_count, *value.shape[1:]))
             np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), value)
+    # No process does the work of the whole batch: the processes' documents and tokens add up to it.
+    for key in ("documents", "tokens"):
+        assert sum(w[key] for w in work) == whole_work[key] > 0
+        assert all(0 < w[key] < whole_work[key] for w in work), (work, whole_work)
+
+
+def test_eval_batches_are_the_same_on_any_process_count_and_empty_after_the_split(corpus: Path,
+                                                                                   tmp_path: Path) -> None:
+    cfg = make_cfg(corpus, tmp_path, "data.prefetch=0")
+    whole = list(make_eval_iterator(cfg, num_batches=10**6))
+    limit = len(whole) + 3
+    parts = [list(make_eval_iterator(cfg, process_index=p, process_count=2, num_batches=limit)) for p in range(2)]
+    # Across processes no process knows when the others' slots run out: every one yields `limit` batches,
+    # the ones after the split empty (evaluate_model stops at the first with no token).
+    assert [len(p) for p in parts] == [limit, limit]
+    for step, batch in enumerate(whole):
+        for key, value in batch.items():
+            np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), value)
+    for p in parts:
+        assert not any(b["loss_mask"].any() for b in p[len(whole):])
+
+
+def test_resume_with_another_process_count_fails_naming_the_slots(corpus: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(corpus, tmp_path)
+    state = make_train_iterator(cfg, process_index=0, process_count=2).get_state()
+    with pytest.raises(DataError, match="2 row slots, this process runs 4"):
+        make_train_iterator(cfg).set_state(state)
 
 
 def test_batches_become_global_arrays_split_over_the_mesh_batch_axes(corpus: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,9 +20,11 @@ from mhc_jax.residual.mhc import ManifoldHyperConnection
 from references import build, randomize
 
 
-def make_cfg(kind: str, n: int = 4, **residual) -> Config:
+def make_cfg(kind: str, n: int = 4, scan: bool = False, **residual) -> Config:
+    """Unscanned unless `scan`: most tests read and set single connections' parameters."""
     return Config().replace(
-        model={"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32, "max_seq_len": 32},
+        model={"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32, "max_seq_len": 32,
+               "scan_layers": scan},
         residual={"kind": kind, "n_streams": n, **residual}, data={"seq_len": 16, "batch_size": 2})
 
 
@@ -107,6 +110,40 @@ def test_collect_h_res_orders_sublayers_attention_then_mlp():
     h = np.asarray(collect_h_res(model, TOKENS))
     for k in range(4):
         np.testing.assert_allclose(h[k], np.broadcast_to((1.0 + k) * np.eye(4), h[k].shape), atol=0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "hc", "mhc", "mhc_lite"])
+def test_a_scanned_model_gives_the_mappings_of_the_unrolled_model(kind):
+    # model.scan_layers (the default) stacks the blocks; the mappings are read per layer all the same.
+    cfg = make_cfg(kind, scan=True).replace(model={"n_layers": 3})
+    scanned = Transformer(cfg, rngs=nnx.Rngs(0))
+    unrolled = Transformer(cfg.replace(model={"scan_layers": False}), rngs=nnx.Rngs(0))
+    assert type(scanned.blocks[0]).__name__ == "BlockStack"
+    if kind != "plain":  # distinct, input-dependent mappings per layer
+        for conn in connections(unrolled):
+            randomize(conn, seed=conn.sublayer_index)
+        nnx.update(scanned, stacked_like(scanned, unrolled))
+    h_s, h_u = collect_h_res(scanned, TOKENS), collect_h_res(unrolled, TOKENS)
+    chex.assert_shape(h_s, (6, 2, 12) + h_u.shape[-2:])
+    chex.assert_trees_all_close(h_s, h_u, atol=1e-6)
+    if kind != "plain":
+        assert not any(np.allclose(h_s[k], h_s[k + 1]) for k in range(5)), "six distinct layers' mappings"
+        np.testing.assert_allclose(amax_gains(h_s)["composite_fwd"], amax_gains(h_u)["composite_fwd"], rtol=1e-6)
+
+
+def stacked_like(scanned, unrolled):
+    """The unrolled model's values in the scanned model's layout (stack each layer's variables)."""
+    from mhc_jax.model.transformer import block_groups
+    pure_s, pure_u = nnx.to_pure_dict(nnx.state(scanned)), nnx.to_pure_dict(nnx.state(unrolled))
+    for g, idx in enumerate(block_groups(scanned.cfg)):
+        if "layers" in pure_s["blocks"][g]:
+            pure_s["blocks"][g]["layers"] = jax.tree.map(lambda *a: jnp.stack(a),
+                                                         *[pure_u["blocks"][i] for i in idx])
+        else:
+            pure_s["blocks"][g] = pure_u["blocks"][idx[0]]
+    state = nnx.state(scanned)
+    nnx.replace_by_pure_dict(state, pure_s)
+    return state
 
 
 def test_capture_through_rematerialised_blocks_equals_capture_without_remat():

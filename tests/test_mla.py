@@ -144,7 +144,7 @@ def test_cache_holds_only_the_latent_and_the_rope_key_per_token():
 
 
 def test_scanned_mla_model_equals_the_unrolled_one():
-    cfg_u, unrolled = _model(["model.n_layers=3"])
+    cfg_u, unrolled = _model(["model.n_layers=3", "model.scan_layers=false"])
     scanned = Transformer(load_config("tiny", MLA_TINY + ["model.n_layers=3", "model.scan_layers=true"]),
                           rngs=nnx.Rngs(0))
     assert count_params(scanned) == count_params(unrolled)

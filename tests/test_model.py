@@ -77,16 +77,7 @@ def test_logit_at_t_has_zero_gradient_wrt_later_embeddings(overrides):
 
 def _forward_from_embeddings(model, emb_BTC):
     """The model's forward pass starting from given token embeddings (for gradient checks)."""
-    from mhc_jax.residual import expand
-    B, T, _ = emb_BTC.shape
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    seg = jnp.ones((B, T), jnp.int32)
-    x = expand(emb_BTC, model.n_streams)
-    for block in model.blocks:
-        x, _ = block(x, pos, seg, None, None)
-    h = model.final_norm(model.collapse(x))
-    head = model.embed_VC[...].T if model.head_CV is None else model.head_CV[...]
-    return h @ head
+    return model(jnp.zeros(emb_BTC.shape[:2], jnp.int32), embeds_BTC=emb_BTC)
 
 
 def test_packed_document_logits_equal_the_document_alone():

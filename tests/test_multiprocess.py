@@ -21,6 +21,7 @@ import pytest
 
 from mhc_jax import distributed
 from mhc_jax.config import ConfigError, load_config
+from mhc_jax.data.pipeline import tokenized
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import read_metrics
 
@@ -48,7 +49,10 @@ def _free_port() -> int:
 def _env(cache_dir: str = "") -> dict[str, str]:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if cache_dir:  # the persistent compilation cache: the resumed run and the CLIs reuse the programs
+    # The persistent compilation cache: the resumed run and the CLIs reuse the programs. One directory per
+    # process: a CPU executable with gloo collectives compiled by one process, loaded by the other, left the
+    # processes creating their gloo contexts out of step (a 30 s key-value timeout at the first collective).
+    if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     for name in ("MHC_JAX_COORDINATOR", "MHC_JAX_NUM_PROCESSES", "MHC_JAX_PROCESS_ID", "MHC_JAX_DISTRIBUTED"):
         env.pop(name, None)
@@ -64,7 +68,7 @@ def _spawn(cmd: list[str], out_dir, tag: str) -> list[tuple[subprocess.Popen, st
         launch = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(N_PROCESSES), "--process-id", str(i)]
         with open(log_path, "w") as log:
             procs.append((subprocess.Popen(cmd + launch, stdout=log, stderr=subprocess.STDOUT,
-                                           env=_env(os.path.join(out_dir, "jax-cache")),
+                                           env=_env(os.path.join(out_dir, f"jax-cache-{i}")),
                                            cwd=REPO_ROOT), log_path))
     return procs
 
@@ -92,7 +96,9 @@ def _train_cmd(workdir) -> list[str]:
 def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_path, capsys):
     t0 = time.time()
     # Reference: this process, 8 devices, the same config and mesh (it also builds the dataset once).
+    before = tokenized()["tokens"]
     reference = run(load_config("tiny", ARGS), str(tmp_path / "reference"), progress=False)
+    ref_tokens = tokenized()["tokens"] - before
     ref_losses = _losses(tmp_path / "reference")
     assert sorted(ref_losses) == list(range(1, STEPS + 1))
 
@@ -121,9 +127,15 @@ def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_
     assert sorted(evals) == [4, 8]
     assert evals[8] == pytest.approx(reference.eval["loss"], abs=1e-5)
     # The end-of-run sample: the same text on every process, and the single-process text.
-    digests = [re.search(rf"process (\d): finished at step {STEPS}, sample digest (\w+)", o).groups() for o in outs]
+    digests = [re.search(rf"process (\d): finished at step {STEPS}, sample digest (\w+), tokenized \d+ "
+                         r"documents \((\d+) tokens\)", o).groups() for o in outs]
     assert sorted(d[0] for d in digests) == ["0", "1"]
     assert {d[1] for d in digests} == {hashlib.sha256(reference.sample.encode()).hexdigest()[:16]}
+    # Each process tokenized data (its own rows), each less than the whole reference run. Not an exact
+    # split: a restored packer re-tokenizes its document in flight, and this corpus's documents are long
+    # (whole modules), so shares vary; tests/test_data_pipeline.py checks the exact per-process split.
+    shares = [int(d[2]) / ref_tokens for d in digests]
+    assert all(0 < x < 1 for x in shares), (shares, ref_tokens)
     assert reference.sample in outs[0] and "--- sample" not in outs[1]
 
     # evaluate and generate, multi-process, against the same CLIs on this single process.

@@ -25,7 +25,7 @@ CONFIGS = {
     "gqa-mtp1-hc": ["model.mtp_depth=1", "residual.kind=hc"],
     "mla-mhc_lite-learned-collapse": MLA + ["residual.kind=mhc_lite", "residual.collapse=learned"],
     "mla-engram-mhc": MLA + ENGRAM + ["residual.kind=mhc"],
-    "mla-scan": MLA + ["model.n_layers=3", "model.scan_layers=true"],
+    "mla-unscanned": MLA + ["model.n_layers=3", "model.scan_layers=false"],
 }
 MOE_CONFIGS = {
     "moe-gqa": MOE,

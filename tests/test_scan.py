@@ -106,5 +106,10 @@ def test_cached_generation_of_a_scanned_model_equals_the_unrolled_model():
 
 def test_resuming_a_workdir_of_the_other_layout_fails_naming_scan_layers(tmp_path):
     from mhc_jax.train.loop import resume_changes
-    with pytest.raises(ConfigError, match="scan_layers"):  # the config stored in the checkpoint vs. this run's
-        resume_changes(to_dict(_cfg(False)), _cfg(True), f"workdir {str(tmp_path)!r}")
+    for saved, now in ((False, True), (True, False)):  # the config stored in the checkpoint vs. this run's
+        with pytest.raises(ConfigError) as err:
+            resume_changes(to_dict(_cfg(saved)), _cfg(now), f"workdir {str(tmp_path)!r}")
+        message = str(err.value)
+        saved_name, now_name = ("unscanned", "scanned") if not saved else ("scanned", "unscanned")
+        assert f"checkpoint in the {saved_name} (" in message and f"builds the {now_name} (" in message
+        assert f"resume with model.scan_layers={str(saved).lower()}" in message

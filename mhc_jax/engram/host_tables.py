@@ -200,7 +200,8 @@ class HostTables:
 def host_tables_from_model(e: EngramConfig, model: Any, tx: optax.GradientTransformation) -> HostTables:
     """HostTables holding the tables of a model with dense Engram tables (tests, conversions)."""
     tables = HostTables(e, tx, initialise=False)
-    engrams = [block.engram for block in model.blocks if block.engram is not None]
+    # Engram blocks are never stacked (model.scan_layers), so each is one of model.blocks.
+    engrams = [block.engram for block in model.blocks if getattr(block, "engram", None) is not None]
     for i, engram in enumerate(engrams):
         tables.tables[i][...] = np.asarray(jax.device_get(engram.table[...]), np.float32)
     return tables

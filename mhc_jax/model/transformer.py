@@ -160,6 +160,27 @@ class BlockStack(nnx.Module):
         return x_BTnC
 
 
+def unstacked_state(cfg: Config, state: nnx.State) -> nnx.State:
+    """The state of a model built with `cfg` (model.scan_layers on) in the unscanned layout: each stacked
+    `blocks/<group>/layers/...` variable sliced into `blocks/<i>/...` per layer, single blocks renumbered.
+    Works on concrete and traced values (slicing a stacked array is what the scan does anyway)."""
+    groups = block_groups(cfg)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if not path or path[0] != "blocks":
+            flat.append((path, var))
+            continue
+        g, rest = int(path[1]), path[2:]
+        if rest[:1] == ("layers",):
+            axes = var.get_metadata().get("axes")
+            for j, i in enumerate(groups[g]):
+                flat.append((("blocks", i, *rest[1:]),
+                             var.replace(var.get_value()[j], **({} if axes is None else {"axes": axes[1:]}))))
+        else:
+            flat.append((("blocks", groups[g][0], *rest), var))
+    return nnx.from_flat_state(flat)
+
+
 class MTPModule(nnx.Module):
     """One multi-token prediction module (DeepSeek-V3 Sec. 2.2, Eq. 21-23): h'_k = M_k [RMSNorm(h_{k-1});
     RMSNorm(Emb(t_{i+k}))] (the 2C -> C projection M_k kept as its two C x C halves, M_k [a; b] = a W_h + b W_e),
@@ -252,6 +273,18 @@ class Transformer(nnx.Module):
         return [b for group in self.blocks
                 for b in ([group.layer(j) for j in range(len(group.indices))] if isinstance(group, BlockStack)
                           else [group])]
+
+    def unrolled(self) -> "Transformer":
+        """A new module holding this model's values with every block a plain `Block` (the unscanned
+        layout): what diagnostics and interpretability read per layer. Call it inside a jitted function
+        on a large model (slices of the stacked parameters are then not materialised eagerly)."""
+        cfg = self.cfg.replace(model={"scan_layers": False})
+        with nnx.use_eager_sharding(False):
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+        state = nnx.state(self)
+        model = nnx.merge(graphdef, unstacked_state(self.cfg, state) if self.cfg.model.scan_layers else state)
+        model.remat = self.remat
+        return model
 
     def init_cache(self, batch: int, max_len: int) -> list[LayerCache]:
         caches = []

@@ -138,6 +138,29 @@ class _Damaged(Exception):
 # --------------------------------------------------------------------------------------------------
 
 
+def _all_processes(data_state: dict) -> dict:
+    """Every process's data-iterator state (each reads its own rows of the batch, so they differ), gathered
+    in process order: the JSON item is written once, by the primary process. One process: unchanged."""
+    if jax.process_count() == 1:
+        return data_state
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(data_state, sort_keys=True).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return {"process_states": [json.loads(bytes(rows[i, :n])) for i, n in enumerate(sizes)]}
+
+
+def _this_process(data: dict | None) -> dict | None:
+    """This process's entry of a state saved by `_all_processes` (a state of another process count is
+    returned whole: the iterator refuses it and the caller says the data order restarts)."""
+    if isinstance(data, dict) and "process_states" in data and len(data["process_states"]) == jax.process_count():
+        return data["process_states"][jax.process_index()]
+    return data
+
+
 class Checkpointer:
     """`save(step, state, data_state, meta)` / `restore(abstract_state) -> (state, data_state, meta, step)`.
 
@@ -176,6 +199,7 @@ class Checkpointer:
         if host_state is not None:
             meta["host_checksums"] = host_tree_checksums(host_state)
         if data_state is not None:
+            data_state = _all_processes(data_state)
             meta["data_digest"] = _json_digest(data_state)
         meta["meta_digest"] = _json_digest(meta)
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
@@ -333,7 +357,7 @@ class Checkpointer:
             raise _Damaged("its data-iterator state does not match its digest")
         if host_target is not None:
             self.host_state = self._read_host_state(host_target, step, meta)
-        return state, data, meta, step
+        return state, _this_process(data), meta, step
 
     def _move_aside(self, step: int, reason: str) -> str:
         """Renames the step directory to <directory>_unreadable/<step>-<UTC time>; returns the new path."""

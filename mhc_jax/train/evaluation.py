@@ -31,13 +31,16 @@ def eval_sums(model: nnx.Module, batch: Batch, byte_lengths_V: jax.Array) -> tup
 
 
 def evaluate_model(model: nnx.Module, batches: Any, n_batches: int, byte_lengths: np.ndarray) -> dict[str, float]:
-    """Mean token loss (nats), perplexity and bits per byte over `n_batches` batches of `batches`."""
+    """Mean token loss (nats), perplexity and bits per byte over `n_batches` batches of `batches` (fewer
+    when a batch holds no token: the split has run out)."""
     lengths_V = replicated(np.asarray(byte_lengths, np.int32))
     loss_sum, tokens, n_bytes, seen = 0.0, 0.0, 0, 0
     for batch in batches:
         if seen == n_batches:
             break
         s, c, b = jax.device_get(eval_sums(model, batch, lengths_V))
+        if c == 0:  # every row slot of the split has run out (a multi-process pipeline pads to the limit)
+            break
         loss_sum, tokens, n_bytes = loss_sum + float(s), tokens + float(c), n_bytes + int(b)
         seen += 1
     if tokens == 0:

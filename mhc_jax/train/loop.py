@@ -84,6 +84,11 @@ _QUIET_KEYS = ("training.log_every", "training.eval_every", "training.eval_batch
                "data.prefetch", "data.read_threads", "data.eval_split")
 
 
+_LAYOUTS = {True: "scanned (model.scan_layers=true: each run of identical blocks stacked under "
+                  "blocks/<group>/layers/... with a leading layer axis)",
+            False: "unscanned (model.scan_layers=false: one parameter set per block under blocks/<i>/...)"}
+
+
 def resume_changes(saved: dict, cfg: Config, where: str) -> list[str]:
     """Checks the config stored in a checkpoint (`saved`) against the resuming `cfg`: raises ConfigError
     where resuming cannot work (another model or dataset); returns the other changed keys as
@@ -92,6 +97,11 @@ def resume_changes(saved: dict, cfg: Config, where: str) -> list[str]:
     for section in _SHAPE_SECTIONS:
         old = saved.get(section, {})
         diff = {k: (old.get(k), now[section][k]) for k in now[section] if old.get(k) != now[section][k]}
+        if section == "model" and "scan_layers" in diff:
+            saved_scan = bool(diff["scan_layers"][0])
+            raise ConfigError(f"{where} holds a checkpoint in the {_LAYOUTS[saved_scan]} layout, and this run "
+                              f"builds the {_LAYOUTS[not saved_scan]} layout; resume with "
+                              f"model.scan_layers={str(saved_scan).lower()} (the layouts hold the same values)")
         if diff:
             raise ConfigError(f"{where} holds a run whose {section} config differs from this one "
                               f"(saved vs. now: {diff}); use a new --workdir or the saved config")
@@ -347,9 +357,6 @@ def diagnose(s: Session, step: int, batch: dict[str, jax.Array]) -> None:
         out.update(sparse_rows.stats(s.rows) if s.rows is not None else sparse_rows.dense_hit_stats(s.cfg, batch))
         s.writer.write(step, "diagnostics", out)
     if s.cfg.residual.kind == "plain":
-        return
-    if s.cfg.model.scan_layers:  # the mappings are sown per connection; a scan body's sows do not escape
-        log.warning("training.diagnostics_every needs model.scan_layers=false; skipping the Amax gains")
         return
     rows, T = batch_ways(s.mesh), min(_DIAG_TOKENS, batch["inputs"].shape[1])  # causal: a prefix is exact
     part = {k: v[:rows, :T] for k, v in batch.items() if k != "engram_rows"}
