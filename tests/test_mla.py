@@ -22,7 +22,7 @@ from references import decode_in_steps, randomize
 
 MLA_TINY = ["model.attention=mla", "model.d_model=32", "model.n_heads=4", "model.kv_lora_rank=16",
             "model.qk_rope_head_dim=8", "model.qk_nope_head_dim=12", "model.v_head_dim=10", "model.max_seq_len=32",
-            "data.seq_len=16"]
+            "data.seq_len=16", "model.scan_layers=false"]  # per-block layout; the scanned case sets it back
 
 
 def _mla(overrides=(), window=0, seed=0):

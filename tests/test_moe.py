@@ -39,7 +39,7 @@ GRADS = nnx.jit(lambda model, batch: _loss_and_grads(model, batch, 1))
 def moe_cfg(**model) -> Config:
     base = {"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32, "max_seq_len": 16,
             "vocab_pad_multiple": 8, "dtype": "float32", "ffn": "moe", "n_routed_experts": 8,
-            "experts_per_token": 2, "moe_d_ff": 8, "n_shared_experts": 1}
+            "experts_per_token": 2, "moe_d_ff": 8, "n_shared_experts": 1, "scan_layers": False}
     return Config().replace(model={**base, **model}, data={"seq_len": 16, "batch_size": 8})
 
 

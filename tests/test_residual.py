@@ -29,7 +29,7 @@ NORM_EPS = 1e-6
 def make_cfg(kind: str = "mhc", n: int = 4, **residual) -> Config:
     return Config().replace(
         model={"d_model": C, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32, "max_seq_len": 32,
-               "norm_eps": NORM_EPS},
+               "norm_eps": NORM_EPS, "scan_layers": False},  # per-block layout (test_scan: scanned == unrolled)
         residual={"kind": kind, "n_streams": n, **residual}, data={"seq_len": 16, "batch_size": 2})
 
 

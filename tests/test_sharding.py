@@ -36,7 +36,7 @@ def make_cfg(kind: str = "plain", engram: bool = False, **mesh) -> Config:
     # Every sharded dimension divides 8: d_model 32, 8 heads, d_ff 64, vocab padded to 264.
     return Config().replace(
         model={"d_model": 32, "n_layers": 2, "n_heads": 8, "n_kv_heads": 8, "d_ff": 64, "max_seq_len": T,
-               "vocab_pad_multiple": 8, "dtype": "float32"},
+               "vocab_pad_multiple": 8, "dtype": "float32", "scan_layers": False},  # per-block layout (tests/test_scan.py: scanned == unrolled)
         residual={"kind": kind, "n_streams": 4},
         engram={"enabled": engram, "layers": [1], "max_ngram": 3, "heads_per_ngram": 2, "head_dim": 4,
                 "table_size": 61, "row_pad_multiple": 8},
