@@ -58,7 +58,7 @@ def active_flops_per_token(cfg: Config) -> float:
         return model_flops_per_token(cfg)
     width = (m.n_shared_experts + m.experts_per_token) * m.moe_d_ff
     dense = model_flops_per_token(cfg.replace(model={"ffn": "dense", "d_ff": width}))
-    return dense + 3.0 * 2.0 * m.d_model * m.n_routed_experts * len(moe_blocks(cfg))
+    return dense + 3.0 * 2.0 * m.d_model * m.n_routed_experts * len(moe_blocks(cfg.model))
 
 
 def step_times(args, peak: float) -> dict:

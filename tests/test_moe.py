@@ -420,3 +420,28 @@ def test_expert_parallel_training_on_two_processes_equals_one_process(tmp_path):
         load_model_from_workdir(str(tmp_path / w))[1], RouterBias))]) for w in ("reference", "multi")]
     np.testing.assert_array_equal(biases[0], biases[1])
     assert np.abs(biases[0]).max() > 0
+
+
+@pytest.mark.parametrize("kind", ["plain", "hc", "mhc", "mhc_lite"])
+def test_moe_with_every_residual_kind_and_engram_routes_every_token_and_trains_its_experts(kind):
+    cfg = moe_cfg(n_layers=3, first_dense_layers=1).replace(
+        residual={"kind": kind, "n_streams": 4},
+        engram={"enabled": True, "layers": [1], "max_ngram": 3, "heads_per_ngram": 2, "head_dim": 4,
+                "table_size": 61, "row_pad_multiple": 8})
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
+    loss, (grads, _), _, _, stats = GRADS(model, batch)
+    # At init the loss is close to uniform over the vocabulary.
+    assert abs(float(loss) - np.log(cfg.model.vocab_size)) < 0.5, float(loss)
+    # Dropless: each MoE block (blocks 1 and 2) routes every position of the batch to exactly k experts.
+    B, T, k = cfg.data.batch_size, cfg.data.seq_len, cfg.model.experts_per_token
+    chex.assert_shape(stats["load_LI"], (2, cfg.model.n_routed_experts))
+    np.testing.assert_array_equal(np.asarray(stats["load_LI"]).sum(-1), [B * T * k] * 2)
+    flat = {jax.tree_util.keystr(p): np.asarray(g)
+            for p, g in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads))}
+    assert all(np.isfinite(g).all() for g in flat.values())
+    # The MoE blocks' router, shared-expert and routed-expert weights all get a gradient.
+    moe_grads = {k: g for k, g in flat.items() if "['mlp']" in k and not k.startswith("['blocks'][0]")}
+    assert moe_grads, sorted(flat)
+    for name, g in moe_grads.items():
+        assert np.any(g), name

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -306,15 +305,14 @@ def update_router_bias(model: nnx.Module, load_LI: jax.Array, rate: float) -> ja
     return jnp.concatenate([b.reshape(-1, load_LI.shape[1]) for b in new])
 
 
-def is_moe_block(cfg: Any, index: int) -> bool:
+def is_moe_block(m: ModelConfig, index: int) -> bool:
     """Whether block `index` has DeepSeekMoE as its feed-forward (every block after the dense leading ones;
     also blocks past n_layers, e.g. multi-token-prediction modules)."""
-    return cfg.model.ffn == "moe" and index >= cfg.model.first_dense_layers
+    return m.ffn == "moe" and index >= m.first_dense_layers
 
 
-def moe_blocks(cfg: Any) -> list[int]:
+def moe_blocks(m: ModelConfig) -> list[int]:
     """Indices of the MoE blocks in the order `moe_stats` lists them: the main stack, then the blocks of any
     multi-token-prediction modules (n_layers + depth)."""
-    m = cfg.model
     indices = list(range(m.n_layers)) + [m.n_layers + k for k in range(1, m.mtp_depth + 1)]
-    return [i for i in indices if is_moe_block(cfg, i)]
+    return [i for i in indices if is_moe_block(m, i)]

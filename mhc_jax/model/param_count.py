@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from mhc_jax.config import Config, ModelConfig
 from mhc_jax.engram.layer import engram_param_count, table_rows
+from mhc_jax.model.moe import is_moe_block
 from mhc_jax.residual import residual_param_count
 
 
@@ -28,11 +29,6 @@ def attention_param_count(m: ModelConfig) -> int:
     q, c, o, d, v = m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     query = C * q + q + q * H * (o + d) if q else C * H * (o + d)  # W_DQ + norm + W_UQ, or W_Q
     return query + C * c + c + C * d + c * H * o + c * H * v + H * v * C  # W_DKV + norm, W_KR, W_UK, W_UV, W_O
-
-
-def is_moe_block(m: ModelConfig, index: int) -> bool:
-    """Whether block `index` (MTP modules: index >= n_layers) has a DeepSeekMoE FFN."""
-    return m.ffn == "moe" and index >= m.first_dense_layers
 
 
 def ffn_param_count(m: ModelConfig, index: int, active: bool = False) -> int:

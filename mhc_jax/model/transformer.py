@@ -48,7 +48,7 @@ class Block(nnx.Module):
         attention = MLA if m.attention == "mla" else Attention
         self.attn = attention(m, dtype=dtype, out_std=out_std, rngs=rngs, window=window)
         self.mlp_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if is_moe_block(cfg, index)
+        self.mlp = (MoE(m, dtype=dtype, out_std=out_std, rngs=rngs) if is_moe_block(m, index)
                     else MLP(m, dtype=dtype, out_std=out_std, rngs=rngs))
         self.attn_res = make_residual(cfg.residual, m.d_model, 2 * index, norm_eps=m.norm_eps, rngs=rngs)
         self.mlp_res = make_residual(cfg.residual, m.d_model, 2 * index + 1, norm_eps=m.norm_eps, rngs=rngs)
@@ -107,7 +107,7 @@ def block_key(cfg: Config, index: int) -> tuple | None:
     if cfg.engram.enabled and index in cfg.engram.layers:
         return None
     m = cfg.model  # blocks with another attention window compile to another program
-    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], is_moe_block(cfg, index))
+    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], is_moe_block(m, index))
 
 
 def block_groups(cfg: Config) -> list[tuple[int, ...]]:

@@ -320,7 +320,7 @@ def log_metrics(s: Session) -> None:
         row = {"loss": m["loss"], "grad_norm": m["grad_norm"], "lr": float(s.schedule(step)),
                "tokens_per_s": tokens_per_s, "step_time": step_time,
                "mfu": s.flops_per_token * tokens_per_s / (s.peak * jax.device_count()),
-               "nonfinite": bool(m["nonfinite"]), **moe_metrics(m, moe_blocks(s.cfg))}
+               "nonfinite": bool(m["nonfinite"]), **moe_metrics(m, moe_blocks(s.cfg.model))}
         if "mtp_loss" in m:  # multi-token prediction (model.mtp_depth > 0)
             row["mtp_loss"] = m["mtp_loss"]
         s.writer.write(step + 1, "train", row)
