@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax.config import Config, ConfigError
+from mhc_jax.config import Config
 from mhc_jax.engram.layer import Engram
 from mhc_jax.model.attention import Attention, KVCache, init_kv_cache
 from mhc_jax.model.masks import layer_windows

@@ -28,13 +28,20 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+def _masked_nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT) * mask_BT)
+
+
+def _main_loss_sum_and_count(logits_BTV: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    mask_BT = batch["loss_mask"].astype(jnp.float32)
+    return _masked_nll_sum(logits_BTV, batch["targets"], mask_BT), jnp.sum(mask_BT)
+
+
 def loss_sum_and_count(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Sum of token cross-entropies over the loss mask, and the number of tokens counted."""
     logits_BTV = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
                        engram_ids_BTEG=batch.get("engram_ids"), engram_rows_EUW=batch.get("engram_rows"))
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    mask_BT = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll_BT * mask_BT), jnp.sum(mask_BT)
+    return _main_loss_sum_and_count(logits_BTV, batch)
 
 
 def mtp_loss_sum(mtp_logits: list[jax.Array], batch: Batch) -> jax.Array:
@@ -47,8 +54,7 @@ def mtp_loss_sum(mtp_logits: list[jax.Array], batch: Batch) -> jax.Array:
         targets_BT = shift_left(batch["targets"], k)
         same_doc_BT = shift_left(batch["segment_ids"], k, fill=-1) == batch["segment_ids"]
         mask_BT = shift_left(batch["loss_mask"].astype(jnp.float32), k) * same_doc_BT
-        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-        total = total + jnp.sum(nll_BT * mask_BT)
+        total = total + _masked_nll_sum(logits_BTV, targets_BT, mask_BT)
     return total / max(len(mtp_logits), 1)
 
 
@@ -63,10 +69,8 @@ def objective_terms(model: nnx.Module, batch: Batch) -> tuple[jax.Array, tuple[j
     logits_BTV, mtp_logits = model.with_mtp(
         batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
         engram_ids_BTEG=batch.get("engram_ids"), engram_rows_EUW=batch.get("engram_rows"))
-    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    mask_BT = batch["loss_mask"].astype(jnp.float32)
-    loss_sum, mtp_sum = jnp.sum(nll_BT * mask_BT), mtp_loss_sum(mtp_logits, batch)
-    return loss_sum + m.mtp_loss_weight * mtp_sum, (jnp.sum(mask_BT), loss_sum, mtp_sum)
+    (loss_sum, count), mtp_sum = _main_loss_sum_and_count(logits_BTV, batch), mtp_loss_sum(mtp_logits, batch)
+    return loss_sum + m.mtp_loss_weight * mtp_sum, (count, loss_sum, mtp_sum)
 
 
 def with_balance_loss(model: nnx.Module, objective: jax.Array, count: jax.Array) -> tuple[jax.Array, dict]:
