@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import read_metrics
 
 from conftest import REPO_ROOT
+from multiprocess_harness import env as process_env, spawn, wait
 
-N_PROCESSES, LOCAL_DEVICES = 2, 4
 # The tiny config on the embedded corpus (no file beside the checkout), a mixed (data=2, fsdp=4) mesh,
 # eval and checkpoints every 4 of 8 steps.
 STEPS = 8
@@ -38,54 +37,6 @@ ARGS = ["data.batch_size=8", "data.corpus_max_mb=1", "mesh.data=2", "mesh.fsdp=4
 
 def _losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(str(workdir), "train")}  # later rows win (resumed runs)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(cache_dir: str = "") -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # The persistent compilation cache: the resumed run and the CLIs reuse the programs. One directory per
-    # process: a CPU executable with gloo collectives compiled by one process, loaded by the other, left the
-    # processes creating their gloo contexts out of step (a 30 s key-value timeout at the first collective).
-    if cache_dir:
-        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    for name in ("MHC_JAX_COORDINATOR", "MHC_JAX_NUM_PROCESSES", "MHC_JAX_PROCESS_ID", "MHC_JAX_DISTRIBUTED"):
-        env.pop(name, None)
-    return env
-
-
-def _spawn(cmd: list[str], out_dir, tag: str) -> list[tuple[subprocess.Popen, str]]:
-    """Starts `cmd` on N_PROCESSES processes joined at a fresh localhost port; stdout+stderr to files."""
-    port = _free_port()
-    procs = []
-    for i in range(N_PROCESSES):
-        log_path = os.path.join(out_dir, f"{tag}.{i}.log")
-        launch = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(N_PROCESSES), "--process-id", str(i)]
-        with open(log_path, "w") as log:
-            procs.append((subprocess.Popen(cmd + launch, stdout=log, stderr=subprocess.STDOUT,
-                                           env=_env(os.path.join(out_dir, f"jax-cache-{i}")),
-                                           cwd=REPO_ROOT), log_path))
-    return procs
-
-
-def _wait(procs, timeout: float = 900) -> list[str]:
-    outs = []
-    for proc, log_path in procs:
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p, _ in procs:
-                p.kill()
-            raise
-        with open(log_path) as f:
-            outs.append(f.read())
-        assert proc.returncode == 0, f"{log_path} exited {proc.returncode}:\n{outs[-1][-4000:]}"
-    return outs
 
 
 def _train_cmd(workdir) -> list[str]:
@@ -104,7 +55,7 @@ def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_
 
     # Two processes; SIGKILL both once step 4's checkpoint is complete and steps beyond it ran.
     workdir = tmp_path / "multi"
-    procs = _spawn(_train_cmd(workdir), str(tmp_path), "train-killed")
+    procs = spawn(_train_cmd(workdir), str(tmp_path), "train-killed")
     deadline = time.time() + 900  # generous: a loaded 2-core machine compiles slowly
     while not ((workdir / "checkpoints" / "4").is_dir() and os.path.exists(workdir / "metrics.jsonl")
                and max(_losses(workdir), default=0) >= 5):
@@ -117,7 +68,7 @@ def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_
         p.wait()
     assert max(_losses(workdir)) < STEPS, "the run finished before it could be killed"
 
-    outs = _wait(_spawn(_train_cmd(workdir), str(tmp_path), "train-resumed"))
+    outs = wait(spawn(_train_cmd(workdir), str(tmp_path), "train-resumed"))
     assert "resumed from" in outs[0] and "resumed from" not in outs[1]  # process 0 alone prints
     losses = _losses(workdir)
     assert sorted(losses) == sorted(ref_losses)
@@ -139,12 +90,12 @@ def test_two_processes_train_kill_resume_evaluate_generate_like_one_process(tmp_
     assert reference.sample in outs[0] and "--- sample" not in outs[1]
 
     # evaluate and generate, multi-process, against the same CLIs on this single process.
-    outs = _wait(_spawn([sys.executable, "-m", "mhc_jax.evaluate", "--workdir", str(workdir), "--json",
+    outs = wait(spawn([sys.executable, "-m", "mhc_jax.evaluate", "--workdir", str(workdir), "--json",
                          str(tmp_path / "eval.json")], str(tmp_path), "evaluate"))
     assert "eval loss" in outs[0] and "eval loss" not in outs[1]
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(reference.eval["loss"], abs=1e-5)
     gen = ["--prompt", "def ", "--max-new-tokens", "16", "--temperature", "0.8", "--top-k", "40", "--seed", "3"]
-    outs = _wait(_spawn([sys.executable, "-m", "mhc_jax.generate", "--workdir", str(workdir), *gen],
+    outs = wait(spawn([sys.executable, "-m", "mhc_jax.generate", "--workdir", str(workdir), *gen],
                         str(tmp_path), "generate"))
     from mhc_jax.generate import main as generate_main
     capsys.readouterr()
@@ -202,7 +153,7 @@ def test_bad_launch_flags_fail_naming_the_value(clean_env, argv, message):
 def test_train_py_reports_a_bad_launch_flag_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train.py"), "--workdir", str(tmp_path),
                           "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "5"],
-                         capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=120)
+                         capture_output=True, text=True, env=process_env(), cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 2 and "--process-id=5 is not allowed" in out.stderr
 
 
