@@ -46,8 +46,11 @@ def _line_normalize(m: list[list[jax.Array]], columns: bool, eps: float) -> list
     return out
 
 
-def _kernel(x_ref, o_ref, *, n: int, num_iters: int, eps: float, softmax_start: bool):
-    rows = [x_ref[k:k + 1, :].astype(jnp.float32) for k in range(n * n)]  # (1, block) each
+def sinkhorn_vectors(rows: list[jax.Array], n: int, num_iters: int, eps: float,
+                     softmax_start: bool) -> list[jax.Array]:
+    """The iteration of `mhc_jax.sinkhorn` on n^2 same-shaped arrays (entry (i, j) of every token's logits
+    is rows[i * n + j]), inside a kernel: float32 in, float32 out, every line sum n - 1 elementwise adds.
+    Shared by this module's kernel and the fused mHC coefficient kernel (mhc_jax.residual.mhc_pallas)."""
     mx = rows[0]
     for r in rows[1:]:
         mx = jnp.maximum(mx, r)
@@ -63,7 +66,12 @@ def _kernel(x_ref, o_ref, *, n: int, num_iters: int, eps: float, softmax_start: 
         mm = _line_normalize(_line_normalize(mm, True, eps), False, eps)  # columns, then rows (Eq. 9)
         return tuple(v for row in mm for v in row)
 
-    flat = jax.lax.fori_loop(0, num_iters, body, tuple(v for row in m for v in row))
+    return list(jax.lax.fori_loop(0, num_iters, body, tuple(v for row in m for v in row)))
+
+
+def _kernel(x_ref, o_ref, *, n: int, num_iters: int, eps: float, softmax_start: bool):
+    rows = [x_ref[k:k + 1, :].astype(jnp.float32) for k in range(n * n)]  # (1, block) each
+    flat = sinkhorn_vectors(rows, n, num_iters, eps, softmax_start)
     for k in range(n * n):
         o_ref[k:k + 1, :] = flat[k]
 

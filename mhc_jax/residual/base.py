@@ -58,6 +58,8 @@ def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: 
     return res_post_mix(x_BTnC, y_BTC, h_post, h_res, transposed)
 
 
+_XLA_MIXING = (pre_mix, res_post_mix)  # what apply_mappings computes; residual.impl=pallas swaps in kernels
+
 # Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
 # inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
 # the per-token coefficients (n^2 + 2n floats) and the sublayer output, never the float32 intermediates.
@@ -84,10 +86,14 @@ class StreamConnection(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
+        if self.residual.impl == "pallas":  # the mixing as kernels (mhc_jax.residual.mhc_pallas)
+            from mhc_jax.residual.mhc_pallas import pre_mix_pallas as pre_mix, res_post_mix_pallas as res_post_mix
+        else:
+            pre_mix, res_post_mix = _XLA_MIXING
         if not self.residual.recompute:
             h_pre, h_post, h_res = self.mappings(x_BTnC)
             self._capture(h_res)
-            return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
+            return res_post_mix(x_BTnC, branch(pre_mix(x_BTnC, h_pre)), h_post, h_res, self.transposed)
         # A pure function of the connection's state (not nnx.remat of the bound method), so the connection
         # also runs inside plain JAX transforms of a model built outside them (e.g. interpret's jax.grad).
         graphdef, state = nnx.split(self)

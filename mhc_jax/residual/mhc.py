@@ -98,6 +98,13 @@ class ManifoldHyperConnection(StreamConnection):
         """(h_pre (..., n), h_post (..., n), h_res (..., n, n)) in float32, ablations applied."""
         if x_BTnC.shape[-2] != self.n:
             raise ValueError(f"mHC connection expects {self.n} streams, got shape {x_BTnC.shape}")
+        r = self.residual
+        if r.impl == "pallas":  # projection, gates and Sinkhorn in one kernel (mhc_jax.residual.mhc_pallas)
+            from mhc_jax.residual.mhc_pallas import mhc_coefficients
+            eps = (r.sinkhorn_eps or V4_EPS) if self.transposed else r.sinkhorn_eps
+            return ablate(r, *mhc_coefficients(x_BTnC, self.phi[...], self.bias[...], self.alpha_pre[...],
+                                               self.alpha_post[...], self.alpha_res[...], norm_eps=self.norm_eps,
+                                               iters=r.sinkhorn_iters, eps=eps, v4=self.transposed))
         pre, post, res = self.projections(x_BTnC)
         b = self.bias[...].astype(jnp.float32)
         h_pre = jax.nn.sigmoid(self.alpha_pre[...] * pre + b[:self.n])

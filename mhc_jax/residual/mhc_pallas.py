@@ -1,0 +1,506 @@
+"""mHC as Pallas kernels (`residual.impl: pallas`): the per-token coefficients in one kernel, and the
+stream mixing (H_pre x; H_res x + H_post^T y) in two more, each with an exact custom VJP.
+
+Coefficients (`mhc_coefficients`, mHC paper Eq. 7-9 in the kernel form of Eq. 14-16): one kernel instance
+reads a block of tokens' n-stream state once, as (tokens, nC) rows, and in on-chip memory computes
+vec(x) phi (float32 accumulation) and the sum of squares in the same pass over the row, divides by the
+RMS after the matmul, applies a * . + b, the sigmoid gates of H_pre and H_post and all Sinkhorn iterations
+of H_res (`mhc_jax.sinkhorn_pallas.sinkhorn_vectors`), and writes the n^2 + 2n coefficients per token.
+phi enters the matmul as three bfloat16 parts (hi + mid + lo, exact to ~2^-24 of float32 phi), and
+float32 streams are split the same way in the kernel, so bfloat16 matrix units give float32 accuracy. The backward stores only the inputs and differentiates the XLA computation at them
+(the projection, the gates and the unrolled Sinkhorn loop): the exact gradient of the truncated
+iteration, recomputed, as the paper's kernels do.
+
+Mixing (`pre_mix_pallas`, `res_post_mix_pallas`): one kernel instance reads a block of tokens' streams
+once, channel chunk by chunk, and writes H_pre x (resp. every new stream H_res x + H_post^T y) with
+float32 accumulation in the stream dtype. Both are linear: their backward is one more kernel each
+(dx = H^T g and dy = H_post . g elementwise, the coefficient gradients as per-token sums over channels),
+exact up to float32 rounding.
+
+Layout: streams as (N, nC) rows (tokens N = B*T; free reshapes of (B, T, n, C)), blocks of whole rows, so
+the n streams of a token are n static slices of one block; coefficients as (N, K) float32 with K the next
+power of two >= n^2 + 2n, columns [pre (n) | post (n) | res (n^2, row-major)]. Every value in a kernel has
+power-of-two dimensions (Triton's rule) and lane-aligned slices (Mosaic's).
+
+Platforms, chosen per lowering platform by `jax.lax.platform_dependent`: Triton on GPU, Mosaic on TPU
+(compiled ahead of time for a v4 megacore topology in the tests; there the coefficient tile is transposed
+so tokens lie on the 128 lanes during Sinkhorn), interpret mode on CPU (tests; not for speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from mhc_jax.residual.base import pre_mix, res_post_mix
+from mhc_jax.sinkhorn import sinkhorn_forward
+from mhc_jax.sinkhorn_pallas import sinkhorn_vectors
+
+V4_EPS = 1e-6  # DeepSeek-V4: H_pre = sigmoid + 1e-6 (mhc_jax.residual.mhc)
+
+
+def _pow2_at_least(k: int) -> int:
+    return 1 << max(k - 1, 0).bit_length()
+
+
+def _pow2_part(k: int) -> int:
+    """The largest power of two dividing k."""
+    return k & -k
+
+
+def coefficient_width(n: int) -> int:
+    """K: columns of the packed coefficients, n^2 + 2n rounded up to a power of two (32 for n = 4)."""
+    return _pow2_at_least(n * n + 2 * n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Per-platform block sizes. tokens: rows per kernel instance; chunk: columns per step of the inner
+    loop over a row; loop: a fori_loop over the chunks (lets Triton pipeline the loads) instead of a static
+    unroll; lanes: the coefficient tile is transposed so tokens lie on lanes (TPU); warps: Triton warps."""
+    coef_tokens: int
+    coef_chunk: int
+    mix_tokens: int
+    mix_chunk: int
+    loop: bool = False
+    lanes: bool = False
+    warps: int = 4
+
+
+TILINGS = {
+    "cpu": Tiling(coef_tokens=64, coef_chunk=1024, mix_tokens=64, mix_chunk=1024),
+    "tpu": Tiling(coef_tokens=128, coef_chunk=512, mix_tokens=16, mix_chunk=512, lanes=True),
+    "gpu": Tiling(coef_tokens=64, coef_chunk=64, mix_tokens=8, mix_chunk=256, loop=True, warps=4),
+}
+
+
+def _chunk(width: int, cap: int) -> int:
+    """A power-of-two chunk dividing `width`, at most `cap`."""
+    return min(_pow2_part(width), cap)
+
+
+def _column(tile: jax.Array, k: int, width: int, axis: int) -> jax.Array:
+    """Entry k of every token of a coefficient tile, summed over the lanes (or sublanes) congruent to k
+    mod `width` (a select and a reduction: portable where slicing one lane of a value is not)."""
+    idx = jax.lax.broadcasted_iota(jnp.int32, tile.shape, axis)
+    return jnp.sum(jnp.where(idx % width == k, tile, 0.0), axis=axis, keepdims=True)
+
+
+def _assemble(cols: list[jax.Array], shape: tuple[int, int], axis: int) -> jax.Array:
+    idx = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    out = jnp.zeros(shape, jnp.float32)
+    for k, c in enumerate(cols):
+        out = jnp.where(idx == k, c, out)
+    return out
+
+
+def _row_chunks(start: int, size: int, chunk: int, loop: bool, body, init):
+    """fold body(carry, lo) over the column chunks [start + i * chunk, +chunk) of a block row."""
+    steps = size // chunk
+    if loop and steps > 1:
+        return jax.lax.fori_loop(0, steps, lambda i, c: body(c, start + pl.multiple_of(i * chunk, chunk)), init)
+    for i in range(steps):
+        init = body(init, start + i * chunk)
+    return init
+
+
+# ------------------------------------------------------------------------------------------ coefficients
+
+@dataclasses.dataclass(frozen=True)
+class CoefSpec:
+    """Static arguments of the coefficient computation."""
+    n: int
+    norm_eps: float
+    iters: int
+    eps: float  # Sinkhorn eps actually used (V4: sinkhorn_eps or 1e-6)
+    v4: bool  # DeepSeek-V4: H_pre + 1e-6, softmax start, comb = transposed Sinkhorn
+
+
+def _coef_kernel(x_ref, phi_ref, sb_ref, o_ref, *, spec: CoefSpec, kw: int, chunk: int, loop: bool,
+                 lanes: bool, f32: bool):
+    n = spec.n
+    bt, nC = x_ref.shape
+    width = phi_ref.shape[1]
+
+    def body(carry, lo):
+        acc, ss = carry
+        xc = x_ref[:, pl.ds(lo, chunk)]
+        pc = phi_ref[pl.ds(lo, chunk), :]
+        x32 = xc.astype(jnp.float32)
+        if f32:  # x = hi + mid + lo in bfloat16 too: with phi's three parts every product that float32 keeps
+            hi = x32.astype(jnp.bfloat16)
+            mid = (x32 - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+            lo = (x32 - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+            parts = (hi, mid, lo)
+        else:
+            parts = (xc,)
+        for part in parts:
+            acc = acc + jnp.dot(part, pc, preferred_element_type=jnp.float32)
+        return acc, ss + x32 * x32
+
+    acc, ss = _row_chunks(0, nC, chunk, loop, body,
+                          (jnp.zeros((bt, width), jnp.float32), jnp.zeros((bt, chunk), jnp.float32)))
+    inv_r = jax.lax.rsqrt(jnp.sum(ss, axis=1, keepdims=True) / nC + spec.norm_eps)  # Eq. 15: divide after
+    z = acc * inv_r * sb_ref[0:1, :] + sb_ref[1:2, :]  # a * (v phi) / r + b, every phi part scaled alike
+    axis = 1
+    if lanes:  # TPU: tokens onto the 128 lanes, so each coefficient below is one lane-dense row
+        z, axis = z.T, 0
+    cols = [_column(z, k, kw, axis) for k in range(n * n + 2 * n)]
+    pre = [jax.nn.sigmoid(c) + (V4_EPS if spec.v4 else 0.0) for c in cols[:n]]
+    post = [2.0 * jax.nn.sigmoid(c) for c in cols[n:2 * n]]  # Eq. 8: factor 2
+    res = cols[2 * n:]
+    if spec.v4:  # comb: Sinkhorn of the transpose with the softmax start, handed back transposed
+        t = sinkhorn_vectors([res[j * n + i] for i in range(n) for j in range(n)], n, spec.iters, spec.eps, True)
+        res = [t[j * n + i] for i in range(n) for j in range(n)]
+    else:
+        res = sinkhorn_vectors(res, n, spec.iters, spec.eps, False)
+    o_ref[...] = _assemble(pre + post + res, o_ref.shape, axis)
+
+
+def _phi_parts(phi: jax.Array) -> tuple[jax.Array, int]:
+    """phi (nC, k) -> (nC, width) for the kernel's matmul: three bfloat16 parts hi + mid + lo = phi (to
+    ~2^-24 relative) side by side, each padded to the coefficient width kw, so bfloat16 matmuls (the only
+    ones Triton compiled in reasonable time on an H100; float32 ones did not finish in minutes) give the
+    float32 projection. Returns (parts, kw)."""
+    nC, k = phi.shape
+    kw = _pow2_at_least(k)
+    phi = jnp.pad(phi.astype(jnp.float32), ((0, 0), (0, kw - k)))
+    hi = phi.astype(jnp.bfloat16)
+    mid = (phi - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    lo = (phi - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+    cat = jnp.concatenate([hi, mid, lo], axis=1)
+    width = max(128, _pow2_at_least(cat.shape[1]))  # lane-dense tiles
+    return jnp.pad(cat, ((0, 0), (0, width - cat.shape[1]))), kw
+
+
+def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
+    pad = -a.shape[0] % multiple
+    return jnp.pad(a, ((0, pad), (0, 0))) if pad else a
+
+
+def _platform_call(fn, *args):
+    """fn(tiling, interpret, platform, *args) for the platform the computation is lowered for."""
+    return jax.lax.platform_dependent(
+        *args,
+        cpu=lambda *a: fn(TILINGS["cpu"], True, "cpu", *a),
+        tpu=lambda *a: fn(TILINGS["tpu"], False, "tpu", *a),
+        default=lambda *a: fn(TILINGS["gpu"], False, "gpu", *a))
+
+
+def _compiler_params(platform: str, tiling: Tiling, dims: int = 1) -> dict:
+    if platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+        return {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel",) * dims,
+                                                        vmem_limit_bytes=64 * 2**20)}
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+        return {"compiler_params": pltriton.CompilerParams(num_warps=tiling.warps, num_stages=2)}
+    return {}
+
+
+def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_NK: jax.Array, phi: jax.Array,
+                      scale: jax.Array, bias: jax.Array, *, spec: CoefSpec) -> jax.Array:
+    """The coefficient kernel on (N, nC) rows: float32 (N, K) [pre | post | res | 0]."""
+    N, nC = x_NK.shape
+    f32 = x_NK.dtype == jnp.float32
+    parts, kw = _phi_parts(phi)
+    width = parts.shape[1]
+    k = spec.n * spec.n + 2 * spec.n
+    reps = width // kw  # a and b laid over every part's columns (b on the first part only)
+    a_row = jnp.tile(jnp.pad(scale, (0, kw - k)), reps)
+    b_row = jnp.pad(bias, (0, width - k))
+    sb = jnp.zeros((8, width), jnp.float32).at[0].set(a_row).at[1].set(b_row)
+    bt = min(tiling.coef_tokens, _pow2_at_least(N)) if not tiling.lanes else tiling.coef_tokens
+    x_p = _pad_rows(x_NK, bt)  # padded tokens: zero rows, finite coefficients, dropped below
+    Np = x_p.shape[0]
+    chunk = _chunk(nC, tiling.coef_chunk)
+    kernel = functools.partial(_coef_kernel, spec=spec, kw=kw, chunk=chunk, loop=tiling.loop,
+                               lanes=tiling.lanes, f32=f32)
+    if tiling.lanes:
+        out_shape, out_spec = (kw, Np), pl.BlockSpec((kw, bt), lambda t: (0, t))
+    else:
+        out_shape, out_spec = (Np, kw), pl.BlockSpec((bt, kw), lambda t: (t, 0))
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32), grid=(Np // bt,),
+        in_specs=[pl.BlockSpec((bt, nC), lambda t: (t, 0)), pl.BlockSpec((nC, width), lambda t: (0, 0)),
+                  pl.BlockSpec((8, width), lambda t: (0, 0))],
+        out_specs=out_spec, interpret=interpret, **_compiler_params(platform, tiling))(x_p, parts, sb)
+    if tiling.lanes:
+        out = out.T
+    return out[:N]
+
+
+def _scale_bias(n: int, bias: jax.Array, a_pre, a_post, a_res) -> tuple[jax.Array, jax.Array]:
+    ones = jnp.ones((n,), jnp.float32)
+    scale = jnp.concatenate([a_pre * ones, a_post * ones, a_res * jnp.ones((n * n,), jnp.float32)])
+    return scale.astype(jnp.float32), bias.astype(jnp.float32)
+
+
+def coefficients_xla(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
+    """The same coefficients in XLA, differentiable through every Sinkhorn iteration: the backward's
+    function (and the reference the kernel is tested against)."""
+    from mhc_jax.residual.mhc import rms_projection  # mhc imports this module
+    n = spec.n
+    c = rms_projection(x_BTnC, phi, spec.norm_eps)
+    b = bias.astype(jnp.float32)
+    h_pre = jax.nn.sigmoid(a_pre * c[..., :n] + b[:n]) + (V4_EPS if spec.v4 else 0.0)
+    h_post = 2.0 * jax.nn.sigmoid(a_post * c[..., n:2 * n] + b[n:2 * n])
+    logits = (a_res * c[..., 2 * n:] + b[2 * n:]).reshape(*c.shape[:-1], n, n)
+    if spec.v4:
+        h_res = jnp.swapaxes(sinkhorn_forward(jnp.swapaxes(logits, -1, -2), spec.iters, spec.eps, False, True),
+                             -1, -2)
+    else:
+        h_res = sinkhorn_forward(logits, spec.iters, spec.eps, False, False)
+    return h_pre, h_post, h_res
+
+
+def _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
+    *lead, n, C = x_BTnC.shape
+    scale, b = _scale_bias(n, bias, a_pre, a_post, a_res)
+    h = _platform_call(functools.partial(coefficients_call, spec=spec), x_BTnC.reshape(-1, n * C),
+                       phi.astype(jnp.float32), scale, b).reshape(*lead, -1)
+    return h[..., :n], h[..., n:2 * n], h[..., 2 * n:2 * n + n * n].reshape(*lead, n, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _coefficients(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
+    return _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec)
+
+
+def _coefficients_fwd(x_BTnC, phi, bias, a_pre, a_post, a_res, spec):
+    # Residuals: the inputs only (the streams are kept anyway; the parameters are tiny).
+    return _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec), (x_BTnC, phi, bias, a_pre, a_post,
+                                                                              a_res)
+
+
+def _coefficients_bwd(spec, res, g):
+    res, g = jax.lax.optimization_barrier((res, g))  # recompute when the cotangent arrives (mhc_jax.sinkhorn)
+    _, vjp = jax.vjp(lambda *a: coefficients_xla(*a, spec), *res)
+    return vjp(g)
+
+
+_coefficients.defvjp(_coefficients_fwd, _coefficients_bwd)
+
+
+def mhc_coefficients(x_BTnC: jax.Array, phi: jax.Array, bias: jax.Array, a_pre: jax.Array, a_post: jax.Array,
+                     a_res: jax.Array, *, norm_eps: float, iters: int, eps: float, v4: bool):
+    """(h_pre (..., n), h_post (..., n), h_res (..., n, n)), float32, of mHC paper Eq. 7-9 from the streams
+    (..., n, C) in one kernel; the exact recomputing backward. h_res is the connection's native matrix
+    (DeepSeek-V4: `comb`, applied transposed). Ablations are the caller's (mhc_jax.residual.base.ablate)."""
+    spec = CoefSpec(n=x_BTnC.shape[-2], norm_eps=float(norm_eps), iters=int(iters), eps=float(eps), v4=bool(v4))
+    f32 = jnp.float32
+    return _coefficients(x_BTnC, phi, bias, jnp.asarray(a_pre, f32), jnp.asarray(a_post, f32),
+                         jnp.asarray(a_res, f32), spec)
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+
+def _pack(*cols: jax.Array) -> jax.Array:
+    """Per-token float32 coefficients (..., k_i) side by side -> (N, next power of two >= sum k_i)."""
+    flat = [c.reshape(-1, c.shape[-1]).astype(jnp.float32) if c.ndim > 1 else c for c in cols]
+    cat = jnp.concatenate(flat, axis=1)
+    return jnp.pad(cat, ((0, 0), (0, _pow2_at_least(cat.shape[1]) - cat.shape[1])))
+
+
+def _pre_kernel(x_ref, h_ref, o_ref, *, n: int, C: int, chunk: int, loop: bool):
+    h = h_ref[...]
+    hp = [_column(h, j, h.shape[1], 1) for j in range(n)]
+
+    def body(_, lo):
+        acc = hp[0] * x_ref[:, pl.ds(lo, chunk)].astype(jnp.float32)
+        for j in range(1, n):
+            acc = acc + hp[j] * x_ref[:, pl.ds(j * C + lo, chunk)].astype(jnp.float32)
+        o_ref[:, pl.ds(lo, chunk)] = acc.astype(o_ref.dtype)
+        return _
+
+    _row_chunks(0, C, chunk, loop, body, 0)
+
+
+def _res_post_kernel(x_ref, y_ref, h_ref, o_ref, *, n: int, C: int, chunk: int, loop: bool, transposed: bool):
+    h = h_ref[...]
+    hpost = [_column(h, i, h.shape[1], 1) for i in range(n)]
+    hres = [_column(h, n + k, h.shape[1], 1) for k in range(n * n)]
+
+    def body(_, lo):
+        xs = [x_ref[:, pl.ds(j * C + lo, chunk)].astype(jnp.float32) for j in range(n)]
+        y = y_ref[:, pl.ds(lo, chunk)].astype(jnp.float32)
+        for i in range(n):
+            acc = hpost[i] * y
+            for j in range(n):
+                acc = acc + hres[j * n + i if transposed else i * n + j] * xs[j]
+            o_ref[:, pl.ds(i * C + lo, chunk)] = acc.astype(o_ref.dtype)
+        return _
+
+    _row_chunks(0, C, chunk, loop, body, 0)
+
+
+def _pre_bwd_kernel(x_ref, h_ref, g_ref, dx_ref, dh_ref, *, n: int, C: int, chunk: int, loop: bool):
+    """dx_j = h_pre_j g; dh_pre_j = sum_c g x_j."""
+    h = h_ref[...]
+    hp = [_column(h, j, h.shape[1], 1) for j in range(n)]
+    bt = x_ref.shape[0]
+
+    def body(sums, lo):
+        g = g_ref[:, pl.ds(lo, chunk)].astype(jnp.float32)
+        out = []
+        for j in range(n):
+            dx_ref[:, pl.ds(j * C + lo, chunk)] = (hp[j] * g).astype(dx_ref.dtype)
+            out.append(sums[j] + g * x_ref[:, pl.ds(j * C + lo, chunk)].astype(jnp.float32))
+        return tuple(out)
+
+    sums = _row_chunks(0, C, chunk, loop, body, tuple(jnp.zeros((bt, chunk), jnp.float32) for _ in range(n)))
+    dh_ref[...] = _assemble([jnp.sum(s, axis=1, keepdims=True) for s in sums], dh_ref.shape, 1)
+
+
+def _res_post_bwd_kernel(x_ref, y_ref, h_ref, g_ref, dx_ref, dy_ref, dh_ref, *, n: int, C: int, chunk: int,
+                         loop: bool, transposed: bool):
+    """dx_j = sum_i A[i, j] g_i; dy = sum_i h_post_i g_i; dh_post_i = sum_c g_i y; dA[i, j] = sum_c g_i x_j
+    (A the acting matrix: h_res, or its transpose)."""
+    h = h_ref[...]
+    hpost = [_column(h, i, h.shape[1], 1) for i in range(n)]
+    hres = [_column(h, n + k, h.shape[1], 1) for k in range(n * n)]
+    A = lambda i, j: hres[j * n + i if transposed else i * n + j]
+    bt = x_ref.shape[0]
+
+    def body(sums, lo):
+        gs = [g_ref[:, pl.ds(i * C + lo, chunk)].astype(jnp.float32) for i in range(n)]
+        xs = [x_ref[:, pl.ds(j * C + lo, chunk)].astype(jnp.float32) for j in range(n)]
+        y = y_ref[:, pl.ds(lo, chunk)].astype(jnp.float32)
+        dy = hpost[0] * gs[0]
+        for i in range(1, n):
+            dy = dy + hpost[i] * gs[i]
+        dy_ref[:, pl.ds(lo, chunk)] = dy.astype(dy_ref.dtype)
+        for j in range(n):
+            dx = A(0, j) * gs[0]
+            for i in range(1, n):
+                dx = dx + A(i, j) * gs[i]
+            dx_ref[:, pl.ds(j * C + lo, chunk)] = dx.astype(dx_ref.dtype)
+        post = [sums[i] + gs[i] * y for i in range(n)]
+        acting = [sums[n + i * n + j] + gs[i] * xs[j] for i in range(n) for j in range(n)]
+        return tuple(post + acting)
+
+    zeros = tuple(jnp.zeros((bt, chunk), jnp.float32) for _ in range(n + n * n))
+    sums = [jnp.sum(s, axis=1, keepdims=True) for s in _row_chunks(0, C, chunk, loop, body, zeros)]
+    post, acting = sums[:n], sums[n:]
+    native = [acting[j * n + i] if transposed else acting[i * n + j] for i in range(n) for j in range(n)]
+    dh_ref[...] = _assemble(post + native, dh_ref.shape, 1)
+
+
+def _mix_call(kernel, tiling: Tiling, interpret: bool, platform: str, rows: list[jax.Array],
+              outs: list[tuple[int, jnp.dtype]], **kw) -> list[jax.Array]:
+    """pallas_call of a mixing kernel over token blocks: every input and output an (N, width) array taken
+    in (tokens, width) blocks of whole rows."""
+    N = rows[0].shape[0]
+    bt = min(tiling.mix_tokens, _pow2_at_least(N))
+    rows = [_pad_rows(r, bt) for r in rows]
+    Np = rows[0].shape[0]
+    C = kw["C"]
+    chunk = _chunk(C, tiling.mix_chunk)
+    spec = lambda w: pl.BlockSpec((bt, w), lambda t: (t, 0))
+    res = pl.pallas_call(
+        functools.partial(kernel, chunk=chunk, loop=tiling.loop, **kw),
+        out_shape=[jax.ShapeDtypeStruct((Np, w), dt) for w, dt in outs], grid=(Np // bt,),
+        in_specs=[spec(r.shape[1]) for r in rows], out_specs=[spec(w) for w, _ in outs],
+        interpret=interpret, **_compiler_params(platform, tiling))(*rows)
+    return [r[:N] for r in res]
+
+
+def _pre_fwd_call(tiling, interpret, platform, x_NK, h):
+    N, nC = x_NK.shape
+    n = h.shape[-1]
+    C = nC // n
+    return _mix_call(_pre_kernel, tiling, interpret, platform, [x_NK, _pack(h)], [(C, x_NK.dtype)], n=n, C=C)[0]
+
+
+def _res_post_fwd_call(tiling, interpret, platform, x_NK, y_NC, h_post, h_res, *, transposed):
+    n = h_post.shape[-1]
+    C = y_NC.shape[1]
+    return _mix_call(_res_post_kernel, tiling, interpret, platform, [x_NK, y_NC, _pack(h_post, h_res)],
+                     [(n * C, x_NK.dtype)], n=n, C=C, transposed=transposed)[0]
+
+
+def _pre_bwd_call(tiling, interpret, platform, x_NK, h, g_NC):
+    n = h.shape[-1]
+    C = g_NC.shape[1]
+    hp = _pack(h)
+    dx, dh = _mix_call(_pre_bwd_kernel, tiling, interpret, platform, [x_NK, hp, g_NC],
+                       [(n * C, x_NK.dtype), (hp.shape[1], jnp.float32)], n=n, C=C)
+    return dx, dh[:, :n]
+
+
+def _res_post_bwd_call(tiling, interpret, platform, x_NK, y_NC, h_post, h_res, g_NK, *, transposed):
+    n = h_post.shape[-1]
+    C = y_NC.shape[1]
+    hp = _pack(h_post, h_res)
+    dx, dy, dh = _mix_call(_res_post_bwd_kernel, tiling, interpret, platform, [x_NK, y_NC, hp, g_NK],
+                           [(n * C, x_NK.dtype), (C, y_NC.dtype), (hp.shape[1], jnp.float32)], n=n, C=C,
+                           transposed=transposed)
+    return dx, dy, dh[:, :n], dh[:, n:n + n * n]
+
+
+@jax.custom_vjp
+def _pre(x_BTnC: jax.Array, h_pre: jax.Array) -> jax.Array:
+    *lead, n, C = x_BTnC.shape
+    return _platform_call(_pre_fwd_call, x_BTnC.reshape(-1, n * C), h_pre.reshape(-1, n)).reshape(*lead, C)
+
+
+def _pre_fwd(x_BTnC, h_pre):
+    return _pre(x_BTnC, h_pre), (x_BTnC, h_pre)
+
+
+def _pre_bwd(res, g):
+    x_BTnC, h_pre = res
+    *lead, n, C = x_BTnC.shape
+    dx, dh = _platform_call(_pre_bwd_call, x_BTnC.reshape(-1, n * C), h_pre.reshape(-1, n), g.reshape(-1, C))
+    return dx.reshape(x_BTnC.shape), dh.reshape(h_pre.shape).astype(h_pre.dtype)
+
+
+_pre.defvjp(_pre_fwd, _pre_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _res_post(x_BTnC, y_BTC, h_post, h_res, transposed: bool):
+    *lead, n, C = x_BTnC.shape
+    call = functools.partial(_res_post_fwd_call, transposed=transposed)
+    out = _platform_call(call, x_BTnC.reshape(-1, n * C), y_BTC.reshape(-1, C), h_post.reshape(-1, n),
+                         h_res.reshape(-1, n * n))
+    return out.reshape(x_BTnC.shape)
+
+
+def _res_post_fwd(x_BTnC, y_BTC, h_post, h_res, transposed):
+    return _res_post(x_BTnC, y_BTC, h_post, h_res, transposed), (x_BTnC, y_BTC, h_post, h_res)
+
+
+def _res_post_bwd(transposed, res, g):
+    x_BTnC, y_BTC, h_post, h_res = res
+    *lead, n, C = x_BTnC.shape
+    call = functools.partial(_res_post_bwd_call, transposed=transposed)
+    dx, dy, dhp, dhr = _platform_call(call, x_BTnC.reshape(-1, n * C), y_BTC.reshape(-1, C), h_post.reshape(-1, n),
+                                      h_res.reshape(-1, n * n), g.reshape(-1, n * C))
+    return (dx.reshape(x_BTnC.shape), dy.reshape(y_BTC.shape), dhp.reshape(h_post.shape).astype(h_post.dtype),
+            dhr.reshape(h_res.shape).astype(h_res.dtype))
+
+
+_res_post.defvjp(_res_post_fwd, _res_post_bwd)
+
+
+def pre_mix_pallas(x_BTnC: jax.Array, h_pre: jax.Array) -> jax.Array:
+    """`mhc_jax.residual.base.pre_mix` as a kernel: H_pre x (..., C) in the stream dtype."""
+    return _pre(x_BTnC, h_pre.astype(jnp.float32))
+
+
+def res_post_mix_pallas(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, h_res: jax.Array,
+                        transposed: bool = False) -> jax.Array:
+    """`mhc_jax.residual.base.res_post_mix` as a kernel: H_res x + H_post^T y (..., n, C), float32
+    accumulation, in the stream dtype."""
+    return _res_post(x_BTnC, y_BTC.astype(x_BTnC.dtype), h_post.astype(jnp.float32), h_res.astype(jnp.float32),
+                     bool(transposed))
+
+
+# The XLA functions these kernels replace (benchmarks/mhc_kernels.py times one against the other).
+XLA_MIXING = (pre_mix, res_post_mix)
+PALLAS_MIXING = (pre_mix_pallas, res_post_mix_pallas)
