@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _common import RESULTS, format_table, interleaved_medians, write_result
+from _common import RESULTS, format_table, interleaved_medians, repo_relative, write_result
 from mhc_jax.config import Config
 from mhc_jax.residual.mhc import ManifoldHyperConnection
 from mhc_jax.residual.mhc_pallas import PALLAS_MIXING, XLA_MIXING
@@ -72,8 +72,10 @@ def vjp_call(f, args, ct):
 
 
 def case(name: str, fns: dict, args: tuple, args_by_impl: dict | None, timed: bool, rounds: int, calls: int,
-         bytes_moved: float) -> list[dict]:
-    """Forward and forward+backward of fns['xla'] vs fns['pallas'] on args: error, then timing."""
+         bytes_moved: float, reference=None) -> list[dict]:
+    """Forward and forward+backward of fns['xla'] vs fns['pallas'] on args: error, then timing.
+    `reference`: forward outputs of higher precision (the XLA path on float32 streams), which both
+    implementations' forward errors are also measured against."""
     rows = []
     arg = lambda impl: args_by_impl[impl] + args if args_by_impl else args
     outs = {impl: jax.jit(f)(*arg(impl)) for impl, f in fns.items()}
@@ -90,6 +92,8 @@ def case(name: str, fns: dict, args: tuple, args_by_impl: dict | None, timed: bo
         # forward: the outputs; forward+backward: outputs and every gradient (parameters and inputs)
         err = rel_err(res["pallas"], res["xla"])
         row = {"case": name, "mode": mode, "rel_err": err}
+        if reference is not None and mode == "forward":
+            row.update({f"{impl}_rel_err_vs_f32_streams": rel_err(res[impl], reference) for impl in fns})
         if timed:
             sec = interleaved_medians({impl: functools.partial(call, impl) for impl in fns}, rounds, calls)
             row.update(xla_s=sec["xla"], pallas_s=sec["pallas"], ratio=sec["pallas"] / sec["xla"])
@@ -97,6 +101,12 @@ def case(name: str, fns: dict, args: tuple, args_by_impl: dict | None, timed: bo
                 row["pallas_GBps"] = bytes_moved / sec["pallas"] / 1e9
         rows.append(row)
     return rows
+
+
+def save(args, rows: list[dict]) -> str:
+    return write_result(args.out, {"config": {**vars(args), "out": repo_relative(args.out)},
+                                   "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                                   "jax": jax.__version__, "rows": rows})
 
 
 def main() -> None:
@@ -126,13 +136,15 @@ def main() -> None:
         stream_bytes = N * n * d * dt.itemsize
         rows += case(f"coefficients d={d}", {k: f for k, (f, _) in coef.items()}, (x,),
                      {k: (p_,) for k, (_, p_) in coef.items()}, timed, args.rounds, args.calls,
-                     stream_bytes + N * (n * n + 2 * n) * 4)
+                     stream_bytes + N * (n * n + 2 * n) * 4,
+                     reference=jax.jit(coef["xla"][0])(coef["xla"][1], x.astype(jnp.float32)))
         h_pre, h_post, h_res = jax.jit(coef["xla"][0])(coef["xla"][1], x)
         mix = {"xla": mixing_fn(XLA_MIXING), "pallas": mixing_fn(PALLAS_MIXING)}
         # pre: read x, write C; res/post: read x and y, write nC
         rows += case(f"mixing d={d}", mix, (x, y, h_pre, h_post, h_res), None, timed, args.rounds, args.calls,
                      2 * stream_bytes + 2 * N * d * dt.itemsize + stream_bytes)
         print(f"d={d}: done", flush=True)
+        save(args, rows)  # after every width, so a run cut short keeps what it measured
 
     header = ["case", "mode", "rel. err"] + (["XLA ms", "Pallas ms", "Pallas/XLA", "Pallas GB/s"] if timed else [])
     table = [[r["case"], r["mode"], f"{r['rel_err']:.1e}"] + (
@@ -141,10 +153,11 @@ def main() -> None:
     print(f"\nmHC Pallas kernels vs XLA: backend={jax.default_backend()} ({device}), jax {jax.__version__}, "
           f"n={n}, tokens={N}, {args.dtype} streams, variant={args.variant}")
     print(format_table(header, table))
-    path = write_result(args.out, {"config": {**vars(args), "out": os.path.basename(args.out)},
-                                   "backend": jax.default_backend(), "device": device, "jax": jax.__version__,
-                                   "rows": rows})
-    print(f"wrote {path}")
+    for r in rows:
+        if "xla_rel_err_vs_f32_streams" in r:
+            print(f"{r['case']}: error vs the XLA path on float32 streams (the same bf16 values): XLA "
+                  f"{r['xla_rel_err_vs_f32_streams']:.1e}, Pallas {r['pallas_rel_err_vs_f32_streams']:.1e}")
+    print(f"wrote {save(args, rows)}")
 
 
 if __name__ == "__main__":

@@ -83,11 +83,15 @@ def _chunk(width: int, cap: int) -> int:
     return min(_pow2_part(width), cap)
 
 
-def _column(tile: jax.Array, k: int, width: int, axis: int) -> jax.Array:
+def _column(tile: jax.Array, k: int, width: int, axis: int, below: int | None = None) -> jax.Array:
     """Entry k of every token of a coefficient tile, summed over the lanes (or sublanes) congruent to k
-    mod `width` (a select and a reduction: portable where slicing one lane of a value is not)."""
+    mod `width` (below `below` if given): a select and a reduction, portable where slicing one lane of a
+    value is not."""
     idx = jax.lax.broadcasted_iota(jnp.int32, tile.shape, axis)
-    return jnp.sum(jnp.where(idx % width == k, tile, 0.0), axis=axis, keepdims=True)
+    hit = idx % width == k
+    if below is not None:
+        hit = hit & (idx < below)
+    return jnp.sum(jnp.where(hit, tile, 0.0), axis=axis, keepdims=True)
 
 
 def _assemble(cols: list[jax.Array], shape: tuple[int, int], axis: int) -> jax.Array:
@@ -145,11 +149,16 @@ def _coef_kernel(x_ref, phi_ref, sb_ref, o_ref, *, spec: CoefSpec, kw: int, chun
     acc, ss = _row_chunks(0, nC, chunk, loop, body,
                           (jnp.zeros((bt, width), jnp.float32), jnp.zeros((bt, chunk), jnp.float32)))
     inv_r = jax.lax.rsqrt(jnp.sum(ss, axis=1, keepdims=True) / nC + spec.norm_eps)  # Eq. 15: divide after
-    z = acc * inv_r * sb_ref[0:1, :] + sb_ref[1:2, :]  # a * (v phi) / r + b, every phi part scaled alike
+    used = 3 * kw  # the three phi parts; lane `used` carries 1 / r for the backward
+    lane = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 1)
+    c = jnp.where(lane < used, acc * inv_r, jnp.where(lane == used, inv_r, 0.0))
+    z = c * sb_ref[0:1, :] + sb_ref[1:2, :]  # a * (v phi) / r + b, every phi part scaled alike
     axis = 1
     if lanes:  # TPU: tokens onto the 128 lanes, so each coefficient below is one lane-dense row
-        z, axis = z.T, 0
-    cols = [_column(z, k, kw, axis) for k in range(n * n + 2 * n)]
+        z, c, axis = z.T, c.T, 0
+    k = n * n + 2 * n
+    cols = [_column(z, j, kw, axis) for j in range(k)]
+    saved = [_column(c, j, kw, axis, below=used) for j in range(k)] + [_column(c, used, width, axis)]
     pre = [jax.nn.sigmoid(c) + (V4_EPS if spec.v4 else 0.0) for c in cols[:n]]
     post = [2.0 * jax.nn.sigmoid(c) for c in cols[n:2 * n]]  # Eq. 8: factor 2
     res = cols[2 * n:]
@@ -158,7 +167,7 @@ def _coef_kernel(x_ref, phi_ref, sb_ref, o_ref, *, spec: CoefSpec, kw: int, chun
         res = [t[j * n + i] for i in range(n) for j in range(n)]
     else:
         res = sinkhorn_vectors(res, n, spec.iters, spec.eps, False)
-    o_ref[...] = _assemble(pre + post + res, o_ref.shape, axis)
+    o_ref[...] = _assemble(pre + post + res + saved, o_ref.shape, axis)
 
 
 def _phi_parts(phi: jax.Array) -> tuple[jax.Array, int]:
@@ -204,14 +213,15 @@ def _compiler_params(platform: str, tiling: Tiling, dims: int = 1) -> dict:
 
 def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_NK: jax.Array, phi: jax.Array,
                       scale: jax.Array, bias: jax.Array, *, spec: CoefSpec) -> jax.Array:
-    """The coefficient kernel on (N, nC) rows: float32 (N, K) [pre | post | res | 0]."""
+    """The coefficient kernel on (N, nC) rows: float32 (N, 2k + 1 padded) [pre | post | res | c | 1/r]
+    with k = n^2 + 2n and c = vec(x) phi / r the normalised projection (saved for the backward)."""
     N, nC = x_NK.shape
     f32 = x_NK.dtype == jnp.float32
     parts, kw = _phi_parts(phi)
     width = parts.shape[1]
     k = spec.n * spec.n + 2 * spec.n
-    reps = width // kw  # a and b laid over every part's columns (b on the first part only)
-    a_row = jnp.tile(jnp.pad(scale, (0, kw - k)), reps)
+    a_row = jnp.pad(jnp.tile(jnp.pad(scale, (0, kw - k)), 3), (0, width - 3 * kw))  # over the 3 parts
+    # (b on the first part only)
     b_row = jnp.pad(bias, (0, width - k))
     sb = jnp.zeros((8, width), jnp.float32).at[0].set(a_row).at[1].set(b_row)
     bt = min(tiling.coef_tokens, _pow2_at_least(N)) if not tiling.lanes else tiling.coef_tokens
@@ -220,10 +230,11 @@ def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_NK: jax.
     chunk = _chunk(nC, tiling.coef_chunk)
     kernel = functools.partial(_coef_kernel, spec=spec, kw=kw, chunk=chunk, loop=tiling.loop,
                                lanes=tiling.lanes, f32=f32)
+    ko = _pow2_at_least(2 * k + 1)  # [h (k) | c (k) | 1 / r]
     if tiling.lanes:
-        out_shape, out_spec = (kw, Np), pl.BlockSpec((kw, bt), lambda t: (0, t))
+        out_shape, out_spec = (ko, Np), pl.BlockSpec((ko, bt), lambda t: (0, t))
     else:
-        out_shape, out_spec = (Np, kw), pl.BlockSpec((bt, kw), lambda t: (t, 0))
+        out_shape, out_spec = (Np, ko), pl.BlockSpec((bt, ko), lambda t: (t, 0))
     out = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32), grid=(Np // bt,),
         in_specs=[pl.BlockSpec((bt, nC), lambda t: (t, 0)), pl.BlockSpec((nC, width), lambda t: (0, 0)),
@@ -240,12 +251,10 @@ def _scale_bias(n: int, bias: jax.Array, a_pre, a_post, a_res) -> tuple[jax.Arra
     return scale.astype(jnp.float32), bias.astype(jnp.float32)
 
 
-def coefficients_xla(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
-    """The same coefficients in XLA, differentiable through every Sinkhorn iteration: the backward's
-    function (and the reference the kernel is tested against)."""
-    from mhc_jax.residual.mhc import rms_projection  # mhc imports this module
+def gates_xla(c, bias, a_pre, a_post, a_res, spec: CoefSpec):
+    """Eq. 8-9 from the normalised projection c = RMSNorm(vec(x)) phi (..., n^2 + 2n), in XLA: the gates
+    and the unrolled Sinkhorn loop (differentiable through every iteration)."""
     n = spec.n
-    c = rms_projection(x_BTnC, phi, spec.norm_eps)
     b = bias.astype(jnp.float32)
     h_pre = jax.nn.sigmoid(a_pre * c[..., :n] + b[:n]) + (V4_EPS if spec.v4 else 0.0)
     h_post = 2.0 * jax.nn.sigmoid(a_post * c[..., n:2 * n] + b[n:2 * n])
@@ -258,29 +267,60 @@ def coefficients_xla(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
     return h_pre, h_post, h_res
 
 
+def coefficients_xla(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
+    """The same coefficients in XLA (the reference the kernel is tested against)."""
+    from mhc_jax.residual.mhc import rms_projection  # mhc imports this module
+    return gates_xla(rms_projection(x_BTnC, phi, spec.norm_eps), bias, a_pre, a_post, a_res, spec)
+
+
 def _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
     *lead, n, C = x_BTnC.shape
+    k = n * n + 2 * n
     scale, b = _scale_bias(n, bias, a_pre, a_post, a_res)
     h = _platform_call(functools.partial(coefficients_call, spec=spec), x_BTnC.reshape(-1, n * C),
-                       phi.astype(jnp.float32), scale, b).reshape(*lead, -1)
-    return h[..., :n], h[..., n:2 * n], h[..., 2 * n:2 * n + n * n].reshape(*lead, n, n)
+                       phi.astype(jnp.float32), scale, b)
+    mappings = (h[:, :n].reshape(*lead, n), h[:, n:2 * n].reshape(*lead, n),
+                h[:, 2 * n:k].reshape(*lead, n, n))
+    return mappings, (h[:, k:2 * k], h[:, 2 * k:2 * k + 1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _coefficients(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
-    return _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec)
+    return _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec)[0]
 
 
 def _coefficients_fwd(x_BTnC, phi, bias, a_pre, a_post, a_res, spec):
-    # Residuals: the inputs only (the streams are kept anyway; the parameters are tiny).
-    return _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec), (x_BTnC, phi, bias, a_pre, a_post,
-                                                                              a_res)
+    # Residuals: the inputs and, from the kernel, the normalised projection c and 1/r (2k + 1 floats per
+    # token, the size of the coefficients themselves); no Sinkhorn iterate and no float32 copy of x.
+    mappings, (c, inv_r) = _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec)
+    return mappings, (x_BTnC, phi, bias, a_pre, a_post, a_res, c, inv_r)
 
 
 def _coefficients_bwd(spec, res, g):
     res, g = jax.lax.optimization_barrier((res, g))  # recompute when the cotangent arrives (mhc_jax.sinkhorn)
-    _, vjp = jax.vjp(lambda *a: coefficients_xla(*a, spec), *res)
-    return vjp(g)
+    x_BTnC, phi, bias, a_pre, a_post, a_res, c, inv_r = res
+    # Gates and Sinkhorn: recomputed from c and differentiated through every iteration (exact for the
+    # truncated loop).
+    _, vjp = jax.vjp(lambda c_, *p: gates_xla(c_, *p, spec), c, bias, a_pre, a_post, a_res)
+    dc, dbias, da_pre, da_post, da_res = vjp(_flat_cotangent(g, c.shape[0]))
+    # c = (v phi) / r, r = sqrt(mean(v^2) + eps) (Eq. 14-15): dphi = v^T (dc / r) and
+    # dv = (dc / r) phi^T - (dc . c) v / (r^2 nC): two passes over the streams, no forward matmul again.
+    v = x_BTnC.reshape(c.shape[0], -1)
+    nC = v.shape[1]
+    du = dc * inv_r
+    dphi = jnp.einsum("nd,nk->dk", v, du, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    dv = jnp.einsum("nk,dk->nd", du, phi.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
+    dv = dv - (jnp.sum(dc * c, axis=1, keepdims=True) * inv_r * inv_r / nC) * v.astype(jnp.float32)
+    return (dv.astype(x_BTnC.dtype).reshape(x_BTnC.shape), dphi.astype(phi.dtype), dbias.astype(bias.dtype),
+            da_pre, da_post, da_res)
+
+
+def _flat_cotangent(g, tokens: int):
+    """Cotangents of (h_pre (..., n), h_post (..., n), h_res (..., n, n)) as (tokens, .) arrays."""
+    g_pre, g_post, g_res = g
+    n = g_pre.shape[-1]
+    return g_pre.reshape(tokens, n), g_post.reshape(tokens, n), g_res.reshape(tokens, n, n)
 
 
 _coefficients.defvjp(_coefficients_fwd, _coefficients_bwd)
@@ -349,11 +389,12 @@ def _pre_bwd_kernel(x_ref, h_ref, g_ref, dx_ref, dh_ref, *, n: int, C: int, chun
         out = []
         for j in range(n):
             dx_ref[:, pl.ds(j * C + lo, chunk)] = (hp[j] * g).astype(dx_ref.dtype)
-            out.append(sums[j] + g * x_ref[:, pl.ds(j * C + lo, chunk)].astype(jnp.float32))
+            xj = x_ref[:, pl.ds(j * C + lo, chunk)].astype(jnp.float32)
+            out.append(sums[j] + jnp.sum(g * xj, axis=1, keepdims=True))  # (bt, 1): few live registers
         return tuple(out)
 
-    sums = _row_chunks(0, C, chunk, loop, body, tuple(jnp.zeros((bt, chunk), jnp.float32) for _ in range(n)))
-    dh_ref[...] = _assemble([jnp.sum(s, axis=1, keepdims=True) for s in sums], dh_ref.shape, 1)
+    sums = _row_chunks(0, C, chunk, loop, body, tuple(jnp.zeros((bt, 1), jnp.float32) for _ in range(n)))
+    dh_ref[...] = _assemble(list(sums), dh_ref.shape, 1)
 
 
 def _res_post_bwd_kernel(x_ref, y_ref, h_ref, g_ref, dx_ref, dy_ref, dh_ref, *, n: int, C: int, chunk: int,
@@ -379,12 +420,13 @@ def _res_post_bwd_kernel(x_ref, y_ref, h_ref, g_ref, dx_ref, dy_ref, dh_ref, *, 
             for i in range(1, n):
                 dx = dx + A(i, j) * gs[i]
             dx_ref[:, pl.ds(j * C + lo, chunk)] = dx.astype(dx_ref.dtype)
-        post = [sums[i] + gs[i] * y for i in range(n)]
-        acting = [sums[n + i * n + j] + gs[i] * xs[j] for i in range(n) for j in range(n)]
+        post = [sums[i] + jnp.sum(gs[i] * y, axis=1, keepdims=True) for i in range(n)]
+        acting = [sums[n + i * n + j] + jnp.sum(gs[i] * xs[j], axis=1, keepdims=True)
+                  for i in range(n) for j in range(n)]
         return tuple(post + acting)
 
-    zeros = tuple(jnp.zeros((bt, chunk), jnp.float32) for _ in range(n + n * n))
-    sums = [jnp.sum(s, axis=1, keepdims=True) for s in _row_chunks(0, C, chunk, loop, body, zeros)]
+    zeros = tuple(jnp.zeros((bt, 1), jnp.float32) for _ in range(n + n * n))
+    sums = list(_row_chunks(0, C, chunk, loop, body, zeros))
     post, acting = sums[:n], sums[n:]
     native = [acting[j * n + i] if transposed else acting[i * n + j] for i in range(n) for j in range(n)]
     dh_ref[...] = _assemble(post + native, dh_ref.shape, 1)
