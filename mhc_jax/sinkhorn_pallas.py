@@ -12,8 +12,9 @@ Backward: the custom VJP stores only the float32 logits and differentiates the X
 as the paper's kernels do.
 
 Platforms: Mosaic TPU (compiled ahead of time for TPU topologies in the tests) and Pallas interpret mode
-on CPU (chosen by `jax.lax.platform_dependent` at lowering time). The BlockSpecs also fit Triton on GPU, but
-no GPU was available to test or time it.
+on CPU (chosen by `jax.lax.platform_dependent` at lowering time); not run on a GPU. `residual.impl: pallas`
+uses the fused coefficient kernel of mhc_jax.residual.mhc_pallas instead, which runs this iteration
+(`sinkhorn_vectors`) inside it (Triton on GPU too).
 """
 
 from __future__ import annotations

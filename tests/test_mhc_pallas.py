@@ -177,3 +177,41 @@ def test_kernels_compile_for_tpu_v4_megacore_forward_and_backward():
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, phi, bias).compile().as_text()
     # coefficients, pre and res/post forward, pre and res/post backward: five Mosaic kernels
     assert text.count("tpu_custom_call") >= 5, "the Mosaic kernels are not in the TPU program"
+
+
+def _mesh_loss(x_, phi_, b_):
+    h_pre, h_post, h_res = mp.mhc_coefficients(x_, phi_, b_, *A, norm_eps=EPS, iters=20, eps=0.0, v4=False)
+    out = mp.res_post_mix_pallas(x_, mp.pre_mix_pallas(x_, h_pre), h_post, h_res)
+    return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+
+def test_batch_sharded_kernels_run_per_shard_and_equal_the_unsharded_call():
+    """Under a mesh splitting the batch, each device's kernels take its own tokens (shard_map): same
+    values and gradients as one unsharded call (8 fake CPU devices, data = 4)."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+    x, phi, bias = inputs(shape=(4, 3))
+    want = jax.jit(jax.value_and_grad(_mesh_loss, argnums=(0, 1, 2)))(x, phi, bias)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+        f = jax.jit(jax.value_and_grad(_mesh_loss, argnums=(0, 1, 2)))
+        assert "shard_map" in str(f.trace(xs, phi, bias).jaxpr)
+        got = f(xs, phi, bias)
+    chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_batch_sharded_kernels_compile_for_tpu_v4_megacore_without_gathering_the_streams():
+    pytest.importorskip("libtpu", reason="TPU AOT needs libtpu (the [tpu] extra)")
+    from jax.experimental import topologies
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+    topo = topologies.get_topology_desc("v4:2x2x1", "tpu", chip_config_name="megacore")
+    mesh = Mesh(np.array(topo.devices), ("data",), axis_types=(AxisType.Auto,))
+    n, d = N_STREAMS, 256
+    x = jax.ShapeDtypeStruct((8, 256, n, d), jnp.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("data")))
+    rep = NamedSharding(mesh, PartitionSpec())
+    phi = jax.ShapeDtypeStruct((n * d, n * n + 2 * n), jnp.float32, sharding=rep)
+    bias = jax.ShapeDtypeStruct((n * n + 2 * n,), jnp.float32, sharding=rep)
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.grad(_mesh_loss, argnums=(0, 1, 2))).lower(x, phi, bias).compile().as_text()
+    assert text.count("tpu_custom_call") >= 5
+    assert "all-gather" not in text  # each chip's kernels read only its own quarter of the streams

@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
 
 from mhc_jax.residual.base import pre_mix, res_post_mix
 from mhc_jax.sinkhorn import sinkhorn_forward
@@ -191,13 +192,31 @@ def _pad_rows(a: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(a, ((0, pad), (0, 0))) if pad else a
 
 
-def _platform_call(fn, *args):
-    """fn(tiling, interpret, platform, *args) for the platform the computation is lowered for."""
-    return jax.lax.platform_dependent(
-        *args,
-        cpu=lambda *a: fn(TILINGS["cpu"], True, "cpu", *a),
-        tpu=lambda *a: fn(TILINGS["tpu"], False, "tpu", *a),
-        default=lambda *a: fn(TILINGS["gpu"], False, "gpu", *a))
+def _platform_call(fn, *args, replicated: int = 0):
+    """fn(tiling, interpret, platform, *args) for the platform the computation is lowered for. The args
+    are (N, .) per-token rows except the last `replicated` ones; every result is per-token rows. Under a
+    mesh whose batch axes (mhc_jax.sharding, "activation_batch") split the tokens, the kernels run per
+    shard in a shard_map (a Mosaic or Triton call cannot be partitioned automatically; tokens are
+    independent, so each device's kernels see only its own rows)."""
+    def call(*a):
+        return jax.lax.platform_dependent(
+            *a,
+            cpu=lambda *b: fn(TILINGS["cpu"], True, "cpu", *b),
+            tpu=lambda *b: fn(TILINGS["tpu"], False, "tpu", *b),
+            default=lambda *b: fn(TILINGS["gpu"], False, "gpu", *b))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(*args)
+    from mhc_jax.sharding import logical_to_spec
+    rows = logical_to_spec(("activation_batch",), None, mesh)
+    ways = 1
+    for axis in jax.tree.leaves(tuple(rows)):
+        ways *= mesh.shape[axis]
+    if ways == 1 or args[0].shape[0] % ways:
+        return call(*args)
+    specs = (rows,) * (len(args) - replicated) + (PartitionSpec(),) * replicated
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)(*args)
 
 
 def _compiler_params(platform: str, tiling: Tiling, dims: int = 1) -> dict:
@@ -211,12 +230,12 @@ def _compiler_params(platform: str, tiling: Tiling, dims: int = 1) -> dict:
     return {}
 
 
-def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_NK: jax.Array, phi: jax.Array,
+def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_rows: jax.Array, phi: jax.Array,
                       scale: jax.Array, bias: jax.Array, *, spec: CoefSpec) -> jax.Array:
     """The coefficient kernel on (N, nC) rows: float32 (N, 2k + 1 padded) [pre | post | res | c | 1/r]
     with k = n^2 + 2n and c = vec(x) phi / r the normalised projection (saved for the backward)."""
-    N, nC = x_NK.shape
-    f32 = x_NK.dtype == jnp.float32
+    N, nC = x_rows.shape
+    f32 = x_rows.dtype == jnp.float32
     parts, kw = _phi_parts(phi)
     width = parts.shape[1]
     k = spec.n * spec.n + 2 * spec.n
@@ -225,7 +244,7 @@ def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_NK: jax.
     b_row = jnp.pad(bias, (0, width - k))
     sb = jnp.zeros((8, width), jnp.float32).at[0].set(a_row).at[1].set(b_row)
     bt = min(tiling.coef_tokens, _pow2_at_least(N)) if not tiling.lanes else tiling.coef_tokens
-    x_p = _pad_rows(x_NK, bt)  # padded tokens: zero rows, finite coefficients, dropped below
+    x_p = _pad_rows(x_rows, bt)  # padded tokens: zero rows, finite coefficients, dropped below
     Np = x_p.shape[0]
     chunk = _chunk(nC, tiling.coef_chunk)
     kernel = functools.partial(_coef_kernel, spec=spec, kw=kw, chunk=chunk, loop=tiling.loop,
@@ -278,7 +297,7 @@ def _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec
     k = n * n + 2 * n
     scale, b = _scale_bias(n, bias, a_pre, a_post, a_res)
     h = _platform_call(functools.partial(coefficients_call, spec=spec), x_BTnC.reshape(-1, n * C),
-                       phi.astype(jnp.float32), scale, b)
+                       phi.astype(jnp.float32), scale, b, replicated=3)
     mappings = (h[:, :n].reshape(*lead, n), h[:, n:2 * n].reshape(*lead, n),
                 h[:, 2 * n:k].reshape(*lead, n, n))
     return mappings, (h[:, k:2 * k], h[:, 2 * k:2 * k + 1])
@@ -451,35 +470,35 @@ def _mix_call(kernel, tiling: Tiling, interpret: bool, platform: str, rows: list
     return [r[:N] for r in res]
 
 
-def _pre_fwd_call(tiling, interpret, platform, x_NK, h):
-    N, nC = x_NK.shape
+def _pre_fwd_call(tiling, interpret, platform, x_rows, h):
+    N, nC = x_rows.shape
     n = h.shape[-1]
     C = nC // n
-    return _mix_call(_pre_kernel, tiling, interpret, platform, [x_NK, _pack(h)], [(C, x_NK.dtype)], n=n, C=C)[0]
+    return _mix_call(_pre_kernel, tiling, interpret, platform, [x_rows, _pack(h)], [(C, x_rows.dtype)], n=n, C=C)[0]
 
 
-def _res_post_fwd_call(tiling, interpret, platform, x_NK, y_NC, h_post, h_res, *, transposed):
+def _res_post_fwd_call(tiling, interpret, platform, x_rows, y_rows, h_post, h_res, *, transposed):
     n = h_post.shape[-1]
-    C = y_NC.shape[1]
-    return _mix_call(_res_post_kernel, tiling, interpret, platform, [x_NK, y_NC, _pack(h_post, h_res)],
-                     [(n * C, x_NK.dtype)], n=n, C=C, transposed=transposed)[0]
+    C = y_rows.shape[1]
+    return _mix_call(_res_post_kernel, tiling, interpret, platform, [x_rows, y_rows, _pack(h_post, h_res)],
+                     [(n * C, x_rows.dtype)], n=n, C=C, transposed=transposed)[0]
 
 
-def _pre_bwd_call(tiling, interpret, platform, x_NK, h, g_NC):
+def _pre_bwd_call(tiling, interpret, platform, x_rows, h, g_rows):
     n = h.shape[-1]
-    C = g_NC.shape[1]
+    C = g_rows.shape[1]
     hp = _pack(h)
-    dx, dh = _mix_call(_pre_bwd_kernel, tiling, interpret, platform, [x_NK, hp, g_NC],
-                       [(n * C, x_NK.dtype), (hp.shape[1], jnp.float32)], n=n, C=C)
+    dx, dh = _mix_call(_pre_bwd_kernel, tiling, interpret, platform, [x_rows, hp, g_rows],
+                       [(n * C, x_rows.dtype), (hp.shape[1], jnp.float32)], n=n, C=C)
     return dx, dh[:, :n]
 
 
-def _res_post_bwd_call(tiling, interpret, platform, x_NK, y_NC, h_post, h_res, g_NK, *, transposed):
+def _res_post_bwd_call(tiling, interpret, platform, x_rows, y_rows, h_post, h_res, g_rows, *, transposed):
     n = h_post.shape[-1]
-    C = y_NC.shape[1]
+    C = y_rows.shape[1]
     hp = _pack(h_post, h_res)
-    dx, dy, dh = _mix_call(_res_post_bwd_kernel, tiling, interpret, platform, [x_NK, y_NC, hp, g_NK],
-                           [(n * C, x_NK.dtype), (C, y_NC.dtype), (hp.shape[1], jnp.float32)], n=n, C=C,
+    dx, dy, dh = _mix_call(_res_post_bwd_kernel, tiling, interpret, platform, [x_rows, y_rows, hp, g_rows],
+                           [(n * C, x_rows.dtype), (C, y_rows.dtype), (hp.shape[1], jnp.float32)], n=n, C=C,
                            transposed=transposed)
     return dx, dy, dh[:, :n], dh[:, n:n + n * n]
 
