@@ -200,6 +200,27 @@ def test_batch_sharded_kernels_run_per_shard_and_equal_the_unsharded_call():
     chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.multidevice
+def test_model_loss_and_grads_with_kernels_on_sharded_meshes_equal_single_device():
+    """The whole model with residual.impl=pallas (scanned blocks, selective recomputation) on (data, fsdp,
+    tensor) meshes of 8 CPU devices against one device (tests/test_sharding.py's check)."""
+    from test_sharding import check_sharded_loss_and_grads, make_cfg
+    cfg = make_cfg("mhc").replace(model={"scan_layers": True}, residual={"impl": "pallas"})
+    check_sharded_loss_and_grads(cfg, [(2, 2, 2), (1, 1, 8)])
+
+
+@pytest.mark.parametrize("kind", ["hc", "mhc_lite"])
+def test_hc_and_mhc_lite_mix_with_the_kernels_like_xla(kind):
+    def run(impl):
+        cfg = Config().replace(model={"d_model": C, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 32},
+                               residual={"kind": kind, "impl": impl})
+        graphdef, params = nnx.split(randomize(connection(cfg, 1)), nnx.Param)
+        x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, 4, C)).astype(np.float32))
+        f = lambda p, x_: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x_, jnp.tanh)))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
+    chex.assert_trees_all_close(run("pallas"), run("xla"), atol=3e-5, rtol=3e-5)
+
+
 def test_batch_sharded_kernels_compile_for_tpu_v4_megacore_without_gathering_the_streams():
     pytest.importorskip("libtpu", reason="TPU AOT needs libtpu (the [tpu] extra)")
     from jax.experimental import topologies

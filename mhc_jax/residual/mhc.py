@@ -99,7 +99,7 @@ class ManifoldHyperConnection(StreamConnection):
         if x_BTnC.shape[-2] != self.n:
             raise ValueError(f"mHC connection expects {self.n} streams, got shape {x_BTnC.shape}")
         r = self.residual
-        if r.impl == "pallas":  # projection, gates and Sinkhorn in one kernel (mhc_jax.residual.mhc_pallas)
+        if r.impl == "pallas" and r.kind == "mhc":  # projection, gates, Sinkhorn in one kernel (mhc_pallas)
             from mhc_jax.residual.mhc_pallas import mhc_coefficients
             eps = (r.sinkhorn_eps or V4_EPS) if self.transposed else r.sinkhorn_eps
             return ablate(r, *mhc_coefficients(x_BTnC, self.phi[...], self.bias[...], self.alpha_pre[...],
