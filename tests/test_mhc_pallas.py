@@ -236,3 +236,16 @@ def test_batch_sharded_kernels_compile_for_tpu_v4_megacore_without_gathering_the
         text = jax.jit(jax.grad(_mesh_loss, argnums=(0, 1, 2))).lower(x, phi, bias).compile().as_text()
     assert text.count("tpu_custom_call") >= 5
     assert "all-gather" not in text  # each chip's kernels read only its own quarter of the streams
+
+
+def test_bf16_parts_sum_exactly_to_float32_even_where_converts_would_be_simplified():
+    """phi and float32 streams enter the bfloat16 matmuls as hi + mid + lo; the sum is exact (checked in
+    float64), and the parts come from bit operations, not a float32 -> bfloat16 -> float32 round trip
+    that XLA on GPU may remove."""
+    v = jnp.asarray(np.random.default_rng(9).standard_normal(4096) * 10.0 ** np.arange(-3, 5).repeat(512),
+                    jnp.float32)
+    parts = jax.jit(mp.bf16_parts)(v)
+    assert all(p.dtype == jnp.bfloat16 for p in parts)
+    total = sum(np.asarray(p, np.float64) for p in parts)
+    np.testing.assert_array_equal(total, np.asarray(v, np.float64))
+    assert float(jnp.max(jnp.abs(parts[1].astype(jnp.float32)))) > 0  # the lower parts are not dropped

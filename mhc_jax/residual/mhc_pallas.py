@@ -6,7 +6,7 @@ reads a block of tokens' n-stream state once, as (tokens, nC) rows, and in on-ch
 vec(x) phi (float32 accumulation) and the sum of squares in the same pass over the row, divides by the
 RMS after the matmul, applies a * . + b, the sigmoid gates of H_pre and H_post and all Sinkhorn iterations
 of H_res (`mhc_jax.sinkhorn_pallas.sinkhorn_vectors`), and writes the n^2 + 2n coefficients per token.
-phi enters the matmul as three bfloat16 parts (hi + mid + lo, exact to ~2^-24 of float32 phi), and
+phi enters the matmul as three bfloat16 parts (hi + mid + lo = float32 phi exactly, `bf16_parts`), and
 float32 streams are split the same way in the kernel, so bfloat16 matrix units give float32 accuracy. The backward stores only the inputs and differentiates the XLA computation at them
 (the projection, the gates and the unrolled Sinkhorn loop): the exact gradient of the truncated
 iteration, recomputed, as the paper's kernels do.
@@ -137,10 +137,7 @@ def _coef_kernel(x_ref, phi_ref, sb_ref, o_ref, *, spec: CoefSpec, kw: int, chun
         pc = phi_ref[pl.ds(lo, chunk), :]
         x32 = xc.astype(jnp.float32)
         if f32:  # x = hi + mid + lo in bfloat16 too: with phi's three parts every product that float32 keeps
-            hi = x32.astype(jnp.bfloat16)
-            mid = (x32 - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-            lo = (x32 - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-            parts = (hi, mid, lo)
+            parts = bf16_parts(x32)
         else:
             parts = (xc,)
         for part in parts:
@@ -171,18 +168,31 @@ def _coef_kernel(x_ref, phi_ref, sb_ref, o_ref, *, spec: CoefSpec, kw: int, chun
     o_ref[...] = _assemble(pre + post + res + saved, o_ref.shape, axis)
 
 
+def _truncate_to_bf16(v: jax.Array) -> jax.Array:
+    """v (float32) with its low 16 bits cleared: exactly a bfloat16 value, still float32. Bit operations,
+    not a convert round trip: XLA on GPU drops float32 -> bfloat16 -> float32 pairs (excess precision),
+    which silently made the lower parts zero (seen on an H100: phi rounded to bfloat16, errors ~6e-4)."""
+    bits = jax.lax.bitcast_convert_type(v, jnp.int32) & jnp.int32(-65536)  # 0xFFFF0000
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def bf16_parts(v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 v = hi + mid + lo exactly, each part a bfloat16 array (8 + 8 + 8 significant bits)."""
+    hi = _truncate_to_bf16(v)
+    r = v - hi  # exact: the low 16 bits of v
+    mid = _truncate_to_bf16(r)
+    return hi.astype(jnp.bfloat16), mid.astype(jnp.bfloat16), (r - mid).astype(jnp.bfloat16)
+
+
 def _phi_parts(phi: jax.Array) -> tuple[jax.Array, int]:
-    """phi (nC, k) -> (nC, width) for the kernel's matmul: three bfloat16 parts hi + mid + lo = phi (to
-    ~2^-24 relative) side by side, each padded to the coefficient width kw, so bfloat16 matmuls (the only
+    """phi (nC, k) -> (nC, width) for the kernel's matmul: three bfloat16 parts hi + mid + lo = phi
+    (exactly) side by side, each padded to the coefficient width kw, so bfloat16 matmuls (the only
     ones Triton compiled in reasonable time on an H100; float32 ones did not finish in minutes) give the
     float32 projection. Returns (parts, kw)."""
     nC, k = phi.shape
     kw = _pow2_at_least(k)
     phi = jnp.pad(phi.astype(jnp.float32), ((0, 0), (0, kw - k)))
-    hi = phi.astype(jnp.bfloat16)
-    mid = (phi - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    lo = (phi - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-    cat = jnp.concatenate([hi, mid, lo], axis=1)
+    cat = jnp.concatenate(bf16_parts(phi), axis=1)
     width = max(128, _pow2_at_least(cat.shape[1]))  # lane-dense tiles
     return jnp.pad(cat, ((0, 0), (0, width - cat.shape[1]))), kw
 
