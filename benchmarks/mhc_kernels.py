@@ -26,8 +26,9 @@ from flax import nnx
 
 from _common import RESULTS, format_table, interleaved_medians, repo_relative, write_result
 from mhc_jax.config import Config
+from mhc_jax.residual.base import pre_mix, res_post_mix
 from mhc_jax.residual.mhc import ManifoldHyperConnection
-from mhc_jax.residual.mhc_pallas import PALLAS_MIXING, XLA_MIXING
+from mhc_jax.residual.mhc_pallas import pre_mix_pallas, res_post_mix_pallas
 
 
 def connection(d: int, n: int, impl: str, variant: str) -> ManifoldHyperConnection:
@@ -139,7 +140,7 @@ def main() -> None:
                      stream_bytes + N * (n * n + 2 * n) * 4,
                      reference=jax.jit(coef["xla"][0])(coef["xla"][1], x.astype(jnp.float32)))
         h_pre, h_post, h_res = jax.jit(coef["xla"][0])(coef["xla"][1], x)
-        mix = {"xla": mixing_fn(XLA_MIXING), "pallas": mixing_fn(PALLAS_MIXING)}
+        mix = {"xla": mixing_fn((pre_mix, res_post_mix)), "pallas": mixing_fn((pre_mix_pallas, res_post_mix_pallas))}
         # pre: read x, write C; res/post: read x and y, write nC
         rows += case(f"mixing d={d}", mix, (x, y, h_pre, h_post, h_res), None, timed, args.rounds, args.calls,
                      2 * stream_bytes + 2 * N * d * dt.itemsize + stream_bytes)

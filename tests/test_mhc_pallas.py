@@ -15,6 +15,7 @@ from flax import nnx
 from mhc_jax.config import Config, ConfigError
 from mhc_jax.residual import mhc_pallas as mp
 from mhc_jax.residual.base import pre_mix, res_post_mix
+from mhc_jax.residual.mhc import rms_projection
 
 from references import connection, randomize, ref_sinkhorn, ref_v4_comb
 
@@ -45,6 +46,11 @@ def ref_coefficients(x, phi, bias, v4: bool, iters: int = 20):
     return h_pre, h_post, h_res
 
 
+def xla_coefficients(x, phi, bias, a_pre, a_post, a_res, spec_: mp.CoefSpec):
+    """The XLA computation the kernel replaces: the fused projection, then gates and Sinkhorn."""
+    return mp.gates_xla(rms_projection(x, phi, spec_.norm_eps), bias, a_pre, a_post, a_res, spec_)
+
+
 def spec(v4: bool) -> mp.CoefSpec:
     return mp.CoefSpec(N_STREAMS, EPS, 20, 1e-6 if v4 else 0.0, v4)
 
@@ -62,7 +68,7 @@ def test_coefficients_match_float64_equations_and_xla(v4, dtype):
         assert g.dtype == jnp.float32  # coefficient math in float32 whatever the stream dtype
     chex.assert_trees_all_close([np.asarray(g, np.float64) for g in got], list(ref_coefficients(x, phi, bias, v4)),
                                 atol=2e-6, rtol=0)
-    chex.assert_trees_all_close(got, mp.coefficients_xla(x, phi, bias, *A, spec(v4)), atol=1e-6, rtol=0)
+    chex.assert_trees_all_close(got, xla_coefficients(x, phi, bias, *A, spec(v4)), atol=1e-6, rtol=0)
     h_res = np.asarray(got[2], np.float64)
     np.testing.assert_allclose(h_res.sum(-2 if v4 else -1), 1.0, atol=1e-5)  # the last Sinkhorn step's lines
 
@@ -74,7 +80,7 @@ def test_every_platform_tiling_gives_the_same_coefficients(tiling):
     x, phi, bias = inputs(jnp.bfloat16)
     scale, b = mp._scale_bias(N_STREAMS, bias, *A)
     h = mp.coefficients_call(tiling, True, "cpu", x.reshape(-1, N_STREAMS * C), phi, scale, b, spec=spec(False))
-    want = mp.coefficients_xla(x, phi, bias, *A, spec(False))
+    want = xla_coefficients(x, phi, bias, *A, spec(False))
     k = N_STREAMS * N_STREAMS + 2 * N_STREAMS
     flat = jnp.concatenate([want[0], want[1], want[2].reshape(*want[2].shape[:-2], -1)], -1).reshape(-1, k)
     chex.assert_trees_all_close(h[:, :k], flat, atol=1e-6, rtol=0)
@@ -94,7 +100,7 @@ def test_coefficient_gradients_equal_the_xla_gradients(v4):
         return jax.jit(jax.grad(f, argnums=tuple(range(6))))(x, phi, bias, *map(jnp.float32, A))
 
     got = loss(lambda *a: mp.mhc_coefficients(*a, norm_eps=EPS, iters=20, eps=spec(v4).eps, v4=v4))
-    want = loss(lambda *a: mp.coefficients_xla(*a, spec(v4)))
+    want = loss(lambda *a: xla_coefficients(*a, spec(v4)))
     for name, g, r in zip(("x", "phi", "bias", "a_pre", "a_post", "a_res"), got, want):
         scale = float(jnp.max(jnp.abs(r)))
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5 * scale, rtol=1e-4, err_msg=name)
@@ -112,7 +118,7 @@ def ref_mix(x, y, h_pre, h_post, h_res, transposed):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_mixing_matches_float64_and_xla_values_and_gradients(transposed, dtype):
     x, phi, bias = inputs(dtype)
-    h_pre, h_post, h_res = mp.coefficients_xla(x, phi, bias, *A, spec(False))
+    h_pre, h_post, h_res = xla_coefficients(x, phi, bias, *A, spec(False))
     y = jnp.asarray(np.random.default_rng(2).standard_normal((2, 9, C)), jnp.float32).astype(dtype)
     got = (mp.pre_mix_pallas(x, h_pre), mp.res_post_mix_pallas(x, y, h_post, h_res, transposed))
     assert got[0].dtype == got[1].dtype == dtype

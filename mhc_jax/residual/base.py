@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ResidualConfig
+from mhc_jax.residual.mhc_pallas import pre_mix_pallas, res_post_mix_pallas
 
 Branch = Callable[[jax.Array], jax.Array]
 Mappings = tuple[jax.Array, jax.Array, jax.Array]
@@ -59,6 +60,7 @@ def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: 
 
 
 _XLA_MIXING = (pre_mix, res_post_mix)  # what apply_mappings computes; residual.impl=pallas swaps in kernels
+_PALLAS_MIXING = (pre_mix_pallas, res_post_mix_pallas)
 
 # Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
 # inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
@@ -86,10 +88,7 @@ class StreamConnection(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        if self.residual.impl == "pallas":  # the mixing as kernels (mhc_jax.residual.mhc_pallas)
-            from mhc_jax.residual.mhc_pallas import pre_mix_pallas as pre_mix, res_post_mix_pallas as res_post_mix
-        else:
-            pre_mix, res_post_mix = _XLA_MIXING
+        pre_mix, res_post_mix = _PALLAS_MIXING if self.residual.impl == "pallas" else _XLA_MIXING
         if not self.residual.recompute:
             h_pre, h_post, h_res = self.mappings(x_BTnC)
             self._capture(h_res)

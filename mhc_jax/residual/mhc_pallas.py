@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from mhc_jax.residual.base import pre_mix, res_post_mix
+from mhc_jax.sharding import logical_to_spec
 from mhc_jax.sinkhorn import sinkhorn_forward
 from mhc_jax.sinkhorn_pallas import sinkhorn_vectors
 
@@ -218,7 +218,6 @@ def _platform_call(fn, *args, replicated: int = 0):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return call(*args)
-    from mhc_jax.sharding import logical_to_spec
     rows = logical_to_spec(("activation_batch",), None, mesh)
     ways = 1
     for axis in jax.tree.leaves(tuple(rows)):
@@ -282,7 +281,8 @@ def _scale_bias(n: int, bias: jax.Array, a_pre, a_post, a_res) -> tuple[jax.Arra
 
 def gates_xla(c, bias, a_pre, a_post, a_res, spec: CoefSpec):
     """Eq. 8-9 from the normalised projection c = RMSNorm(vec(x)) phi (..., n^2 + 2n), in XLA: the gates
-    and the unrolled Sinkhorn loop (differentiable through every iteration)."""
+    and the unrolled Sinkhorn loop (differentiable through every iteration). With
+    `mhc_jax.residual.mhc.rms_projection` it is the XLA reference of the kernel (tests)."""
     n = spec.n
     b = bias.astype(jnp.float32)
     h_pre = jax.nn.sigmoid(a_pre * c[..., :n] + b[:n]) + (V4_EPS if spec.v4 else 0.0)
@@ -294,12 +294,6 @@ def gates_xla(c, bias, a_pre, a_post, a_res, spec: CoefSpec):
     else:
         h_res = sinkhorn_forward(logits, spec.iters, spec.eps, False, False)
     return h_pre, h_post, h_res
-
-
-def coefficients_xla(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
-    """The same coefficients in XLA (the reference the kernel is tested against)."""
-    from mhc_jax.residual.mhc import rms_projection  # mhc imports this module
-    return gates_xla(rms_projection(x_BTnC, phi, spec.norm_eps), bias, a_pre, a_post, a_res, spec)
 
 
 def _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
@@ -571,7 +565,3 @@ def res_post_mix_pallas(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, 
     return _res_post(x_BTnC, y_BTC.astype(x_BTnC.dtype), h_post.astype(jnp.float32), h_res.astype(jnp.float32),
                      bool(transposed))
 
-
-# The XLA functions these kernels replace (benchmarks/mhc_kernels.py times one against the other).
-XLA_MIXING = (pre_mix, res_post_mix)
-PALLAS_MIXING = (pre_mix_pallas, res_post_mix_pallas)
