@@ -35,27 +35,28 @@ from mhc_jax.model import Transformer, count_params
 from mhc_jax.model.memory import block_activation_bytes_per_token
 from mhc_jax.residual import RESIDUAL_KINDS
 from mhc_jax.sinkhorn import sinkhorn_knopp
-from mhc_jax.train.metrics import measure_peak_flops
+from mhc_jax.train.metrics import measure_peak_flops, peak_flops_per_device
 from mhc_jax.train.optimizer import make_optimizer
 from mhc_jax.train.step import train_step
 
 KINDS = tuple(RESIDUAL_KINDS)
 
 
-def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int, recompute: bool = True) -> Config:
+def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int, recompute: bool = True,
+             impl: str = "xla", dtype: str = "auto") -> Config:
     heads = 4 if d <= 256 else d // 64  # nanoGPT's CPU shape has 4 heads of 32 at d = 128
     return Config().replace(
         model={"d_model": d, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads,
-               "d_ff": 4 * d, "max_seq_len": seq},
-        residual={"kind": kind, "n_streams": n, "recompute": recompute},
+               "d_ff": 4 * d, "max_seq_len": seq, "dtype": dtype},
+        residual={"kind": kind, "n_streams": n, "recompute": recompute, "impl": impl},
         data={"seq_len": seq, "batch_size": batch},
         optimizer={"warmup_steps": 0})
 
 
 def step_time_ratios(args, d: int, seq: int, batch: int, peak: float) -> dict:
     steps, compile_s, params, flops = {}, {}, {}, {}
-    for kind in KINDS:
-        cfg = make_cfg(kind, d, args.layers, seq, batch, args.n_streams)
+    for kind in args.kinds:
+        cfg = make_cfg(kind, d, args.layers, seq, batch, args.n_streams, impl=args.impl, dtype=args.dtype)
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         batch_ = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
         steps[kind] = functools.partial(train_step, model, make_optimizer(cfg, model), batch_)
@@ -64,7 +65,7 @@ def step_time_ratios(args, d: int, seq: int, batch: int, peak: float) -> dict:
     seconds = interleaved_medians(steps, args.rounds, args.steps)  # machine-load drift hits every kind alike
     return {kind: {"step_time_ratio": seconds[kind] / seconds["plain"], "step_s": seconds[kind],
                    "mfu": flops[kind] * batch * seq / seconds[kind] / peak, "params": params[kind],
-                   "compile_s": compile_s[kind]} for kind in KINDS}
+                   "compile_s": compile_s[kind]} for kind in args.kinds}
 
 
 def block_activation_bytes(kind: str, d: int, seq: int, n: int, recompute: bool) -> float:
@@ -127,25 +128,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per timing round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default=os.path.join(RESULTS, "residual_overhead.json"))
+    p.add_argument("--impl", choices=["xla", "pallas"], default="xla", help="residual.impl of hc / mhc / mhc_lite")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="model.dtype")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="kinds to time (plain first)")
+    p.add_argument("--no-memory", action="store_true", help="skip the compiled memory analyses (timing only)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.rounds = 2, 3
     widths = args.d_model
     per = lambda v: v * len(widths) if len(v) == 1 else v
     seqs, batches = per(args.seq), per(args.batch)
+    if args.kinds[0] != "plain":
+        raise SystemExit(f"--kinds {args.kinds}: the ratios are to plain, so list plain first")
     if not len(seqs) == len(batches) == len(widths):
         raise SystemExit(f"--seq {args.seq} and --batch {args.batch} need one value or one per --d-model {widths}")
 
     load_before = load_average()
-    peak = measure_peak_flops()
+    # CPU: the measured matmul peak; accelerators: the device table's dense bf16 peak (a 512^2 probe is no peak)
+    peak = measure_peak_flops() if jax.default_backend() == "cpu" else peak_flops_per_device()
     shapes = []
     for d, seq, batch in zip(widths, seqs, batches):
-        print(f"d={d} seq={seq} batch={batch}: timing {', '.join(KINDS)} ...", flush=True)
+        print(f"d={d} seq={seq} batch={batch}: timing {', '.join(args.kinds)} ...", flush=True)
         shapes.append({"d_model": d, "seq": seq, "batch": batch, "layers": args.layers,
                        "step_time": step_time_ratios(args, d, seq, batch, peak),
-                       "activation_memory": activation_memory(d, seq, args.n_streams)})
+                       "activation_memory": {} if args.no_memory else activation_memory(d, seq, args.n_streams)})
     load_after = load_average()
-    memory = sinkhorn_memory(args, seqs[0], batches[0])
+    memory = {} if args.no_memory else sinkhorn_memory(args, seqs[0], batches[0])
 
     print(f"\ntrain step, backend={jax.default_backend()} layers={args.layers} n={args.n_streams}; step-time "
           f"ratios are medians over {args.rounds} interleaved rounds of {args.steps} steps; load average "
@@ -154,16 +162,18 @@ def main() -> None:
           f"{'(no recompute)':>14s} {'act. KiB/token':>14s}")
     for s_ in shapes:
         name = f"d{s_['d_model']} T{s_['seq']} B{s_['batch']}"
-        for kind in KINDS:
-            t, m = s_["step_time"][kind], s_["activation_memory"][kind]
-            print(f"{name:>18s} {kind:9s} {t['step_time_ratio']:10.3f} {100 * t['mfu']:5.1f}% {m['ratio']:14.2f} "
-                  f"{m.get('no_recompute_ratio', float('nan')):14.2f} {m['bytes_per_token'] / 1024:14.1f}")
+        for kind in args.kinds:
+            t, m = s_["step_time"][kind], s_["activation_memory"].get(kind, {})
+            print(f"{name:>18s} {kind:9s} {t['step_time_ratio']:10.3f} {100 * t['mfu']:5.1f}% "
+                  f"{m.get('ratio', float('nan')):14.2f} {m.get('no_recompute_ratio', float('nan')):14.2f} "
+                  f"{m.get('bytes_per_token', float('nan')) / 1024:14.1f}")
     print("paper reference: mHC +6.7% step time at n=4 with fused kernels (GPU); activation memory is per block")
     print("\nSinkhorn backward memory (compiled memory analysis)")
     for key, value in memory.items():
         print(f"  {key:36s} {value if not isinstance(value, float) else round(value, 1)}")
     config = {**vars(args), "out": repo_relative(args.out)}
-    path = write_result(args.out, {"config": config, "backend": jax.default_backend(), "peak_flops": peak,
+    path = write_result(args.out, {"config": config, "backend": jax.default_backend(),
+                                   "device": jax.devices()[0].device_kind, "peak_flops": peak,
                                    "loadavg": {"before": load_before, "after": load_after},
                                    "step_time": shapes[0]["step_time"], "shapes": shapes,
                                    "sinkhorn_memory": memory})

@@ -127,8 +127,8 @@ class ResidualConfig:
     # Selective recomputation (mHC paper Sec. 4.3) in HC / mHC / mHC-lite connections: keep only the input
     # streams, coefficients and sublayer output; recompute norm, projection, Sinkhorn and mixing in backward.
     recompute: bool = True
-    # mHC Sinkhorn: "xla" (fused XLA loop) or "pallas" (one kernel per token block, mhc_jax.sinkhorn_pallas;
-    # Mosaic on TPU, interpret mode on CPU; linear domain only).
+    # "xla" or "pallas": Pallas kernels (mhc_jax.residual.mhc_pallas; Triton on GPU, Mosaic on TPU, interpret
+    # mode on CPU) for mHC's coefficients (projection + gates + Sinkhorn) and every n-stream mixing; linear domain.
     impl: Literal["xla", "pallas"] = "xla"
 
 
@@ -362,6 +362,9 @@ def validate(cfg: Config) -> Config:
     if r.impl == "pallas":
         _require(not r.sinkhorn_log_domain, "residual.sinkhorn_log_domain", r.sinkhorn_log_domain,
                  "must be false with residual.impl=pallas (the kernel runs the linear-domain iteration)")
+        # The kernels walk each stream in power-of-two chunks of <= 1024 columns, at most 64 of them.
+        _require(r.kind == "plain" or m.d_model // min(m.d_model & -m.d_model, 1024) <= 64, "model.d_model",
+                 m.d_model, "must be a multiple of 128 (or of d_model / 64) with residual.impl=pallas")
     if r.kind == "mhc_lite":
         _require(r.n_streams <= 6, "residual.n_streams", r.n_streams,
                  "mhc_lite mixes all n! permutations; use n_streams <= 6")

@@ -12,8 +12,9 @@ Backward: the custom VJP stores only the float32 logits and differentiates the X
 as the paper's kernels do.
 
 Platforms: Mosaic TPU (compiled ahead of time for TPU topologies in the tests) and Pallas interpret mode
-on CPU (chosen by `jax.lax.platform_dependent` at lowering time). The BlockSpecs also fit Triton on GPU, but
-no GPU was available to test or time it.
+on CPU (chosen by `jax.lax.platform_dependent` at lowering time); not run on a GPU. `residual.impl: pallas`
+uses the fused coefficient kernel of mhc_jax.residual.mhc_pallas instead, which runs this iteration
+(`sinkhorn_vectors`) inside it (Triton on GPU too).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def _line_normalize(m: list[list[jax.Array]], columns: bool, eps: float) -> list
     return out
 
 
-def _kernel(x_ref, o_ref, *, n: int, num_iters: int, eps: float, softmax_start: bool):
-    rows = [x_ref[k:k + 1, :].astype(jnp.float32) for k in range(n * n)]  # (1, block) each
+def sinkhorn_vectors(rows: list[jax.Array], n: int, num_iters: int, eps: float,
+                     softmax_start: bool) -> list[jax.Array]:
+    """The iteration of `mhc_jax.sinkhorn` on n^2 same-shaped arrays (entry (i, j) of every token's logits
+    is rows[i * n + j]), inside a kernel: float32 in, float32 out, every line sum n - 1 elementwise adds.
+    Shared by this module's kernel and the fused mHC coefficient kernel (mhc_jax.residual.mhc_pallas)."""
     mx = rows[0]
     for r in rows[1:]:
         mx = jnp.maximum(mx, r)
@@ -63,7 +67,12 @@ def _kernel(x_ref, o_ref, *, n: int, num_iters: int, eps: float, softmax_start: 
         mm = _line_normalize(_line_normalize(mm, True, eps), False, eps)  # columns, then rows (Eq. 9)
         return tuple(v for row in mm for v in row)
 
-    flat = jax.lax.fori_loop(0, num_iters, body, tuple(v for row in m for v in row))
+    return list(jax.lax.fori_loop(0, num_iters, body, tuple(v for row in m for v in row)))
+
+
+def _kernel(x_ref, o_ref, *, n: int, num_iters: int, eps: float, softmax_start: bool):
+    rows = [x_ref[k:k + 1, :].astype(jnp.float32) for k in range(n * n)]  # (1, block) each
+    flat = sinkhorn_vectors(rows, n, num_iters, eps, softmax_start)
     for k in range(n * n):
         o_ref[k:k + 1, :] = flat[k]
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ResidualConfig
+from mhc_jax.residual.mhc_pallas import pre_mix_pallas, res_post_mix_pallas
 
 Branch = Callable[[jax.Array], jax.Array]
 Mappings = tuple[jax.Array, jax.Array, jax.Array]
@@ -58,6 +59,9 @@ def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: 
     return res_post_mix(x_BTnC, y_BTC, h_post, h_res, transposed)
 
 
+_XLA_MIXING = (pre_mix, res_post_mix)  # what apply_mappings computes; residual.impl=pallas swaps in kernels
+_PALLAS_MIXING = (pre_mix_pallas, res_post_mix_pallas)
+
 # Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
 # inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
 # the per-token coefficients (n^2 + 2n floats) and the sublayer output, never the float32 intermediates.
@@ -84,10 +88,11 @@ class StreamConnection(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
+        pre_mix, res_post_mix = _PALLAS_MIXING if self.residual.impl == "pallas" else _XLA_MIXING
         if not self.residual.recompute:
             h_pre, h_post, h_res = self.mappings(x_BTnC)
             self._capture(h_res)
-            return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed)
+            return res_post_mix(x_BTnC, branch(pre_mix(x_BTnC, h_pre)), h_post, h_res, self.transposed)
         # A pure function of the connection's state (not nnx.remat of the bound method), so the connection
         # also runs inside plain JAX transforms of a model built outside them (e.g. interpret's jax.grad).
         graphdef, state = nnx.split(self)

@@ -34,6 +34,7 @@ from mhc_jax.layers import param
 # Re-exported: the shared pieces used to live here.
 from mhc_jax.residual.base import (_HI, RECOMPUTE_POLICY, Branch, Mappings, StreamConnection,  # noqa: F401
                                   ablate, acting_h_res, apply_mappings, mixing_flops, pre_mix, res_post_mix)
+from mhc_jax.residual.mhc_pallas import mhc_coefficients
 from mhc_jax.sinkhorn import sinkhorn_flops, sinkhorn_knopp
 from mhc_jax.sinkhorn_pallas import sinkhorn_knopp_pallas
 
@@ -98,6 +99,12 @@ class ManifoldHyperConnection(StreamConnection):
         """(h_pre (..., n), h_post (..., n), h_res (..., n, n)) in float32, ablations applied."""
         if x_BTnC.shape[-2] != self.n:
             raise ValueError(f"mHC connection expects {self.n} streams, got shape {x_BTnC.shape}")
+        r = self.residual
+        if r.impl == "pallas" and r.kind == "mhc":  # projection, gates, Sinkhorn in one kernel (mhc_pallas)
+            eps = (r.sinkhorn_eps or V4_EPS) if self.transposed else r.sinkhorn_eps
+            return ablate(r, *mhc_coefficients(x_BTnC, self.phi[...], self.bias[...], self.alpha_pre[...],
+                                               self.alpha_post[...], self.alpha_res[...], norm_eps=self.norm_eps,
+                                               iters=r.sinkhorn_iters, eps=eps, v4=self.transposed))
         pre, post, res = self.projections(x_BTnC)
         b = self.bias[...].astype(jnp.float32)
         h_pre = jax.nn.sigmoid(self.alpha_pre[...] * pre + b[:self.n])
