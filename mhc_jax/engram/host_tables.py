@@ -215,24 +215,29 @@ class HostTables:
         return list(feed.unique)
 
     def _apply(self, feed: RowFeed, grads: np.ndarray) -> None:
-        R = grads.shape[1]
-        count = jax.device_put(np.int32(self.count), self._cpu)
-        for l, u in enumerate(feed.unique):
-            mine = self.own(l, u)  # every row with one process
-            rows_u, a = u[mine] - self.lo[l], mine.start
+        """One Adam call for the rows this process owns of every layer, packed into a buffer of the next
+        power of two rows (a handful of compiled shapes; not the whole bucket, whose tail is padding)."""
+        runs = [(l, u[self.own(l, u)] - self.lo[l], self.own(l, u).start) for l, u in enumerate(feed.unique)]
+        total = sum(r.size for _, r, _ in runs)
+        R = 1 << max(8, (total - 1).bit_length())
+        buf = np.zeros((4, R, self.dim), np.float32)  # rows, mu, nu, grads
+        at = 0
+        for l, rows_u, a in runs:
             n = rows_u.size
-            mu = np.zeros((R, self.dim), np.float32)
-            nu = np.zeros((R, self.dim), np.float32)
-            np.take(self.mu[l], rows_u, axis=0, out=mu[:n])
-            np.take(self.nu[l], rows_u, axis=0, out=nu[:n])
-            rows, g = np.zeros((R, self.dim), np.float32), np.zeros((R, self.dim), np.float32)
-            rows[:n], g[:n] = feed.rows_EUW[l, a:a + n], grads[l, a:a + n]
-            args = jax.device_put((rows, mu, nu, g), self._cpu)
-            new_rows, new_mu, new_nu = (np.asarray(a) for a in self._adam(count, *args))
-            self.tables[l][rows_u] = new_rows[:n]
-            self.mu[l][rows_u] = new_mu[:n]
-            self.nu[l][rows_u] = new_nu[:n]
+            buf[0, at:at + n], buf[3, at:at + n] = feed.rows_EUW[l, a:a + n], grads[l, a:a + n]
+            np.take(self.mu[l], rows_u, axis=0, out=buf[1, at:at + n])
+            np.take(self.nu[l], rows_u, axis=0, out=buf[2, at:at + n])
+            at += n
+        count = jax.device_put(np.int32(self.count), self._cpu)
+        new_rows, new_mu, new_nu = (np.asarray(x) for x in self._adam(count, *jax.device_put(tuple(buf), self._cpu)))
+        at = 0
+        for l, rows_u, _ in runs:
+            n = rows_u.size
+            self.tables[l][rows_u] = new_rows[at:at + n]
+            self.mu[l][rows_u] = new_mu[at:at + n]
+            self.nu[l][rows_u] = new_nu[at:at + n]
             self.touched[l][rows_u] = True
+            at += n
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints and statistics
