@@ -120,6 +120,11 @@ class Case:
             lowered = step.lower(self.state, self.batch)
             self.compiled = lowered.compile()
         self.sha1 = hashlib.sha1(lowered.as_text().encode()).hexdigest()[:12]
+        cost = self.compiled.cost_analysis()
+        cost = (cost[0] if isinstance(cost, list) else cost) or {}
+        # XLA counts a scanned layer loop's body once: compare FLOPs of unrolled programs only.
+        self.cost = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                     "scanned": bool(cfg.model.scan_layers and not cfg.engram.enabled)}
         self.cfg, self.times, self.apply_s, self.steps, self.waited_s = cfg, [], [], 0, 0.0
         self.loss = float("nan")
 
@@ -148,7 +153,7 @@ class Case:
     def result(self) -> dict[str, Any]:
         out = {"step_s": float(np.median(self.times)), "step_s_all": [float(t) for t in self.times],
                "loss": self.loss, "init_s": self.init_s, "device_bytes": memory_bytes(self.compiled),
-               "program_sha1": self.sha1}
+               "program_sha1": self.sha1, "xla_cost": self.cost}
         if self.rows is not None:
             rows, tables = self.rows, self.tables
             out.update({"gather_ms_per_step": 1e3 * rows.gather_s / rows.steps,
@@ -203,6 +208,8 @@ def main() -> None:
     # Every case built first, then stepped round-robin (run_interleaved): ratios from one stretch of time.
     # The hashed ids depend on the primes, so each table size hashes its own batches.
     built = {"no_engram": Case(make_cfg(q, engram=False), plain),
+             # Engram blocks are never stacked, so the Engram models run unrolled: the same baseline unrolled
+             "no_engram_unrolled": Case(make_cfg(q, engram=False).replace(model={"scan_layers": False}), plain),
              f"device_dense_{sizes[0]}": Case(make_cfg(q, rows=sizes[0], update="dense"), batches)}
     for rows in sizes:
         cfg = make_cfg(q, rows=rows)
@@ -232,6 +239,9 @@ def main() -> None:
     ratios = {
         "step_time_largest_over_smallest_table": large["step_s"] / small["step_s"],
         "step_time_engram_sparse_over_no_engram": small["step_s"] / base["step_s"],
+        "step_time_engram_sparse_over_no_engram_unrolled": small["step_s"] / cases["no_engram_unrolled"]["step_s"],
+        "flops_engram_over_no_engram_unrolled":
+            small["xla_cost"]["flops"] / max(cases["no_engram_unrolled"]["xla_cost"]["flops"], 1.0),
         "step_time_engram_sparse_over_device_dense": small["step_s"] / cases[f"device_dense_{sizes[0]}"]["step_s"],
         "device_bytes_equal_across_table_sizes": len({cases[f"sparse_{r}"]["device_bytes"]["argument_plus_temp"]
                                                       for r in sizes}) == 1,
