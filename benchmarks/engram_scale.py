@@ -9,7 +9,8 @@ Goals (issue 19): step time 10M / 100k rows <= 1.05 (cost independent of the tab
 Every step time is the trainer's whole step: next batch (rows fed by the prefetcher) -> jitted step ->
 row-wise Adam on the host, synchronised, median over the timed steps. The cases are built first and then
 stepped round-robin (one step of each per round), so load that changes during the run falls on all alike.
-Host memory: every table size at once (10M rows: ~4 GB with moments), then the 10M x 64 table alone (~7.7 GB).
+Host memory: every table size at once, then the 10M x 64 table alone (moments of untouched rows cost no RAM);
+measured peak RSS of the whole run 6.1 GB.
 
     python benchmarks/engram_scale.py --quick
 """
