@@ -103,6 +103,9 @@ def model_tensors(model: nnx.Module, engram_tables: Any = None
         axes = var.get_metadata().get("axes")
         info[name] = {"shape": list(value.shape), "dtype": str(value.dtype), "kind": type(var).__name__,
                       "axes": None if axes is None else list(axes)}
+    if getattr(engram_tables, "process_count", 1) > 1:
+        raise CheckpointError("exporting sparse Engram tables needs every row on one process: run the export "
+                              "as one process (`python -m mhc_jax.export --workdir ...` reads every range)")
     for layer, table in zip(getattr(engram_tables, "layers", ()), getattr(engram_tables, "tables", ())):
         name = host_table_name(layer)
         tensors[name] = table  # float32, C-contiguous: written without a copy
@@ -199,10 +202,12 @@ def load(directory: str, mesh: Mesh | None = None) -> Exported:
     if host_names:  # sparse: the tables go back into host RAM, with zero moments
         tables = host_tables(cfg, initialise=False)
         for i, name in enumerate(host_names):
-            if tensors[name].shape != tables.tables[i].shape or tensors[name].dtype != np.float32:
+            whole = (tables.n_rows[i], tables.dim)
+            if tensors[name].shape != whole or tensors[name].dtype != np.float32:
                 raise CheckpointError(f"tensor {name}: file has {tensors[name].shape} {tensors[name].dtype}, the "
-                                      f"config's host table needs {tables.tables[i].shape} float32")
-            tables.tables[i] = np.ascontiguousarray(tensors.pop(name))
+                                      f"config's host table needs {whole} float32")
+            table = tensors.pop(name)  # several processes: each keeps its own row range
+            tables.tables[i][:tables.hi[i] - tables.lo[i]] = table[tables.lo[i]:tables.hi[i]]
     return Exported(cfg=cfg, model=model, tokenizer=load_tokenizer(cfg.data.tokenizer),
                     step=int(manifest.get("step", 0)), engram_tables=tables)
 

@@ -6,7 +6,9 @@ encoded separately, so the continuation's tokens are exactly those scored). A re
 `model.max_seq_len` keeps its last max_seq_len tokens (the continuation must fit). Requests are padded to
 a length bucket (a power of two up to max_seq_len, so few shapes compile) and to whole batches whose row
 count divides over the mesh's batch axes; padded positions get segment id 0. Engram ids are computed per
-request on the host by the same `EngramIds` the training pipeline uses, with the row's segment ids.
+request on the host by the same `EngramIds` the training pipeline uses, with the row's segment ids; a model
+with sparse host tables (engram.update=sparse) gets each batch's rows from its `HostTables` (`engram_tables`:
+from the checkpoint with `load_scorer(workdir=...)`, from the export with `load_scorer(export_dir=...)`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from mhc_jax.engram.ids import EngramIds
 from mhc_jax.export import load as load_export
 from mhc_jax.sampling import generate
 from mhc_jax.sharding import batch_ways, make_mesh
+from mhc_jax.train.sparse_rows import tables_from_workdir
 from mhc_jax.train.state import load_model_from_workdir
 
 
 @nnx.jit
-def _token_logprobs(model, tokens_BT, targets_BT, segment_ids_BT, engram_ids):
+def _token_logprobs(model, tokens_BT, targets_BT, segment_ids_BT, engram_ids, engram_rows=None):
     """(log p(target_t | tokens_<=t), target_t == argmax) for every position: (B, T) float32, (B, T) bool."""
-    logits_BTV = model(tokens_BT, segment_ids_BT=segment_ids_BT, engram_ids_BTEG=engram_ids)
+    logits_BTV = model(tokens_BT, segment_ids_BT=segment_ids_BT, engram_ids_BTEG=engram_ids,
+                       engram_rows_EUW=engram_rows)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     picked_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     return picked_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
@@ -40,9 +44,14 @@ def _token_logprobs(model, tokens_BT, targets_BT, segment_ids_BT, engram_ids):
 class Scorer:
     """`loglikelihood`, `loglikelihood_rolling` and `generate_until` over lists of text requests."""
 
-    def __init__(self, model: nnx.Module, tokenizer: Any, *, batch_size: int = 8, mesh: Mesh | None = None):
-
+    def __init__(self, model: nnx.Module, tokenizer: Any, *, batch_size: int = 8, mesh: Mesh | None = None,
+                 engram_tables: Any = None):
+        """`engram_tables`: the `HostTables` of a model with engram.update=sparse (required there)."""
         self.model, self.tokenizer, self.cfg = model, tokenizer, model.cfg
+        if self.cfg.engram.sparse and engram_tables is None:
+            raise ValueError("this model has engram.update=sparse (tables in host RAM): pass engram_tables "
+                             "(load_scorer reads them from the checkpoint or the export)")
+        self.engram_tables = engram_tables
         self.mesh = mesh or make_mesh(self.cfg.mesh)
         ways = batch_ways(self.mesh)
         self.batch_size = -(-max(1, batch_size) // ways) * ways  # rows divide over the batch axes
@@ -70,10 +79,16 @@ class Scorer:
                 row = rows[i]
                 n = len(row) - 1
                 tokens[r, :n], targets[r, :n], seg[r, :n] = row[:-1], row[1:], 1
-            engram = None if self.engram_ids is None else jnp.asarray(self.engram_ids(tokens, seg))
+            engram = engram_rows = None
+            if self.engram_ids is not None:
+                engram = self.engram_ids(tokens, seg)
+                if self.engram_tables is not None:  # sparse: slots into the batch's rows (one bucket per shape)
+                    feed = self.engram_tables.feed(engram, engram.shape[0] * engram.shape[1] * engram.shape[3])
+                    engram, engram_rows = feed.slots_BTEG, jnp.asarray(feed.rows_EUW)
+                engram = jnp.asarray(engram)
             with jax.set_mesh(self.mesh):
                 logp, greedy = _token_logprobs(self.model, jnp.asarray(tokens), jnp.asarray(targets),
-                                               jnp.asarray(seg), engram)
+                                               jnp.asarray(seg), engram, engram_rows)
             logp, greedy = np.asarray(logp, np.float64), np.asarray(greedy)
             for r, i in enumerate(idx):
                 n = len(rows[i]) - 1
@@ -130,7 +145,8 @@ class Scorer:
             # One row: no mesh context (a batch of 1 does not split over the batch axes; the parameters keep
             # their shardings).
             new = generate(self.model, ids, max_new, temperature=temperature, seed=int(kwargs.get("seed", 0)),
-                           engram_ids=self.engram_ids, eos_id=self.tokenizer.eos_id) if max_new else []
+                           engram_ids=self.engram_ids, eos_id=self.tokenizer.eos_id,
+                           engram_tables=self.engram_tables) if max_new else []
             text = self.tokenizer.decode(new)
             cut = min([text.find(s) for s in until if s and s in text], default=len(text))
             outs.append(text[:cut])
@@ -143,6 +159,7 @@ def load_scorer(workdir: str = "", export_dir: str = "", batch_size: int = 8) ->
         raise ValueError("give exactly one of workdir (a train.py workdir) and export_dir (an mhc_jax.export folder)")
     if export_dir:
         exp = load_export(export_dir)
-        return Scorer(exp.model, exp.tokenizer, batch_size=batch_size)
-    cfg, model, _ = load_model_from_workdir(workdir)
-    return Scorer(model, load_tokenizer(cfg.data.tokenizer), batch_size=batch_size)
+        return Scorer(exp.model, exp.tokenizer, batch_size=batch_size, engram_tables=exp.engram_tables)
+    cfg, model, step = load_model_from_workdir(workdir)
+    return Scorer(model, load_tokenizer(cfg.data.tokenizer), batch_size=batch_size,
+                  engram_tables=tables_from_workdir(workdir, cfg, step))  # None unless engram.update=sparse

@@ -227,6 +227,33 @@ def _losses(workdir: str) -> list[float]:
     return [rows[s] for s in sorted(rows)]
 
 
+REQUESTS = [("def f(x):", " return x"), ("import os", "\nimport sys"), ("class A", "(object):"), ("x = 1", " + 2")]
+
+
+def test_scoring_a_sparse_model_equals_device_placement_from_its_tables_and_its_export(tmp_path):
+    """mhc_jax.scoring (the lm-eval / multiple-choice engine) feeds a sparse model its rows from the host
+    tables: the same log-likelihoods and generations as the dense model holding the same tables, also when
+    the model and tables come back from an export."""
+    from mhc_jax.export import export_model
+    from mhc_jax.scoring import Scorer, load_scorer
+
+    _, dense, cfg, sparse, tables = dense_and_sparse()
+    for block in list(dense.blocks) + list(sparse.blocks):
+        block.engram.conv[...] = 0.3 * jax.random.normal(jax.random.key(3), block.engram.conv[...].shape)
+    want = Scorer(dense, ByteTokenizer(), batch_size=4).loglikelihood(REQUESTS)
+    with pytest.raises(ValueError, match="engram_tables"):
+        Scorer(sparse, ByteTokenizer())
+    scorer = Scorer(sparse, ByteTokenizer(), batch_size=4, engram_tables=tables)
+    got = scorer.loglikelihood(REQUESTS)
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-6, atol=1e-5)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    gen = [("def ", {"max_gen_toks": 8})]
+    assert scorer.generate_until(gen) == Scorer(dense, ByteTokenizer()).generate_until(gen)
+    exported = load_scorer(export_dir=export_model(cfg, sparse, str(tmp_path / "export"), engram_tables=tables))
+    assert exported.engram_tables is not None
+    np.testing.assert_allclose([g[0] for g in exported.loglikelihood(REQUESTS)], [g[0] for g in got], rtol=0, atol=1e-5)
+
+
 def test_trainer_with_sparse_tables_resumes_bitwise_and_prefetch_changes_nothing(tmp_path, prose_path):
     """Rows prefetched while the previous step runs (and refreshed after its update) give the same run as
     gathering after the update; the host tables and row moments resume bitwise from an Orbax checkpoint."""
@@ -251,6 +278,13 @@ def test_trainer_with_sparse_tables_resumes_bitwise_and_prefetch_changes_nothing
     final = load_tables(ckpt, cfg, 6)
     ckpt.close()
     assert final.count == 6
+    # Scoring from the checkpoint (model + host tables) equals scoring from its export.
+    from mhc_jax.export import export_workdir
+    from mhc_jax.scoring import load_scorer
+    from_ckpt = load_scorer(workdir=on).loglikelihood(REQUESTS)
+    from_export = load_scorer(export_dir=export_workdir(on, str(tmp_path / "export"))).loglikelihood(REQUESTS)
+    assert np.isfinite([x[0] for x in from_ckpt]).all()
+    np.testing.assert_allclose([x[0] for x in from_ckpt], [x[0] for x in from_export], rtol=0, atol=1e-5)
     shutil.rmtree(os.path.join(on, "checkpoints", "6"))  # resume from step 3: tables, moments, data
     run(cfg.replace(training={"sample_tokens": 0}), on, progress=False)
     assert _losses(on) == _losses(off)

@@ -99,26 +99,43 @@ def _host_words(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1).view(np.uint32)
 
 
-def _host_array_checksum(x: np.ndarray) -> tuple[int, int]:
+def _host_array_checksum(x: np.ndarray, first: int = 0) -> tuple[int, int]:
     """`_array_checksum` of a host (numpy) array, on the host CPU in chunks: uint32 arithmetic wraps in
-    numpy as in XLA, so the two sums are the same numbers."""
+    numpy as in XLA, so the two sums are the same numbers. `first`: the flat word index of x's first word
+    in a larger array (the sums of the parts of an array add up to the array's, mod 2**32)."""
     u = _host_words(x)
     s1 = s2 = np.uint32(0)
     with np.errstate(over="ignore"):
         for start in range(0, u.size, _HOST_CHUNK):
             w = u[start:start + _HOST_CHUNK]
-            idx = np.arange(start, start + w.size, dtype=np.uint64).astype(np.uint32)  # wraps like the iota
+            idx = np.arange(first + start, first + start + w.size, dtype=np.uint64).astype(np.uint32)  # as the iota
             s1 = s1 + np.sum(w * (np.uint32(2) * idx + np.uint32(1)), dtype=np.uint32)
             mixed = (w ^ (w >> np.uint32(16))) * np.uint32(0x45D9F3B)
             s2 = s2 + np.sum(mixed * ((idx * np.uint32(0x9E3779B1)) | np.uint32(1)), dtype=np.uint32)
     return int(s1), int(s2)
 
 
+def _row_shard_checksum(x: jax.Array) -> tuple[int, int]:
+    """This process's part of `_host_array_checksum` of a global array split by rows over processes (the
+    sparse Engram tables of several processes: one shard each)."""
+    shard = x.addressable_shards[0]
+    first = (shard.index[0].start or 0) * int(np.prod(x.shape[1:]))
+    return _host_array_checksum(np.asarray(shard.data), first) if shard.replica_id == 0 else (0, 0)
+
+
 def host_tree_checksums(tree: Any) -> dict[str, str]:
     """`tree_checksums` of a numpy tree kept in host RAM (sparse Engram tables and row moments), computed
-    on the host without copying the tables to a device."""
-    return {jax.tree_util.keystr(path): "%08x%08x" % _host_array_checksum(np.asarray(x))
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    on the host without copying the tables to a device. Global arrays split by rows over processes
+    (several processes' tables) are summed over the processes (a collective: every process calls it)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    split = [isinstance(x, jax.Array) and not x.is_fully_addressable for _, x in leaves]
+    sums = np.asarray([_row_shard_checksum(x) if s else _host_array_checksum(np.asarray(x))
+                       for (_, x), s in zip(leaves, split)], np.uint32).reshape(len(leaves), 2)
+    if any(split):
+        from jax.experimental import multihost_utils
+        every = np.asarray(multihost_utils.process_allgather(sums)).astype(np.uint64)  # (P, leaves, 2)
+        sums = np.where(np.asarray(split)[:, None], every.sum(0) % (1 << 32), sums)
+    return {jax.tree_util.keystr(path): "%08x%08x" % tuple(int(v) for v in s) for (path, _), s in zip(leaves, sums)}
 
 
 def _json_digest(obj: Any) -> str:
@@ -324,7 +341,8 @@ class Checkpointer:
     def _read_host_state(self, target: Any, step: int, meta: dict) -> Any:
         out = self.manager.restore(step, args=ocp.args.Composite(  # numpy leaves restore as numpy
             **{HOST_ITEM: ocp.args.StandardRestore(target)}))
-        host = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else np.asarray(x), out[HOST_ITEM])
+        host = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) or not getattr(x, "is_fully_addressable", True)  # row shard
+                            else np.asarray(x), out[HOST_ITEM])
         want = meta.get("host_checksums")
         if want is not None:  # written before host checksums existed: trusted as it is
             got = host_tree_checksums(host)

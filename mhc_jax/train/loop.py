@@ -260,6 +260,10 @@ def build(cfg: Config, workdir: str) -> Session:
         graphdef, state, shardings = init_train_state(cfg, mesh)
         if cfg.engram.sparse:  # host tables and the prefetcher of their rows (train/sparse_rows)
             tables = sparse_rows.host_tables(cfg)
+            if jax.process_count() > 1:  # each process holds its own row range of every table
+                print(f"process {jax.process_index()}: Engram host tables hold rows "
+                      + ", ".join(f"[{lo}, {hi})" for lo, hi in zip(tables.lo, tables.hi))
+                      + f" of {tables.n_rows} ({tables.nbytes} bytes with moments)", flush=True)
             rows = train_iter = sparse_rows.row_prefetcher(cfg, mesh, make_train_iterator(cfg), tables)
         else:
             train_iter = make_train_iterator(cfg, mesh=mesh)

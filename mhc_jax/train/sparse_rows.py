@@ -22,9 +22,7 @@ from mhc_jax.train.state import CHECKPOINT_DIR
 
 
 def host_tables(cfg: Config, initialise: bool = True) -> HostTables:
-    if jax.process_count() > 1:
-        raise ConfigError(f"engram.update=sparse runs on one process for now ({jax.process_count()} here; the "
-                          "multi-host plan is in the README's Engram section); use engram.update=dense")
+    """This process's row range of every table (all rows on one process)."""
     return HostTables(cfg.engram, engram_adam(cfg), seed=cfg.training.seed, initialise=initialise)
 
 
@@ -33,8 +31,10 @@ def _to_device(mesh: Mesh):
 
 
 def row_prefetcher(cfg: Config, mesh: Mesh, batches: Iterator[dict], tables: HostTables) -> RowPrefetcher:
-    """Wraps the host-side train iterator (`make_train_iterator(cfg)` without a mesh)."""
-    return RowPrefetcher(batches, tables, cfg.engram_row_bucket, _to_device(mesh), prefetch=cfg.engram.rows_prefetch)
+    """Wraps the host-side train iterator (`make_train_iterator(cfg)` without a mesh). Several processes
+    never prefetch: their `feed` is a collective, which must not run beside the step's collectives."""
+    return RowPrefetcher(batches, tables, cfg.engram_row_bucket, _to_device(mesh),
+                         prefetch=cfg.engram.rows_prefetch and tables.process_count == 1)
 
 
 def with_rows(cfg: Config, mesh: Mesh, tables: HostTables, batches: Iterable[dict]) -> Iterator[dict]:
@@ -85,7 +85,7 @@ def dense_hit_stats(cfg: Config, batch: dict) -> dict[str, float]:
 def stats(rows: RowPrefetcher) -> dict[str, Any]:
     """Table hit rates of the batch last fed and how much of the host gather the prefetch hid."""
     feed = rows.feed
-    n_ids = 0 if feed is None else int(feed.slots_BTEG[..., 0, :].size)
+    n_ids = 0 if feed is None else int(feed.slots_BTEG[..., 0, :].size) * rows.tables.process_count
     out = {} if feed is None else rows.tables.hit_stats(feed, n_ids)
     out["engram_gather_hidden_frac"] = rows.hidden_fraction
     return out
