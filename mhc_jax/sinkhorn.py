@@ -16,6 +16,13 @@ Layout (speed): the iteration runs on (n, n, ...) with the token axes last, and 
 the n slices along a leading axis (elementwise adds), so XLA fuses each normalisation with its sums
 into loop fusions over contiguous token vectors: 3 small fusions per iteration instead of reductions over
 an axis of 4 strided floats. Measured on 2 CPU cores for (768, 4, 4) logits: the forward ~20x faster.
+
+Why a loop and not a Python-unrolled iteration (measured, jax 0.10 XLA:CPU, (768, 4, 4) logits, one-process
+A/B): unrolled, XLA fuses across iterations and recomputes each fused producer once per slice of the next
+line sum, so the work grows with depth: the unrolled forward compiled to 42 fusions and ran 6x slower than the
+loop (1.5 ms vs 0.25 ms), its backward (88 fusions) over 100x slower; optimization barriers do not stop it
+(XLA:CPU removes them before fusion). In the loop every iteration's input is materialised, so each fusion
+does a bounded amount of work. The backward's cotangent line sums are reductions for the same reason.
 """
 
 from __future__ import annotations
