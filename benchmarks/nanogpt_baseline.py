@@ -48,7 +48,8 @@ def make_cfg(kind: str, corpus: str, steps: int, eval_batches: int, peak: float)
         data={"dataset": f"text:{os.path.abspath(corpus)}", "tokenizer": "byte", "seq_len": 64, "batch_size": 12},
         optimizer={"lr": 1e-3, "b2": 0.99, "warmup_steps": 100, "schedule": "cosine", "min_lr_ratio": 0.1,
                    "weight_decay": 0.1, "clip_norm": 1.0},
-        training={"steps": steps, "log_every": 50, "eval_every": max(steps // 4, 1), "eval_batches": eval_batches,
+        # eval_every a multiple of log_every: each eval follows a log row, so no timing window holds it
+        training={"steps": steps, "log_every": 50, "eval_every": max(steps // 200, 1) * 50, "eval_batches": eval_batches,
                   "diagnostics_every": 0, "sample_tokens": 200, "sample_prompt": "ROMEO:", "peak_flops": peak},
         checkpoint={"every": steps, "keep": 1, "async_save": False})
 

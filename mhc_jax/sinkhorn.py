@@ -16,6 +16,13 @@ Layout (speed): the iteration runs on (n, n, ...) with the token axes last, and 
 the n slices along a leading axis (elementwise adds), so XLA fuses each normalisation with its sums
 into loop fusions over contiguous token vectors: 3 small fusions per iteration instead of reductions over
 an axis of 4 strided floats. Measured on 2 CPU cores for (768, 4, 4) logits: the forward ~20x faster.
+
+Why a loop and not a Python-unrolled iteration (measured, jax 0.10 XLA:CPU, (768, 4, 4) logits, one-process
+A/B): unrolled, XLA fuses across iterations and recomputes each fused producer once per slice of the next
+line sum, so the work grows with depth: the unrolled forward compiled to 42 fusions and ran 6x slower than the
+loop (1.5 ms vs 0.25 ms), its backward (88 fusions) over 100x slower; optimization barriers do not stop it
+(XLA:CPU removes them before fusion). In the loop every iteration's input is materialised, so each fusion
+does a bounded amount of work. The backward's cotangent line sums are reductions for the same reason.
 """
 
 from __future__ import annotations
@@ -108,13 +115,17 @@ def _iterate_bwd(num_iters, eps, history, g):
     def step(g_, m_prev):
         # One iteration's backward from its input: recompute a = colnorm(m), b = rownorm(a), then
         # d(m / s) = (g - sum(g * out)) / s along each line (the 1/s-only form of _normalize_bwd).
+        # The two cotangent line sums are reductions (jnp.sum), not _line_sum's slice adds: summed by
+        # slices, g_a would be fused into the column sum's consumer and recomputed (with its own row
+        # sum) for every slice; a reduction materialises each sum once. Measured on 2 CPU cores for
+        # (768, 4, 4) logits, forward + backward: 3.5 ms -> 1.2 ms (README, mHC Cost).
         s_c = _line_sum(m_prev, 0) + eps
         s_c = jnp.where(s_c < _TINY, 1.0, s_c)
         a = m_prev / s_c
         s_r = _line_sum(a, 1) + eps
         s_r = jnp.where(s_r < _TINY, 1.0, s_r)
-        g_a = (g_ - _line_sum(g_ * (a / s_r), 1)) / s_r
-        return (g_a - _line_sum(g_a * a, 0)) / s_c, None
+        g_a = (g_ - jnp.sum(g_ * (a / s_r), axis=1, keepdims=True)) / s_r
+        return (g_a - jnp.sum(g_a * a, axis=0, keepdims=True)) / s_c, None
 
     g_m, _ = jax.lax.scan(step, g, history, reverse=True)
     return (g_m,)

@@ -50,6 +50,24 @@ def test_loss_goes_down_in_a_few_dozen_steps(tmp_path):
     assert result.sample.startswith(cfg.training.sample_prompt)
 
 
+def test_logged_step_time_excludes_evaluation_and_checkpoint_time(tmp_path, monkeypatch):
+    """The MFU / tokens-per-second columns time train steps only: an eval (and checkpoint) right after a log
+    row is not charged to the next window's steps (it was, inflating step_time ~(eval s / log_every))."""
+    import mhc_jax.train.loop as loop
+    real = loop.evaluate
+
+    def slow_evaluate(s, step):
+        time.sleep(2.0)  # a stand-in for a long eval: 2 s over the 2 steps of a window would be >= 1 s each
+        return real(s, step)
+
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    cfg = tiny("training.steps=8", "training.log_every=2", "training.eval_every=2", "checkpoint.every=4")
+    run(cfg, str(tmp_path), progress=False)
+    rows = [r for r in read_metrics(str(tmp_path), "train") if r["step"] > 2]  # the first window holds the compile
+    assert len(rows) == 6
+    assert max(r["step_time"] for r in rows) < 0.9, [r["step_time"] for r in rows]
+
+
 def test_gradient_accumulation_equals_one_big_batch():
     cfg = tiny()
     model = Transformer(cfg, rngs=nnx.Rngs(0))

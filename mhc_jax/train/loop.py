@@ -437,6 +437,8 @@ def run(cfg: Config, workdir: str, *, progress: bool = True) -> RunResult:
                     s.result.eval = evaluate(s, done)
                 if save_now:
                     save_checkpoint(s, done)
+                if not s.pending and (diagnose_now or evaluate_now or save_now):
+                    s.window_start = time.perf_counter()  # the next window times train steps, not this eval / save
                 s.result.step = done
                 if stop:
                     s.result.status = "preempted"
