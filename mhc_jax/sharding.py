@@ -126,11 +126,13 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None], rules: dict | None = None) -> jax.Array:
-    """with_sharding_constraint by logical names under the current mesh; a no-op without one."""
+    """with_sharding_constraint by logical names under the current mesh; a no-op without one. A dimension
+    its mesh axes do not divide is left replicated over them (e.g. the batch of 1 of generation on a
+    data x fsdp mesh: asking to split it would make the partitioner replicate and re-split the tensor)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(axes, rules, mesh)
+    spec = _divisible_spec(logical_to_spec(axes, rules, mesh), x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -18,12 +18,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env(cache_dir: str = "") -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu",
+def env(cache_dir: str = "", xla_flags: str = "") -> dict[str, str]:
+    """The environment of one process: LOCAL_DEVICES fake CPU devices (plus `xla_flags`), this checkout first
+    on PYTHONPATH, no launch variables (the launch flags are passed), and `cache_dir` as the persistent
+    compilation cache."""
+    flags = f"--xla_force_host_platform_device_count={LOCAL_DEVICES} {xla_flags}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # The persistent compilation cache: the resumed run and the CLIs reuse the programs. One directory per
-    # process: a CPU executable with gloo collectives compiled by one process, loaded by the other, left the
-    # processes creating their gloo contexts out of step (a 30 s key-value timeout at the first collective).
+    # The persistent compilation cache, one directory per process. JAX writes entries from process 0 only,
+    # and a CPU program's cache key differs per process, so only process 0's later launches reuse programs:
+    # process 1 compiles every program in every launch, and process 0 waits for it at the first collective
+    # (gloo creates its context within a 30 s key-value timeout: keep each compile well under that).
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     for name in ("MHC_JAX_COORDINATOR", "MHC_JAX_NUM_PROCESSES", "MHC_JAX_PROCESS_ID", "MHC_JAX_DISTRIBUTED"):
@@ -31,7 +36,7 @@ def env(cache_dir: str = "") -> dict[str, str]:
     return env
 
 
-def spawn(cmd: list[str], out_dir, tag: str) -> list[tuple[subprocess.Popen, str]]:
+def spawn(cmd: list[str], out_dir, tag: str, xla_flags: str = "") -> list[tuple[subprocess.Popen, str]]:
     """Starts `cmd` on N_PROCESSES processes joined at a fresh localhost port; stdout+stderr to files."""
     port = free_port()
     procs = []
@@ -40,7 +45,7 @@ def spawn(cmd: list[str], out_dir, tag: str) -> list[tuple[subprocess.Popen, str
         launch = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(N_PROCESSES), "--process-id", str(i)]
         with open(log_path, "w") as log:
             procs.append((subprocess.Popen(cmd + launch, stdout=log, stderr=subprocess.STDOUT,
-                                           env=env(os.path.join(out_dir, f"jax-cache-{i}")),
+                                           env=env(os.path.join(out_dir, f"jax-cache-{i}"), xla_flags),
                                            cwd=REPO_ROOT), log_path))
     return procs
 

@@ -7,6 +7,7 @@ modules (plain / HC / mHC / mHC-lite, see mhc_jax.residual), and, at the blocks 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -90,36 +91,74 @@ class Block(nnx.Module):
 # --------------------------------------------------------------------------------------------------
 # Scan over layers (model.scan_layers)
 #
-# Scheme: blocks are grouped into maximal runs of consecutive blocks that are built alike
-# (`block_key`); a run of two or more becomes one `BlockStack` whose parameters carry a leading "layers"
-# axis and which runs as one `lax.scan` (remat policy applied to the scan body), so the compiled program
-# holds one block body per run, not one per layer. A block unlike its neighbours stays a plain `Block`
-# called as itself: every Engram block (its own table rows and hash primes), and any leading block that
-# differs. To make blocks differ by something else (e.g. a per-layer attention window), add it to
-# `block_key`. Each layer is still built by `Block(cfg, index)` (per-index initialisation, e.g. HC's
-# one-hot on stream index mod n, is kept) and the results are stacked.
+# Scheme: blocks are grouped into maximal runs of consecutive blocks with the same parameter structure
+# (`block_key`: dense or MoE feed-forward); a run of two or more becomes one `BlockStack` whose parameters
+# carry a leading "layers" axis (one row per block, in block order) and which runs as one `lax.scan`, so the
+# compiled program holds one body per run, not one per layer. Blocks of a run may still differ in how they
+# compute (`block_variant`: the attention window): when the variants repeat with a period p (e.g. local /
+# global windows alternating, model.global_every=2: p = 2) the scan runs over groups of p consecutive blocks
+# and its body applies the period's p blocks in order, each with its own variant and remat policy; a run
+# whose variants are not periodic (a tail shorter than a period, or no repetition) splits into runs of equal
+# variants. The program then holds at most p block bodies per run, whatever the depth. A block unlike its
+# neighbours stays a plain `Block` called as itself: every Engram block (its own table rows and hash
+# primes), and any leading block that differs. Each layer is still built by `Block(cfg, index)` (per-index
+# initialisation, e.g. HC's one-hot on stream index mod n, is kept) and the results are stacked.
 # Checkpoints store the stacked layout: `blocks/<group>/layers/...` with a leading layer axis.
 # --------------------------------------------------------------------------------------------------
 
 
 def block_key(cfg: Config, index: int) -> tuple | None:
-    """What decides whether block `index` can share a scan with its neighbours; None: never stacked."""
+    """Block `index`'s parameter structure: blocks that may share a scan have equal keys; None: never stacked."""
     if cfg.engram.enabled and index in cfg.engram.layers:
         return None
-    m = cfg.model  # blocks with another attention window compile to another program
-    return ("block", layer_windows(m.n_layers, m.attention_window, m.global_every)[index], is_moe_block(m, index))
+    return ("block", is_moe_block(cfg.model, index))
 
 
-def block_groups(cfg: Config) -> list[tuple[int, ...]]:
-    """Block indices in order, grouped for model.scan_layers (runs of equal, non-None `block_key`)."""
+def block_variant(cfg: Config, index: int) -> int:
+    """What else makes block `index` compile to another program than its neighbours: its attention window.
+    (A new per-block static setting goes here and into `BlockStack._variant`.)"""
+    m = cfg.model
+    return layer_windows(m.n_layers, m.attention_window, m.global_every)[index]
+
+
+def _period(variants: list) -> int:
+    """The smallest p such that the sequence repeats with period p at least twice (variants[i] ==
+    variants[i - p]), or 0 if there is none."""
+    for p in range(1, len(variants) // 2 + 1):
+        if all(variants[i] == variants[i - p] for i in range(p, len(variants))):
+            return p
+    return 0
+
+
+def _split_run(run: list[int], variants: list) -> list[list[int]]:
+    """A run of structurally equal blocks -> groups: whole periods of a periodic variant pattern as one
+    group, the tail (a prefix of the period) grouped likewise; a non-periodic run as runs of equal variants."""
+    if len(run) < 2:
+        return [run] if run else []
+    p = _period(variants)
+    if p:
+        whole = len(run) // p * p
+        return [run[:whole]] + _split_run(run[whole:], variants[whole:])
     groups: list[list[int]] = []
-    for i in range(cfg.model.n_layers):
-        key = block_key(cfg, i)
-        if groups and key is not None and block_key(cfg, groups[-1][-1]) == key:
+    for i, v in zip(run, variants):
+        if groups and variants[run.index(groups[-1][-1])] == v:
             groups[-1].append(i)
         else:
             groups.append([i])
-    return [tuple(g) for g in groups]
+    return groups
+
+
+def block_groups(cfg: Config) -> list[tuple[int, ...]]:
+    """Block indices in order, grouped for model.scan_layers (`_split_run` of each run of equal, non-None
+    `block_key`); a group of one is a plain Block."""
+    runs: list[list[int]] = []
+    for i in range(cfg.model.n_layers):
+        key = block_key(cfg, i)
+        if runs and key is not None and block_key(cfg, runs[-1][-1]) == key:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return [tuple(g) for run in runs for g in _split_run(run, [block_variant(cfg, i) for i in run])]
 
 
 def _stack_variables(*variables: nnx.Variable) -> nnx.Variable:
@@ -129,34 +168,56 @@ def _stack_variables(*variables: nnx.Variable) -> nnx.Variable:
 
 
 class BlockStack(nnx.Module):
-    """Blocks `indices` (built alike) with parameters stacked on a leading "layers" axis, run by one scan."""
+    """Blocks `indices` (same parameter structure) with parameters stacked on a leading "layers" axis in
+    block order, run by one scan over periods of their variants (`block_variant`, e.g. the window)."""
 
-    def __init__(self, cfg: Config, indices: tuple[int, ...], *, rngs: nnx.Rngs, window: int = 0):
+    def __init__(self, cfg: Config, indices: tuple[int, ...], *, rngs: nnx.Rngs, windows: tuple[int, ...]):
+        """`windows`: each block's attention window (masks.layer_windows), periodic over `indices`."""
         self.indices = tuple(indices)
-        blocks = [Block(cfg, i, rngs=rngs, window=window) for i in indices]
+        self.period = _period(list(windows)) or 1
+        self.windows = tuple(windows[:self.period])  # block j of the stack has windows[j % period]
+        if len(indices) % self.period or tuple(windows) != self.windows * (len(indices) // self.period):
+            raise ValueError(f"blocks {indices}: windows {windows} do not repeat with a period dividing the run")
+        blocks = [Block(cfg, i, rngs=rngs, window=w) for i, w in zip(indices, windows)]
         graphdef, _ = nnx.split(blocks[0])
         stacked = jax.tree.map(_stack_variables, *[nnx.state(b) for b in blocks],
                                is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.layers = nnx.merge(graphdef, stacked)
 
+    def _variant(self, layer: Block, j: int) -> Block:
+        """`layer` (a merged slice of the stack) set up as block j of a period."""
+        layer.attn.window = self.windows[j % self.period]
+        return layer
+
     def layer(self, j: int) -> Block:
         """Layer j of the stack as a Block (the decode path runs the layers one by one with their caches)."""
         graphdef, state = nnx.split(self.layers)
-        return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+        return self._variant(nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state)), j)
 
     def __call__(self, x_BTnC: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                  remat: str) -> jax.Array:
         graphdef, state = nnx.split(self.layers)
+        p = self.period
 
-        def body(x: jax.Array, layer_state: Any) -> tuple[jax.Array, Any]:
-            layer = nnx.merge(graphdef, layer_state)
+        def apply(j: int, x: jax.Array, layer_state: Any) -> tuple[jax.Array, Any]:
+            layer = self._variant(nnx.merge(graphdef, layer_state), j)
             x, _ = layer(x, positions_BT, segment_ids_BT, None, None)
             return x, nnx.state(layer, MoeStats)  # what each MoE layer routed leaves the scan as ys
 
-        if remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        x_BTnC, stats = jax.lax.scan(body, x_BTnC, state)
-        nnx.update(self.layers, stats)
+        steps = [functools.partial(apply, j) for j in range(p)]
+        if remat != "none":  # each block rematerialised on its own, as in the unrolled loop
+            steps = [jax.checkpoint(f, policy=REMAT_POLICIES[remat], prevent_cse=False) for f in steps]
+
+        def body(x: jax.Array, period_state: Any) -> tuple[jax.Array, Any]:
+            stats = []
+            for j, step in enumerate(steps):
+                x, s = step(x, jax.tree.map(lambda a: a[j], period_state))
+                stats.append(s)
+            return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
+
+        by_period = jax.tree.map(lambda a: a.reshape(a.shape[0] // p, p, *a.shape[1:]), state)
+        x_BTnC, stats = jax.lax.scan(body, x_BTnC, by_period)
+        nnx.update(self.layers, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         return x_BTnC
 
 
@@ -232,7 +293,7 @@ class Transformer(nnx.Module):
         windows = layer_windows(m.n_layers, m.attention_window, m.global_every)
         if m.scan_layers:
             self.blocks = nnx.List([Block(cfg, g[0], rngs=rngs, window=windows[g[0]]) if len(g) == 1
-                                    else BlockStack(cfg, g, rngs=rngs, window=windows[g[0]])
+                                    else BlockStack(cfg, g, rngs=rngs, windows=tuple(windows[i] for i in g))
                                     for g in block_groups(cfg)])
         else:
             self.blocks = nnx.List([Block(cfg, i, rngs=rngs, window=windows[i]) for i in range(m.n_layers)])

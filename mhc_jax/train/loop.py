@@ -40,7 +40,8 @@ from mhc_jax.model.moe import moe_blocks
 from mhc_jax.train.metrics import MetricsWriter, moe_metrics, peak_flops_per_device
 from mhc_jax.train.optimizer import lr_schedule
 from mhc_jax.train.profile import StepProfiler, finish_run
-from mhc_jax.train.state import CHECKPOINT_DIR, CONFIG_FILE, init_train_state, restore_train_state
+from mhc_jax.train.state import (CHECKPOINT_DIR, CONFIG_FILE, abstract_train_state, init_train_state,
+                                 restore_train_state)
 from mhc_jax.train.step import make_sharded_step
 
 log = logging.getLogger(__name__)
@@ -249,15 +250,19 @@ class Session:
 
 
 def build(cfg: Config, workdir: str) -> Session:
-    """Workdir, mesh, sinks, tokenizer, a freshly initialised train state sharded on the mesh and the data
-    iterator (call under `jax.set_mesh(session.mesh)` from here on). config.yaml is written later, once
-    the run has a checkpoint (`_write_config_once`)."""
+    """Workdir, mesh, sinks, tokenizer, the train state sharded on the mesh and the data iterator (call
+    under `jax.set_mesh(session.mesh)` from here on). The state is freshly initialised, or only its shapes
+    when the workdir holds a checkpoint (`restore` reads it; a run resuming a large model initialises
+    nothing it would overwrite). config.yaml is written later, once the run has a checkpoint
+    (`_write_config_once`)."""
     _ensure_workdir(workdir)
     mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint, heal=True)
     tables = rows = None
     with jax.set_mesh(mesh):
-        graphdef, state, shardings = init_train_state(cfg, mesh)
+        make_state = init_train_state if ckpt.latest_step() is None else abstract_train_state
+        graphdef, state, shardings = make_state(cfg, mesh)
         if cfg.engram.sparse:  # host tables and the prefetcher of their rows (train/sparse_rows)
             tables = sparse_rows.host_tables(cfg)
             if jax.process_count() > 1:  # each process holds its own row range of every table
@@ -269,7 +274,7 @@ def build(cfg: Config, workdir: str) -> Session:
             train_iter = make_train_iterator(cfg, mesh=mesh)
     return Session(
         cfg=cfg, workdir=workdir, mesh=mesh, writer=MetricsWriter(workdir, enabled=is_main_process()),
-        ckpt=Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint, heal=True), tokenizer=tokenizer,
+        ckpt=ckpt, tokenizer=tokenizer,
         byte_lengths=token_byte_lengths(tokenizer), schedule=lr_schedule(cfg.optimizer, cfg.training.steps),
         flops_per_token=model_flops_per_token(cfg), peak=peak_flops_per_device(cfg.training.peak_flops),
         graphdef=graphdef, state=state, shardings=shardings, train_iter=train_iter, tables=tables, rows=rows,
