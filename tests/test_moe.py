@@ -404,7 +404,7 @@ def test_router_bias_is_checkpointed_and_resume_reproduces_the_losses_bitwise(tm
 def test_expert_parallel_training_on_two_processes_equals_one_process(tmp_path):
     """The multi-process harness of tests/test_multiprocess.py: 2 processes x 4 devices, experts split over
     the expert axis across the processes, the same losses and biases as this one process on 8 devices."""
-    from test_multiprocess import _spawn, _wait
+    from multiprocess_harness import spawn, wait
 
     args = ["data.batch_size=8", "data.corpus_max_mb=1", "model.ffn=moe", "mesh.data=2", "mesh.expert=4",
             "training.steps=4", "training.log_every=1", "training.eval_every=4", "training.sample_tokens=0",
@@ -412,7 +412,7 @@ def test_expert_parallel_training_on_two_processes_equals_one_process(tmp_path):
     run(load_config("tiny", args), str(tmp_path / "reference"), progress=False)
     cmd = [sys.executable, os.path.join(REPO_ROOT, "train.py"), "--config", "tiny", "--workdir",
            str(tmp_path / "multi"), "--no-progress", *args]
-    _wait(_spawn(cmd, str(tmp_path), "train"))
+    wait(spawn(cmd, str(tmp_path), "train"))
     losses = {w: [r["loss"] for r in read_metrics(str(tmp_path / w), "train")] for w in ("reference", "multi")}
     assert len(losses["multi"]) == 4
     np.testing.assert_allclose(losses["multi"], losses["reference"], rtol=0, atol=1e-6)

@@ -246,10 +246,17 @@ class Checkpointer:
         self._in_flight = None
 
     def close(self) -> None:
-        with self._disk_errors(self._in_flight):
-            self.manager.wait_until_finished()
-            self.manager.close()
-        self._in_flight = None
+        try:
+            with self._disk_errors(self._in_flight):
+                self.manager.wait_until_finished()
+        finally:
+            self._in_flight = None
+            # Always stop Orbax's background threads, also after a failed save: left running, one of them
+            # later posts to its closed event loop and prints a traceback at exit under the one-line error.
+            try:
+                self.manager.close()
+            except Exception:  # the failed save already raised (or is raising) its own clear error
+                pass
 
     def _disk_errors(self, step: int | None):
         return _DiskErrors(self, step)
