@@ -51,16 +51,22 @@ def res_post_mix(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, h_res: 
     return (res_BTnC + h_post[..., :, None] * y_BTC.astype(jnp.float32)[..., None, :]).astype(x_BTnC.dtype)
 
 
+_XLA_MIXING = (pre_mix, res_post_mix)  # residual.impl=xla; impl=pallas swaps in the kernels
+_PALLAS_MIXING = (pre_mix_pallas, res_post_mix_pallas)
+
+
+def mixing(impl: str) -> tuple[Callable, Callable]:
+    """(pre_mix, res_post_mix) of `residual.impl`: XLA einsums or the Pallas kernels (same signatures)."""
+    return _PALLAS_MIXING if impl == "pallas" else _XLA_MIXING
+
+
 def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: jax.Array,
-                   h_res: jax.Array, *, transposed: bool = False) -> jax.Array:
+                   h_res: jax.Array, *, transposed: bool = False, impl: str = "xla") -> jax.Array:
     """x_{l+1} = H_res x + H_post^T F(H_pre x); with `transposed`, new_j = sum_i h_res[i, j] x_i.
     Mixing runs in float32 (the coefficients stay float32); the result has the stream dtype."""
-    y_BTC = branch(pre_mix(x_BTnC, h_pre))
-    return res_post_mix(x_BTnC, y_BTC, h_post, h_res, transposed)
+    pre, res_post = mixing(impl)
+    return res_post(x_BTnC, branch(pre(x_BTnC, h_pre)), h_post, h_res, transposed)
 
-
-_XLA_MIXING = (pre_mix, res_post_mix)  # what apply_mappings computes; residual.impl=pallas swaps in kernels
-_PALLAS_MIXING = (pre_mix_pallas, res_post_mix_pallas)
 
 # Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
 # inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
@@ -88,19 +94,20 @@ class StreamConnection(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
-        pre_mix, res_post_mix = _PALLAS_MIXING if self.residual.impl == "pallas" else _XLA_MIXING
         if not self.residual.recompute:
             h_pre, h_post, h_res = self.mappings(x_BTnC)
             self._capture(h_res)
-            return res_post_mix(x_BTnC, branch(pre_mix(x_BTnC, h_pre)), h_post, h_res, self.transposed)
+            return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed,
+                                  impl=self.residual.impl)
         # A pure function of the connection's state (not nnx.remat of the bound method), so the connection
         # also runs inside plain JAX transforms of a model built outside them (e.g. interpret's jax.grad).
         graphdef, state = nnx.split(self)
         mappings = jax.checkpoint(lambda st, x: nnx.merge(graphdef, st).mappings(x), policy=RECOMPUTE_POLICY)
         h_pre, h_post, h_res = mappings(state, x_BTnC)
         self._capture(h_res)
-        y_BTC = branch(jax.checkpoint(pre_mix, policy=RECOMPUTE_POLICY)(x_BTnC, h_pre))
-        post = jax.checkpoint(res_post_mix, policy=RECOMPUTE_POLICY, static_argnums=(4,))
+        pre, res_post = mixing(self.residual.impl)
+        y_BTC = branch(jax.checkpoint(pre, policy=RECOMPUTE_POLICY)(x_BTnC, h_pre))
+        post = jax.checkpoint(res_post, policy=RECOMPUTE_POLICY, static_argnums=(4,))
         return post(x_BTnC, y_BTC, h_post, h_res, self.transposed)
 
     def _capture(self, h_res: jax.Array) -> None:

@@ -36,7 +36,6 @@ from mhc_jax.residual.base import (_HI, RECOMPUTE_POLICY, Branch, Mappings, Stre
                                   ablate, acting_h_res, apply_mappings, mixing_flops, pre_mix, res_post_mix)
 from mhc_jax.residual.mhc_pallas import mhc_coefficients
 from mhc_jax.sinkhorn import sinkhorn_flops, sinkhorn_knopp
-from mhc_jax.sinkhorn_pallas import sinkhorn_knopp_pallas
 
 V4_EPS = 1e-6  # DeepSeek-V4 kernels: H_pre = sigmoid + 1e-6 and the Sinkhorn eps
 
@@ -85,8 +84,8 @@ class ManifoldHyperConnection(StreamConnection):
         logits = res_logits.reshape(*res_logits.shape[:-1], n, n)
         # Under selective recomputation the whole coefficient function is rematerialised, so Sinkhorn's
         # own input-only custom VJP would run the iterations a third time: differentiate the loop instead.
-        sinkhorn = (sinkhorn_knopp_pallas if r.impl == "pallas"
-                    else functools.partial(sinkhorn_knopp, recompute_backward=not r.recompute))
+        # (With residual.impl=pallas, `mappings` runs Sinkhorn inside the coefficient kernel instead.)
+        sinkhorn = functools.partial(sinkhorn_knopp, recompute_backward=not r.recompute)
         if not self.transposed:
             return sinkhorn(logits, r.sinkhorn_iters, r.sinkhorn_eps, r.sinkhorn_log_domain)
         # DeepSeek-V4 `comb`: row softmax + eps, then column/row steps ending on columns. sinkhorn_knopp
