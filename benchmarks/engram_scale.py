@@ -117,7 +117,8 @@ class Case:
                          RowPrefetcher(Cycle(batches), self.tables, cfg.engram_row_bucket, to_device, prefetch=prefetch))
             self.data = self.rows if self.rows is not None else (to_device(b) for b in Cycle(batches))
             self.batch = next(self.data)
-            step = make_sharded_step(graphdef, shardings, batch_shardings(self.batch, self.mesh))
+            step = make_sharded_step(graphdef, shardings, batch_shardings(self.batch, self.mesh),
+                                     platform=jax.default_backend())
             lowered = step.lower(self.state, self.batch)
             self.compiled = lowered.compile()
         self.sha1 = hashlib.sha1(lowered.as_text().encode()).hexdigest()[:12]

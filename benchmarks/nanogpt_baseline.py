@@ -43,7 +43,9 @@ NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, CPU baseline at iteration 2000
 def make_cfg(kind: str, corpus: str, steps: int, eval_batches: int, peak: float) -> Config:
     tiny = os.path.join(HERE, "..", "configs", "tiny.yaml")
     return load_config(tiny).replace(
-        model={"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "d_ff": 344, "max_seq_len": 64},
+        # scan_unroll: the 4 blocks unrolled in the scan (0.80x step time on CPU; README "mHC speed")
+        model={"d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "d_ff": 344, "max_seq_len": 64,
+               "scan_unroll": 4},
         residual={"kind": kind, "n_streams": 4},
         data={"dataset": f"text:{os.path.abspath(corpus)}", "tokenizer": "byte", "seq_len": 64, "batch_size": 12},
         optimizer={"lr": 1e-3, "b2": 0.99, "warmup_steps": 100, "schedule": "cosine", "min_lr_ratio": 0.1,

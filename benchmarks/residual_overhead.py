@@ -37,17 +37,17 @@ from mhc_jax.residual import RESIDUAL_KINDS
 from mhc_jax.sinkhorn import sinkhorn_knopp
 from mhc_jax.train.metrics import measure_peak_flops, peak_flops_per_device
 from mhc_jax.train.optimizer import make_optimizer
-from mhc_jax.train.step import train_step
+from mhc_jax.train.step import compiler_options, train_step
 
 KINDS = tuple(RESIDUAL_KINDS)
 
 
 def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int, recompute: bool = True,
-             impl: str = "xla", dtype: str = "auto") -> Config:
+             impl: str = "xla", dtype: str = "auto", scan_unroll: int = 1) -> Config:
     heads = 4 if d <= 256 else d // 64  # nanoGPT's CPU shape has 4 heads of 32 at d = 128
     return Config().replace(
         model={"d_model": d, "n_layers": layers, "n_heads": heads, "n_kv_heads": heads,
-               "d_ff": 4 * d, "max_seq_len": seq, "dtype": dtype},
+               "d_ff": 4 * d, "max_seq_len": seq, "dtype": dtype, "scan_unroll": scan_unroll},
         residual={"kind": kind, "n_streams": n, "recompute": recompute, "impl": impl},
         data={"seq_len": seq, "batch_size": batch},
         optimizer={"warmup_steps": 0})
@@ -56,7 +56,8 @@ def make_cfg(kind: str, d: int, layers: int, seq: int, batch: int, n: int, recom
 def step_time_ratios(args, d: int, seq: int, batch: int, peak: float) -> dict:
     steps, compile_s, params, flops = {}, {}, {}, {}
     for kind in args.kinds:
-        cfg = make_cfg(kind, d, args.layers, seq, batch, args.n_streams, impl=args.impl, dtype=args.dtype)
+        cfg = make_cfg(kind, d, args.layers, seq, batch, args.n_streams, impl=args.impl, dtype=args.dtype,
+                       scan_unroll=args.scan_unroll)
         model = Transformer(cfg, rngs=nnx.Rngs(0))
         batch_ = jax.tree.map(jnp.asarray, synthetic_batch(cfg))
         steps[kind] = functools.partial(train_step, model, make_optimizer(cfg, model), batch_)
@@ -131,10 +132,13 @@ def main() -> None:
     p.add_argument("--impl", choices=["xla", "pallas"], default="xla", help="residual.impl of hc / mhc / mhc_lite")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="model.dtype")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="kinds to time (plain first)")
+    p.add_argument("--scan-unroll", type=int, default=None,
+                   help="model.scan_unroll (default: --layers, the whole stack unrolled: faster on CPU at these depths)")
     p.add_argument("--no-memory", action="store_true", help="skip the compiled memory analyses (timing only)")
     args = p.parse_args()
     if args.quick:
         args.steps, args.rounds = 2, 3
+    args.scan_unroll = args.scan_unroll or args.layers
     widths = args.d_model
     per = lambda v: v * len(widths) if len(v) == 1 else v
     seqs, batches = per(args.seq), per(args.batch)
@@ -174,6 +178,7 @@ def main() -> None:
     config = {**vars(args), "out": repo_relative(args.out)}
     path = write_result(args.out, {"config": config, "backend": jax.default_backend(),
                                    "device": jax.devices()[0].device_kind, "peak_flops": peak,
+                                   "compiler_options": compiler_options(jax.default_backend()),
                                    "loadavg": {"before": load_before, "after": load_after},
                                    "step_time": shapes[0]["step_time"], "shapes": shapes,
                                    "sinkhorn_memory": memory})

@@ -1,6 +1,6 @@
 """Leaf layers and helpers shared by every model piece (the Flax gemma example's layers.py): parameters with
-logical axis names, the compute dtype, RMSNorm (float32 whatever the activation dtype) and rotary position
-embeddings (half-split layout, angles in float32). Imports nothing from the package."""
+logical axis names, the compute dtype, RMSNorm (float32 whatever the activation dtype), rotary position
+embeddings (half-split layout, angles in float32) and the SwiGLU activation. Imports nothing from the package."""
 
 from __future__ import annotations
 
@@ -55,3 +55,24 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos_BT1J - x2 * sin_BT1J, x2 * cos_BT1J + x1 * sin_BT1J], axis=-1)
     return out.astype(x_BTHD.dtype)
+
+
+@jax.custom_vjp
+def swiglu(gate_up_BTuF: jax.Array) -> jax.Array:
+    """silu(gate) * up of the stacked pair (gate, up) on axis -2 (u = 2)."""
+    return jax.nn.silu(gate_up_BTuF[..., 0, :]) * gate_up_BTuF[..., 1, :]
+
+
+def _swiglu_fwd(gate_up_BTuF: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return swiglu(gate_up_BTuF), gate_up_BTuF
+
+
+def _swiglu_bwd(gate_up_BTuF: jax.Array, dh_BTF: jax.Array) -> tuple[jax.Array]:
+    # Both halves of the gradient written as one stacked array: autodiff of the two slices would build two
+    # zero-padded gradients and add them. silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g).
+    g_BTF, up_BTF = gate_up_BTuF[..., 0, :], gate_up_BTuF[..., 1, :]
+    s_BTF = jax.nn.sigmoid(g_BTF)
+    return (jnp.stack([dh_BTF * up_BTF * s_BTF * (1 + g_BTF * (1 - s_BTF)), dh_BTF * g_BTF * s_BTF], axis=-2),)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

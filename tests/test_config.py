@@ -47,6 +47,7 @@ def test_every_shipped_config_loads():
     (["model.n_heads=3"], "model.n_heads=3 is not allowed: must divide model.d_model=128"),
     (["model.n_kv_heads=3"], "model.n_kv_heads=3 is not allowed: must divide model.n_heads=4"),
     (["residual.n_streams=0"], "residual.n_streams=0 is not allowed: must be >= 1"),
+    (["model.scan_unroll=0"], "model.scan_unroll=0 is not allowed: must be >= 1"),
     (["residual.kind=mhx"], "residual.kind='mhx' is not allowed: must be one of 'plain', 'hc', 'mhc', 'mhc_lite'"),
     (["engram.enabled=true", "engram.layers=[7]"], "engram.layers=(7,) is not allowed: block indices must be in [0, model.n_layers=4)"),
     (["data.seq_len=1024"], "data.seq_len=1024 is not allowed: must be <= model.max_seq_len=256"),

@@ -441,3 +441,67 @@ def test_selective_recomputation_keeps_mhc_block_activations_within_1_3x_plain()
     without = block_saved_bytes_per_token("mhc", False)
     assert with_recompute <= 1.3 * plain, (with_recompute, plain)
     assert without > 1.5 * plain, (without, plain)  # what recomputation removes (the check is not vacuous)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["paper", "transposed"])
+def test_res_post_mix_gradients_equal_the_float64_closed_form(transposed):
+    # res_post_mix has a hand-written backward (base._res_post_mix_bwd); for L = sum(w * out) with
+    # out_i = sum_j A_ij x_j + h_post_i y (A = h_res, or h_res^T when transposed) the gradients are
+    # dx = A^T w, dA = w x^T, dh_post_i = <w_i, y>, dy = sum_i h_post_i w_i.
+    from mhc_jax.residual.base import res_post_mix
+    rng = np.random.default_rng(0)
+    B, T, n, C = 2, 3, 4, 5
+    x, w = rng.standard_normal((2, B, T, n, C))
+    y, h_post, h_res = rng.standard_normal((B, T, C)), rng.uniform(0, 2, (B, T, n)), rng.uniform(0, 1, (B, T, n, n))
+    a = np.swapaxes(h_res, -1, -2) if transposed else h_res
+    f = lambda *args: jnp.sum(jnp.asarray(w, jnp.float32) * res_post_mix(*args, transposed))
+    got = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3)))(*(jnp.asarray(v, jnp.float32) for v in (x, y, h_post, h_res)))
+    da = np.einsum("btic,btjc->btij", w, x)
+    want = (np.einsum("btij,btic->btjc", a, w), np.einsum("bti,btic->btc", h_post, w),
+            np.einsum("btic,btc->bti", w, y), np.swapaxes(da, -1, -2) if transposed else da)
+    chex.assert_trees_all_close(tuple(np.asarray(g, np.float64) for g in got), want, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(np.asarray(f(*(jnp.asarray(v, jnp.float32) for v in (x, y, h_post, h_res)))),
+                                np.sum(w * (np.einsum("btij,btjc->btic", a, x) + h_post[..., None] * y[:, :, None])),
+                                rtol=1e-5)
+
+
+def test_swiglu_of_the_stacked_pair_matches_float64_values_and_gradients():
+    # layers.swiglu has a hand-written backward writing both halves as one stacked gradient.
+    from mhc_jax.layers import swiglu
+    rng = np.random.default_rng(1)
+    gu, w = rng.standard_normal((2, 3, 2, 7)), rng.standard_normal((2, 3, 7))
+    g, u = gu[..., 0, :], gu[..., 1, :]
+    s = 1 / (1 + np.exp(-g))
+    value, grad = jax.value_and_grad(lambda a: jnp.sum(jnp.asarray(w, jnp.float32) * swiglu(a)))(
+        jnp.asarray(gu, jnp.float32))
+    np.testing.assert_allclose(value, np.sum(w * g * s * u), rtol=1e-5)
+    want = np.stack([w * u * (s + g * s * (1 - s)), w * g * s], axis=-2)  # d/dg (g s(g)) = s + g s (1 - s)
+    chex.assert_trees_all_close(np.asarray(grad, np.float64), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_streams_between_a_blocks_sublayers_are_recomputed_not_kept():
+    # Selective recomputation keeps a block's input streams but not the n C streams after attention: the
+    # block keeps less than with the connections recomputing only their own internals, by n C floats.
+    from mhc_jax.model.transformer import Block
+    d, seq = 64, 32
+    cfg = Config().replace(model={"d_model": d, "n_layers": 2, "n_heads": 2, "n_kv_heads": 2, "d_ff": 4 * d,
+                                  "max_seq_len": seq}, residual={"kind": "mhc", "n_streams": 4}, data={"seq_len": seq})
+    block = Block(cfg, 0, rngs=nnx.Rngs(0))
+    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (1, seq))
+    seg = jnp.ones((1, seq), jnp.int32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, seq, 4, d)), jnp.float32)
+
+    def residual_shapes(sourced: bool) -> list[tuple[int, ...]]:
+        def f(x_):
+            if sourced:
+                return block(x_, pos, seg, None, None)[0]
+            mid = block.attn_res(x_, lambda h: block.attn(block.attn_norm(h), pos, seg, None)[0])
+            return block.mlp_res(mid, lambda h: block.mlp(block.mlp_norm(h)))
+        out, vjp = jax.vjp(f, x)
+        return out, vjp, [tuple(r.shape) for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
+
+    out_s, vjp_s, kept_s = residual_shapes(True)
+    out_k, vjp_k, kept_k = residual_shapes(False)
+    chex.assert_trees_all_close(out_s, out_k, atol=1e-6)
+    chex.assert_trees_all_close(vjp_s(out_s), vjp_k(out_k), atol=1e-5, rtol=1e-5)
+    assert kept_s.count(x.shape) == 1 and kept_k.count(x.shape) == 2, (kept_s, kept_k)

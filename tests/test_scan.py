@@ -78,8 +78,10 @@ def test_periodic_window_patterns_scan_as_one_group(n_layers, global_every, grou
 
 
 @pytest.mark.parametrize("overrides", [[], ENGRAM, ["training.remat=full", "residual.kind=hc"], ALTERNATING,
-                                       [*ALTERNATING, "training.remat=save_matmuls", "residual.kind=mhc"]],
-                         ids=["plain", "mhc+engram", "hc+remat", "alternating", "alternating+mhc+remat"])
+                                       [*ALTERNATING, "training.remat=save_matmuls", "residual.kind=mhc"],
+                                       ["residual.kind=mhc", "model.scan_unroll=2"]],
+                         ids=["plain", "mhc+engram", "hc+remat", "alternating", "alternating+mhc+remat",
+                              "mhc+scan_unroll"])
 def test_scanned_model_equals_the_unrolled_loop_in_outputs_and_gradients(overrides):
     unrolled = Transformer(_cfg(False, *overrides), rngs=nnx.Rngs(0))
     scanned = Transformer(_cfg(True, *overrides), rngs=nnx.Rngs(0))

@@ -230,3 +230,15 @@ def test_train_py_rejects_a_bad_config_and_an_unwritable_workdir(tmp_path):
     unwritable = subprocess.run(_train_cmd(blocker / "sub"), capture_output=True, text=True)
     assert unwritable.returncode == 2
     assert "is not writable" in unwritable.stderr and str(blocker / "sub") in unwritable.stderr
+
+
+def test_train_step_compiler_options_apply_to_cpu_only():
+    # XLA:CPU gets CPU_COMPILER_OPTIONS (this jaxlib accepts them: a step compiles with them); an
+    # ahead-of-time compile for another platform gets none.
+    # The answer does not depend on a context mesh (the trainer asks under jax.set_mesh).
+    from mhc_jax.train.step import CPU_COMPILER_OPTIONS, compiler_options
+    compiler_options.cache_clear()
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        assert compiler_options("cpu") == CPU_COMPILER_OPTIONS
+    assert compiler_options("tpu") is None and compiler_options("gpu") is None

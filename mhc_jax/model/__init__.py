@@ -9,6 +9,7 @@ streams x channels); each letter means one thing everywhere in the package:
     H  query heads                         K  key/value heads (grouped-query attention)
     D  attention head_dim (MLA: o + d)     J  rotary frequencies (D / 2)
     F  d_ff, the SwiGLU hidden width       V  padded vocabulary
+    u  the SwiGLU pair (gate, up): 2
     L  transformer blocks (n_layers)       Z  sublayers: 2 per block (attention, MLP), one connection each
     E  Engram layers (engram.layers)       G  Engram table ids per position ((max_ngram - 1) * heads_per_ngram)
     M  d_mem: one position's G Engram rows concatenated (G * W)

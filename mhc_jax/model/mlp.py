@@ -1,4 +1,10 @@
-"""SwiGLU feed-forward: down(silu(x W_gate) * (x W_up))."""
+"""SwiGLU feed-forward: down(silu(x W_gate) * (x W_up)).
+
+The gate and up projections run as one matmul: their weights are stacked on a new axis u (the F axis keeps its
+sharding, so stacking moves no data between devices), which gives one pass over x forward and one
+weight-gradient dot backward; `swiglu` then differentiates the stacked pair directly (no slice-and-pad
+gradients). On the 2-core CPU at nanoGPT's shape this made the whole train step 1.13x faster than two
+separate projections (benchmarks/residual_overhead.py, README "mHC speed"). The parameters are unchanged."""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.config import ModelConfig
-from mhc_jax.layers import param
+from mhc_jax.layers import param, swiglu
 from mhc_jax.sharding import constrain
 
 
@@ -24,8 +30,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:
         x = x_BTC.astype(self.dtype)
-        gate_BTF = x @ self.w_gate_CF[...].astype(self.dtype)
-        up_BTF = x @ self.w_up_CF[...].astype(self.dtype)
-        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF,
+        w_CuF = jnp.stack([self.w_gate_CF[...], self.w_up_CF[...]], axis=1).astype(self.dtype)
+        h_BTF = constrain(swiglu(jnp.einsum("btc,cuf->btuf", x, w_CuF)),
                           ("activation_batch", "activation_length", "activation_mlp"))
         return h_BTF @ self.w_down_FC[...].astype(self.dtype)

@@ -23,7 +23,7 @@ from mhc_jax.model.mla import MLA, init_mla_cache
 from mhc_jax.model.mlp import MLP
 from mhc_jax.model.moe import MoE, MoeStats, is_moe_block
 from mhc_jax.layers import RMSNorm, compute_dtype, param
-from mhc_jax.residual import expand, make_collapse, make_residual
+from mhc_jax.residual import StreamConnection, expand, make_collapse, make_residual
 from mhc_jax.sharding import constrain
 
 STREAM_AXES = ("activation_batch", "activation_length", "activation_streams", "activation_embed")  # x_BTnC
@@ -81,9 +81,14 @@ class Block(nnx.Module):
                 new_cache["attn"] = kv
             return out_BTC
 
-        x_BTnC = self.attn_res(x_BTnC, attention_branch)
-        x_BTnC = constrain(x_BTnC, STREAM_AXES)
-        x_BTnC = self.mlp_res(x_BTnC, lambda h_BTC: self.mlp(self.mlp_norm(h_BTC)))
+        mlp_branch = lambda h_BTC: self.mlp(self.mlp_norm(h_BTC))  # noqa: E731
+        if isinstance(self.attn_res, StreamConnection):
+            # The streams between the sublayers are recomputed from what they are made of, not kept for the
+            # backward pass (with residual.recompute; StreamConnection.with_source).
+            x_BTnC, source = self.attn_res.with_source(x_BTnC, attention_branch)
+            x_BTnC = self.mlp_res(constrain(x_BTnC, STREAM_AXES), mlp_branch, source)
+        else:
+            x_BTnC = self.mlp_res(constrain(self.attn_res(x_BTnC, attention_branch), STREAM_AXES), mlp_branch)
         x_BTnC = constrain(x_BTnC, STREAM_AXES)
         return x_BTnC, new_cache
 
@@ -175,6 +180,7 @@ class BlockStack(nnx.Module):
         """`windows`: each block's attention window (masks.layer_windows), periodic over `indices`."""
         self.indices = tuple(indices)
         self.period = _period(list(windows)) or 1
+        self.unroll = max(1, cfg.model.scan_unroll // self.period)  # loop trips run over periods of blocks
         self.windows = tuple(windows[:self.period])  # block j of the stack has windows[j % period]
         if len(indices) % self.period or tuple(windows) != self.windows * (len(indices) // self.period):
             raise ValueError(f"blocks {indices}: windows {windows} do not repeat with a period dividing the run")
@@ -216,7 +222,7 @@ class BlockStack(nnx.Module):
             return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
 
         by_period = jax.tree.map(lambda a: a.reshape(a.shape[0] // p, p, *a.shape[1:]), state)
-        x_BTnC, stats = jax.lax.scan(body, x_BTnC, by_period)
+        x_BTnC, stats = jax.lax.scan(body, x_BTnC, by_period, unroll=self.unroll)
         nnx.update(self.layers, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats))
         return x_BTnC
 

@@ -8,7 +8,9 @@ built with `transposed=False` mixes as new_i = sum_j h_res[i, j] x_j, with `tran
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,14 +43,44 @@ def pre_mix(x_BTnC: jax.Array, h_pre: jax.Array) -> jax.Array:
     return h_in_BTC.astype(x_BTnC.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def res_post_mix(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, h_res: jax.Array,
                  transposed: bool = False) -> jax.Array:
     """H_res x + H_post^T y in one contraction over the n streams plus the sublayer output:
     new_i = sum_j h_res[i, j] x_j + h_post_i y (transposed: sum_j h_res[j, i] x_j + h_post_i y).
     Float32 accumulation, result in the stream dtype."""
-    mix = "...ji,...jc->...ic" if transposed else "...ij,...jc->...ic"
-    res_BTnC = jnp.einsum(mix, h_res, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
-    return (res_BTnC + h_post[..., :, None] * y_BTC.astype(jnp.float32)[..., None, :]).astype(x_BTnC.dtype)
+    return _res_post_mix_fwd(x_BTnC, y_BTC, h_post, h_res, transposed)[0]
+
+
+def _acting_operand(h_res: jax.Array, transposed: bool) -> jax.Array:
+    """A (..., n, n) with new = A x, as a dot operand. A transposed operand is materialised behind a
+    barrier: folded into the dot's dimension numbers it sends XLA:CPU's per-token batched dot from
+    YNNPACK to a generic fallback, measured 2.7x slower on 2 CPU cores (the barrier costs n^2 floats per token)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(h_res, -1, -2)) if transposed else h_res
+
+
+def _res_post_mix_fwd(x_BTnC, y_BTC, h_post, h_res, transposed):
+    a = _acting_operand(h_res, transposed)
+    res_BTnC = jnp.einsum("...ij,...jc->...ic", a, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
+    out = (res_BTnC + h_post[..., :, None] * y_BTC.astype(jnp.float32)[..., None, :]).astype(x_BTnC.dtype)
+    return out, (x_BTnC, y_BTC, h_post, h_res)
+
+
+def _res_post_mix_bwd(transposed, res, g_BTnC):
+    # Written out (rather than autodiff of the einsum) so that dx = A^T g runs as the forward's kind of dot:
+    # autodiff hands XLA the transposed operand, the slow path of `_acting_operand`.
+    x_BTnC, y_BTC, h_post, h_res = res
+    g = g_BTnC.astype(jnp.float32)
+    dx = jnp.einsum("...ij,...jc->...ic", _acting_operand(h_res, not transposed), g, precision=_HI,
+                    preferred_element_type=jnp.float32)
+    da = jnp.einsum("...ic,...jc->...ij", g, x_BTnC, precision=_HI, preferred_element_type=jnp.float32)
+    dh_post = jnp.einsum("...ic,...c->...i", g, y_BTC, precision=_HI, preferred_element_type=jnp.float32)
+    dy = jnp.einsum("...i,...ic->...c", h_post, g, precision=_HI, preferred_element_type=jnp.float32)
+    return (dx.astype(x_BTnC.dtype), dy.astype(y_BTC.dtype), dh_post.astype(h_post.dtype),
+            (jnp.swapaxes(da, -1, -2) if transposed else da).astype(h_res.dtype))
+
+
+res_post_mix.defvjp(_res_post_mix_fwd, _res_post_mix_bwd)
 
 
 _XLA_MIXING = (pre_mix, res_post_mix)  # residual.impl=xla; impl=pallas swaps in the kernels
@@ -69,14 +101,28 @@ def apply_mappings(x_BTnC: jax.Array, branch: Branch, h_pre: jax.Array, h_post: 
 
 
 # Selective recomputation (mHC paper Sec. 4.3): each piece of the connection is rematerialised from its
-# inputs in the backward pass, so between forward and backward a connection keeps only its input streams,
-# the per-token coefficients (n^2 + 2n floats) and the sublayer output, never the float32 intermediates.
+# inputs in the backward pass, so between forward and backward a block keeps only its input streams, the
+# per-token coefficients (n^2 + 2n floats), the sublayer inputs and outputs, never the float32
+# intermediates nor the streams between its two sublayers (StreamConnection.with_source).
 RECOMPUTE_POLICY = jax.checkpoint_policies.nothing_saveable
+# The coefficient function (mappings and H_pre x) keeps the outputs of its one pass over the streams (mHC:
+# the projection and the mean square, named in mhc.rms_projection; n^2 + 2n + 1 floats per token against
+# the n C stream values): recomputing them re-read every stream value, 3% of the train step on 2 CPU cores.
+COEFFICIENT_POLICY = jax.checkpoint_policies.save_only_these_names("mhc_projection", "mhc_mean_square")
 
 
 def acting_h_res(h_res: jax.Array, transposed: bool) -> jax.Array:
     """The matrix A with new = A @ x (paper orientation), from a connection's native h_res."""
     return jnp.swapaxes(h_res, -1, -2) if transposed else h_res
+
+
+class StreamSource(NamedTuple):
+    """What a connection's output streams are recomputed from: res_post_mix(x, y, h_post, h_res)."""
+
+    x_BTnC: jax.Array
+    y_BTC: jax.Array
+    h_post: jax.Array
+    h_res: jax.Array
 
 
 class StreamConnection(nnx.Module):
@@ -93,22 +139,43 @@ class StreamConnection(nnx.Module):
     def mappings(self, x_BTnC: jax.Array) -> Mappings:
         raise NotImplementedError
 
-    def __call__(self, x_BTnC: jax.Array, branch: Branch) -> jax.Array:
+    def __call__(self, x_BTnC: jax.Array, branch: Branch, source: StreamSource | None = None) -> jax.Array:
+        return self.with_source(x_BTnC, branch, source)[0]
+
+    def with_source(self, x_BTnC: jax.Array, branch: Branch,
+                    source: StreamSource | None = None) -> tuple[jax.Array, StreamSource | None]:
+        """(x_{l+1}, what x_{l+1} is recomputed from). With residual.recompute, `source` (the previous
+        connection's, of the same kind) stands in for x_BTnC inside every rematerialised piece, so x_BTnC
+        itself is never kept for the backward pass: it is recomputed there from the source (paper Sec. 4.3:
+        a block keeps its input streams, not the streams between its sublayers). Without recompute the
+        source is ignored and None is returned."""
         if not self.residual.recompute:
             h_pre, h_post, h_res = self.mappings(x_BTnC)
             self._capture(h_res)
             return apply_mappings(x_BTnC, branch, h_pre, h_post, h_res, transposed=self.transposed,
-                                  impl=self.residual.impl)
+                                  impl=self.residual.impl), None
+        pre, res_post = mixing(self.residual.impl)
+        transposed = self.transposed
+
+        def streams(src: StreamSource | jax.Array) -> jax.Array:
+            return src if isinstance(src, jax.Array) else res_post(*src, transposed)
+
+        src = x_BTnC if source is None else source
         # A pure function of the connection's state (not nnx.remat of the bound method), so the connection
         # also runs inside plain JAX transforms of a model built outside them (e.g. interpret's jax.grad).
         graphdef, state = nnx.split(self)
-        mappings = jax.checkpoint(lambda st, x: nnx.merge(graphdef, st).mappings(x), policy=RECOMPUTE_POLICY)
-        h_pre, h_post, h_res = mappings(state, x_BTnC)
+
+        def mappings_and_input(st: Any, s: StreamSource | jax.Array) -> tuple[jax.Array, ...]:
+            x = streams(s)
+            h_pre, h_post, h_res = nnx.merge(graphdef, st).mappings(x)
+            return pre(x, h_pre), h_post, h_res
+
+        h_in_BTC, h_post, h_res = jax.checkpoint(mappings_and_input, policy=COEFFICIENT_POLICY)(state, src)
         self._capture(h_res)
-        pre, res_post = mixing(self.residual.impl)
-        y_BTC = branch(jax.checkpoint(pre, policy=RECOMPUTE_POLICY)(x_BTnC, h_pre))
-        post = jax.checkpoint(res_post, policy=RECOMPUTE_POLICY, static_argnums=(4,))
-        return post(x_BTnC, y_BTC, h_post, h_res, self.transposed)
+        y_BTC = branch(h_in_BTC)
+        post = jax.checkpoint(lambda s, *a: res_post(streams(s), *a, transposed), policy=RECOMPUTE_POLICY)
+        return post(src, y_BTC, h_post, h_res), StreamSource(x_BTnC if source is None else streams(source),
+                                                             y_BTC, h_post, h_res)
 
     def _capture(self, h_res: jax.Array) -> None:
         if self.capture_mappings:

@@ -28,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mhc_jax.config import ResidualConfig
 from mhc_jax.layers import param
@@ -47,7 +48,10 @@ def rms_projection(x_BTnC: jax.Array, phi: jax.Array, eps: float) -> jax.Array:
     v = x_BTnC.reshape(*x_BTnC.shape[:-2], -1)
     c = jnp.einsum("...d,dk->...k", v, phi.astype(jnp.float32), precision=_HI, preferred_element_type=jnp.float32)
     v32 = v.astype(jnp.float32)
-    return c * jax.lax.rsqrt(jnp.mean(jnp.square(v32), axis=-1, keepdims=True) + eps)
+    # Named for selective recomputation (base.COEFFICIENT_POLICY): the n^2 + 2n + 1 floats per token are kept,
+    # so the backward recomputes only the gates and Sinkhorn, not the pass over the n C stream values.
+    mean_square = checkpoint_name(jnp.mean(v32 * v32, axis=-1, keepdims=True) + eps, "mhc_mean_square")
+    return checkpoint_name(c, "mhc_projection") * jax.lax.rsqrt(mean_square)
 
 
 class ManifoldHyperConnection(StreamConnection):

@@ -308,7 +308,7 @@ def train_step(s: Session, step: int) -> dict[str, jax.Array]:
     batch = next(s.train_iter)
     if s.step_fn is None:
         s.step_fn = make_sharded_step(s.graphdef, s.shardings, batch_shardings(batch, s.mesh),
-                                      s.cfg.training.grad_accum)
+                                      s.cfg.training.grad_accum, platform=s.mesh.devices.flat[0].platform)
     s.state, metrics = s.step_fn(s.state, batch)
     if s.rows is not None:
         s.rows.apply(metrics)

@@ -1,8 +1,9 @@
 """The one train step: loss -> gradients (with micro-batch accumulation) -> optax update.
 
-`train_step(model, optimizer, batch, grad_accum=1)` is the step as NNX code (jitted with nnx.jit, donated).
-The trainer and the AOT report use `make_sharded_step`, which jits the same step as a pure function of the
-state with explicit shardings. The batch has the one layout of mhc_jax.data.layout (`batch_spec(cfg)`).
+`train_step(model, optimizer, batch, grad_accum=1)` runs the step in place on NNX objects; the trainer and the
+AOT report use `make_sharded_step`, which jits the step as a pure function of the state with explicit
+shardings (train_step uses it too, with the inputs' shardings). The batch has the one layout of
+mhc_jax.data.layout (`batch_spec(cfg)`).
 
 Sparse Engram rows (engram.update=sparse): the batch also holds `engram_rows` (E, U, W) float32, the batch's
 unique table rows gathered on the host (replicated, not split into micro-batches), and `engram_ids` are
@@ -13,6 +14,8 @@ host applies them with the row-wise Adam of mhc_jax.engram.host_tables.
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import jax
@@ -26,6 +29,12 @@ from mhc_jax.train.optimizer import nonfinite_in_row
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+log = logging.getLogger(__name__)
+
+# XLA:CPU hands fusions to YNNPACK: dots, and by default also reductions and elementwise ops. Its
+# reductions (e.g. the softmax sums of attention's backward) ran slower than XLA's own loop fusions: with
+# dots only, the 2-core CPU train step at nanoGPT's shape took 0.90x the time (README "mHC speed").
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 def _masked_nll_sum(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
@@ -189,12 +198,41 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
     return metrics
 
 
-train_step = nnx.jit(step_fn, donate_argnums=(0, 1), static_argnames=("grad_accum",))
+@functools.cache
+def compiler_options(platform: str) -> dict[str, str] | None:
+    """The train step's XLA options on `platform` (CPU_COMPILER_OPTIONS on "cpu", else none). An XLA that
+    does not know an option (a compile error naming it) gets none, logged: the step then compiles with
+    XLA's defaults. The probe takes no arguments, so a context mesh (jax.set_mesh) does not affect it."""
+    if platform != "cpu":
+        return None
+    try:
+        jax.jit(lambda: jnp.zeros((), jnp.float32) + 1, compiler_options=CPU_COMPILER_OPTIONS).lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+        log.warning("XLA:CPU rejected the train step's compiler options %s (%s); using its defaults",
+                    CPU_COMPILER_OPTIONS, e)
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
 
 
-def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any, grad_accum: int = 1):
+@functools.cache
+def _step_for(graphdef: nnx.GraphDef, grad_accum: int, platform: str):
+    return make_sharded_step(graphdef, None, None, grad_accum, platform)
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accum: int = 1) -> Metrics:
+    """`step_fn` in place on `model` and `optimizer`: `make_sharded_step` (state donated, shardings those of
+    the inputs) compiled once per model structure for the default backend, with its `compiler_options`."""
+    graphdef, state = nnx.split((model, optimizer))
+    state, metrics = _step_for(graphdef, grad_accum, jax.default_backend())(state, batch)
+    nnx.update((model, optimizer), state)
+    return metrics
+
+
+def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardings: Any, grad_accum: int = 1,
+                      platform: str | None = None):
     """`step(state, batch) -> (state, metrics)` as a `jax.jit` with explicit in/out shardings and the
-    state donated, where state = nnx.state((model, optimizer)). The same step as `train_step`."""
+    state donated, where state = nnx.state((model, optimizer)). The same step as `train_step`. `platform`:
+    where it runs, for its `compiler_options` (None: none, as for an ahead-of-time compile for a TPU)."""
 
     def pure(state: Any, batch: Batch) -> tuple[Any, Metrics]:
         model, optimizer = nnx.merge(graphdef, state)
@@ -202,4 +240,5 @@ def make_sharded_step(graphdef: nnx.GraphDef, state_shardings: Any, batch_shardi
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(pure, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+                   out_shardings=(state_shardings, None), donate_argnums=0,
+                   compiler_options=compiler_options(platform) if platform else None)
