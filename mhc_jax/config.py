@@ -127,8 +127,9 @@ class ResidualConfig:
     use_post: bool = True  # False: H_post = ones
     use_res: bool = True  # False: H_res = identity
     hc_dynamic: bool = True  # HC: dynamic (tanh) terms on; False gives static HC
-    # Selective recomputation (mHC paper Sec. 4.3) in HC / mHC / mHC-lite connections: keep only the input
-    # streams, coefficients and sublayer output; recompute norm, projection, Sinkhorn and mixing in backward.
+    # Selective recomputation (mHC paper Sec. 4.3) in HC / mHC / mHC-lite connections: a block keeps its input
+    # streams, coefficients and sublayer inputs / outputs; gates, Sinkhorn, mixing and the streams between
+    # its sublayers are recomputed in backward.
     recompute: bool = True
     # "xla" or "pallas": Pallas kernels (mhc_jax.residual.mhc_pallas; Triton on GPU, Mosaic on TPU, interpret
     # mode on CPU) for mHC's coefficients (projection + gates + Sinkhorn) and every n-stream mixing; linear domain.
