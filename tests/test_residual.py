@@ -491,7 +491,7 @@ def test_the_streams_between_a_blocks_sublayers_are_recomputed_not_kept():
     seg = jnp.ones((1, seq), jnp.int32)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((1, seq, 4, d)), jnp.float32)
 
-    def residual_shapes(sourced: bool) -> list[tuple[int, ...]]:
+    def residual_shapes(sourced: bool) -> tuple[jax.Array, typing.Callable, list[tuple[int, ...]]]:
         def f(x_):
             if sourced:
                 return block(x_, pos, seg, None, None)[0]

@@ -23,7 +23,7 @@ from mhc_jax.model.mla import MLA, init_mla_cache
 from mhc_jax.model.mlp import MLP
 from mhc_jax.model.moe import MoE, MoeStats, is_moe_block
 from mhc_jax.layers import RMSNorm, compute_dtype, param
-from mhc_jax.residual import StreamConnection, expand, make_collapse, make_residual
+from mhc_jax.residual import expand, make_collapse, make_residual
 from mhc_jax.sharding import constrain
 
 STREAM_AXES = ("activation_batch", "activation_length", "activation_streams", "activation_embed")  # x_BTnC
@@ -81,14 +81,11 @@ class Block(nnx.Module):
                 new_cache["attn"] = kv
             return out_BTC
 
-        mlp_branch = lambda h_BTC: self.mlp(self.mlp_norm(h_BTC))  # noqa: E731
-        if isinstance(self.attn_res, StreamConnection):
-            # The streams between the sublayers are recomputed from what they are made of, not kept for the
-            # backward pass (with residual.recompute; StreamConnection.with_source).
-            x_BTnC, source = self.attn_res.with_source(x_BTnC, attention_branch)
-            x_BTnC = self.mlp_res(constrain(x_BTnC, STREAM_AXES), mlp_branch, source)
-        else:
-            x_BTnC = self.mlp_res(constrain(self.attn_res(x_BTnC, attention_branch), STREAM_AXES), mlp_branch)
+        # The streams between the sublayers are recomputed from what they are made of (`source`), not kept for
+        # the backward pass (n-stream kinds with residual.recompute; StreamConnection.with_source).
+        x_BTnC, source = self.attn_res.with_source(x_BTnC, attention_branch)
+        x_BTnC = constrain(x_BTnC, STREAM_AXES)
+        x_BTnC = self.mlp_res(x_BTnC, lambda h_BTC: self.mlp(self.mlp_norm(h_BTC)), source)
         x_BTnC = constrain(x_BTnC, STREAM_AXES)
         return x_BTnC, new_cache
 

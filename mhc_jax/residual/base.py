@@ -53,10 +53,10 @@ def res_post_mix(x_BTnC: jax.Array, y_BTC: jax.Array, h_post: jax.Array, h_res: 
 
 
 def _acting_operand(h_res: jax.Array, transposed: bool) -> jax.Array:
-    """A (..., n, n) with new = A x, as a dot operand. A transposed operand is materialised behind a
-    barrier: folded into the dot's dimension numbers it sends XLA:CPU's per-token batched dot from
-    YNNPACK to a generic fallback, measured 2.7x slower on 2 CPU cores (the barrier costs n^2 floats per token)."""
-    return jax.lax.optimization_barrier(jnp.swapaxes(h_res, -1, -2)) if transposed else h_res
+    """`acting_h_res` as a dot operand. A transposed operand is materialised behind a barrier: folded into
+    the dot's dimension numbers it sends XLA:CPU's per-token batched dot from YNNPACK to a generic
+    fallback, measured 2.7x slower on 2 CPU cores (the barrier costs n^2 floats per token)."""
+    return jax.lax.optimization_barrier(acting_h_res(h_res, True)) if transposed else h_res
 
 
 def _res_post_mix_fwd(x_BTnC, y_BTC, h_post, h_res, transposed):
@@ -77,7 +77,7 @@ def _res_post_mix_bwd(transposed, res, g_BTnC):
     dh_post = jnp.einsum("...ic,...c->...i", g, y_BTC, precision=_HI, preferred_element_type=jnp.float32)
     dy = jnp.einsum("...i,...ic->...c", h_post, g, precision=_HI, preferred_element_type=jnp.float32)
     return (dx.astype(x_BTnC.dtype), dy.astype(y_BTC.dtype), dh_post.astype(h_post.dtype),
-            (jnp.swapaxes(da, -1, -2) if transposed else da).astype(h_res.dtype))
+            acting_h_res(da, transposed).astype(h_res.dtype))  # the transpose is its own inverse
 
 
 res_post_mix.defvjp(_res_post_mix_fwd, _res_post_mix_bwd)
@@ -158,7 +158,7 @@ class StreamConnection(nnx.Module):
         transposed = self.transposed
 
         def streams(src: StreamSource | jax.Array) -> jax.Array:
-            return src if isinstance(src, jax.Array) else res_post(*src, transposed)
+            return res_post(*src, transposed) if isinstance(src, StreamSource) else src
 
         src = x_BTnC if source is None else source
         # A pure function of the connection's state (not nnx.remat of the bound method), so the connection
@@ -174,8 +174,7 @@ class StreamConnection(nnx.Module):
         self._capture(h_res)
         y_BTC = branch(h_in_BTC)
         post = jax.checkpoint(lambda s, *a: res_post(streams(s), *a, transposed), policy=RECOMPUTE_POLICY)
-        return post(src, y_BTC, h_post, h_res), StreamSource(x_BTnC if source is None else streams(source),
-                                                             y_BTC, h_post, h_res)
+        return post(src, y_BTC, h_post, h_res), StreamSource(x_BTnC, y_BTC, h_post, h_res)
 
     def _capture(self, h_res: jax.Array) -> None:
         if self.capture_mappings:

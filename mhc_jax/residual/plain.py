@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from mhc_jax.config import ResidualConfig
+from mhc_jax.residual.base import StreamSource
 
 
 class PlainResidual(nnx.Module):
@@ -18,10 +19,18 @@ class PlainResidual(nnx.Module):
                  norm_eps: float = 0.0, rngs: nnx.Rngs | None = None):
         del residual, d_model, sublayer_index, norm_eps, rngs
 
-    def __call__(self, x_BTnC: jax.Array, branch: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    def __call__(self, x_BTnC: jax.Array, branch: Callable[[jax.Array], jax.Array],
+                 source: StreamSource | None = None) -> jax.Array:
+        """`source` is accepted for the interface of every kind (StreamConnection.with_source) and unused:
+        one stream is kept as it is, there is nothing to recompute it from."""
+        del source
         if x_BTnC.shape[2] != 1:
             raise ValueError(f"plain residual expects 1 stream, got shape {x_BTnC.shape}")
         return x_BTnC + branch(x_BTnC[:, :, 0, :])[:, :, None, :].astype(x_BTnC.dtype)
+
+    def with_source(self, x_BTnC: jax.Array, branch: Callable[[jax.Array], jax.Array],
+                    source: StreamSource | None = None) -> tuple[jax.Array, None]:
+        return self(x_BTnC, branch, source), None
 
 
 class SumCollapse(nnx.Module):
