@@ -32,6 +32,19 @@ def seconds_per_call(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
+def settled_peak(start: float, mfus: Sequence[dict[str, Any]]) -> tuple[float, list[float]]:
+    """The CPU matmul peak as the higher of `start` (the probe taken before the run) and a probe now, and
+    every dict's "mfu" (computed against `start`) rescaled to it. On a shared machine one probe can catch a
+    slow moment (61 against 80 GFLOP/s measured minutes apart on the 2-core CI machine), which inflates
+    every MFU measured against it. Returns (peak, [start probe, end probe])."""
+    from mhc_jax.train.metrics import measure_peak_flops
+    end = measure_peak_flops()
+    peak = max(start, end)
+    for row in mfus:
+        row["mfu"] *= start / peak
+    return peak, [start, end]
+
+
 def compile_seconds(fn: Callable[[], Any]) -> float:
     """Seconds of the first call (tracing + compilation + one run), then one more call to warm caches."""
     seconds = seconds_per_call(fn, 1)

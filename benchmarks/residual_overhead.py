@@ -5,10 +5,10 @@
 One table for the three shapes of issue 15 (d = 128 / 512 / 1024; the first is nanoGPT's CPU shape): for
 each shape, times the shared jitted train step (mhc_jax.train.step.train_step) of every kind on the default
 backend, interleaving the kinds over several rounds, and reports median step-time ratios to `plain`
-measured in this one run, MFU (closed-form model FLOPs, mhc_jax.flops, over a matmul peak measured at
-start-up), and the compiled activation memory: bytes one block keeps from forward to backward per token
-(outputs of the jitted jax.vjp closure of a block, compiled memory analysis; with residual.recompute, the
-paper's selective recomputation, on and off). Paper reference: mHC costs 6.7% extra training time at n = 4
+measured in this one run, MFU (closed-form model FLOPs, mhc_jax.flops, over the matmul peak: the higher
+of probes before and after the timing), and the compiled activation memory: bytes one block keeps from
+forward to backward per token (outputs of the jitted jax.vjp closure of a block, compiled memory analysis;
+with residual.recompute, the paper's selective recomputation, on and off). Paper reference: mHC costs 6.7% extra training time at n = 4
 with fused kernels, selective recomputation and pipeline overlap (GPUs).
 
 Absolute times on a shared machine are noisy: quote the ratios, which come from interleaved rounds. The
@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from _common import RESULTS, compile_seconds, interleaved_medians, load_average, repo_relative, write_result
+from _common import (RESULTS, compile_seconds, interleaved_medians, load_average, repo_relative, settled_peak,
+                     write_result)
 from mhc_jax.config import Config
 from mhc_jax.data import synthetic_batch
 from mhc_jax.flops import model_flops_per_token
@@ -157,6 +158,9 @@ def main() -> None:
                        "step_time": step_time_ratios(args, d, seq, batch, peak),
                        "activation_memory": {} if args.no_memory else activation_memory(d, seq, args.n_streams)})
     load_after = load_average()
+    probes = []
+    if jax.default_backend() == "cpu":
+        peak, probes = settled_peak(peak, [s_["step_time"][kind] for s_ in shapes for kind in args.kinds])
     memory = {} if args.no_memory else sinkhorn_memory(args, seqs[0], batches[0])
 
     print(f"\ntrain step, backend={jax.default_backend()} layers={args.layers} n={args.n_streams}; step-time "
@@ -177,7 +181,7 @@ def main() -> None:
         print(f"  {key:36s} {value if not isinstance(value, float) else round(value, 1)}")
     config = {**vars(args), "out": repo_relative(args.out)}
     path = write_result(args.out, {"config": config, "backend": jax.default_backend(),
-                                   "device": jax.devices()[0].device_kind, "peak_flops": peak,
+                                   "device": jax.devices()[0].device_kind, "peak_flops": peak, "peak_probes": probes,
                                    "compiler_options": compiler_options(jax.default_backend()),
                                    "loadavg": {"before": load_before, "after": load_after},
                                    "step_time": shapes[0]["step_time"], "shapes": shapes,

@@ -107,6 +107,25 @@ def test_forward_and_backward_equal_float64_reference(impl, pattern):
     check_against_reference(impl, window, alibi, T=27, block=8)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("H,K", [(4, 4), (6, 2)])
+def test_dense_attention_equals_jax_dot_product_attention(H, K, dtype):
+    """The xla impl's own einsums (heads grouped in the dots, for XLA:CPU's speed) keep
+    jax.nn.dot_product_attention(implementation="xla")'s numerics: float32 logits and softmax, probabilities
+    in the value dtype, the same masked-logit constant: outputs equal bit for bit, gradients to float32
+    rounding (XLA orders the backward's sums by layout), with and without a logit bias and grouped kv heads."""
+    q, k, v, dout, seg, pos = inputs(16, H, K, 8, 2)
+    q, k, v, dout = (x.astype(dtype) for x in (q, k, v, dout))
+    mask = attention.visible_BTS(seg, 5)
+    bias = jnp.asarray(np.random.default_rng(0).normal(size=(2, H, 16, 16)), jnp.float32)
+    for b in (None, bias):
+        ours = jax.vjp(lambda q, k, v: attention.dense_attention(q, k, v, mask, b), q, k, v)
+        ref = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=b, mask=mask[:, None],
+                                                                   implementation="xla"), q, k, v)
+        chex.assert_trees_all_equal(ours[0], ref[0])
+        chex.assert_trees_all_close(ours[1](dout), ref[1](dout), rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("window", [0, 100])
 def test_splash_forward_and_backward_equal_float64_reference(window):
     # Pallas interpret mode on CPU runs the same kernel the TPU compiles (see tests/test_aot.py); its blocks

@@ -23,7 +23,7 @@ from mhc_jax.model import Transformer
 from mhc_jax.train.checkpoint import Checkpointer
 from mhc_jax.train.loop import run
 from mhc_jax.train.metrics import read_metrics
-from mhc_jax.train.optimizer import group_table, make_optimizer
+from mhc_jax.train.optimizer import clip_if_finite, group_table, make_optimizer
 from mhc_jax.train.step import loss_and_grads, train_step
 
 from conftest import PROSE_FILE, REPO_ROOT
@@ -91,6 +91,36 @@ def test_train_step_accumulates_over_the_grad_accum_it_is_given():
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="training.grad_accum=3"):  # 8 rows do not split into 3
         train_step(model, make_optimizer(cfg, model), batch, grad_accum=3)
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 1.0])
+def test_clip_if_finite_equals_optax_apply_if_finite_of_clipping(clip_norm):
+    """The step's optimiser wrapper (one given norm for clipping and the finiteness test) against optax's
+    apply_if_finite(chain(clip_by_global_norm, adam)): same state tree (checkpoints), same updates and
+    counters through a clipped step, an unclipped one and two non-finite ones (skipped, params untouched)."""
+    import optax
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    inner = optax.adam(0.1)
+    ours = clip_if_finite(inner, clip_norm)
+    ref = optax.apply_if_finite(optax.chain(*([optax.clip_by_global_norm(clip_norm)] if clip_norm else []), inner),
+                                max_consecutive_errors=10**9)
+    s_ours, s_ref = ours.init(params), ref.init(params)
+    chex.assert_trees_all_equal_structs(s_ours, s_ref)
+    steps = [{"w": 3.0 * jnp.ones((2, 3)), "b": jnp.full(3, -2.0)},  # norm 8.5: clipped when clip_norm = 1
+             {"w": 0.01 * jnp.ones((2, 3)), "b": jnp.zeros(3)},
+             {"w": jnp.full((2, 3), jnp.nan), "b": jnp.zeros(3)},
+             {"w": jnp.zeros((2, 3)), "b": jnp.array([jnp.inf, 0.0, 0.0])},
+             {"w": -jnp.ones((2, 3)), "b": jnp.ones(3)}]
+    for i, g in enumerate(steps):
+        u_ours, s_ours = ours.update(g, s_ours, params, grad_norm=optax.tree.norm(g))
+        u_ref, s_ref = ref.update(g, s_ref, params)
+        chex.assert_trees_all_close(u_ours, u_ref, rtol=1e-6, atol=0)
+        chex.assert_trees_all_close(s_ours, s_ref, rtol=1e-6, atol=0)
+        assert int(s_ours.notfinite_count) == {2: 1, 3: 2}.get(i, 0)
+    assert int(s_ours.total_notfinite) == 2
+    # Without a given norm the wrapper computes it: the same update.
+    chex.assert_trees_all_close(ours.update(steps[0], ours.init(params), params)[0],
+                                ref.update(steps[0], ref.init(params), params)[0], rtol=1e-6, atol=0)
 
 
 def test_weight_decay_groups_follow_the_documented_rule():

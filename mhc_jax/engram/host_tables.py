@@ -111,7 +111,7 @@ class HostTables:
                 _init_rows(table, lo, hi, [seed, e.seed, layer], e.table_init_std)
         self._cpu = jax.local_devices(backend="cpu")[0]
         self._cpu_mesh = jax.sharding.Mesh(np.asarray([self._cpu]), ("host",))  # not the trainer's mesh
-        # Wrapped as the dense chain wraps it (optax.apply_if_finite, a lax.cond), so XLA fuses the row update
+        # Wrapped in a lax.cond as the dense chain is (train.optimizer.clip_if_finite), so XLA fuses the row update
         # as it fuses the dense one and the results agree bitwise (no FMA contraction across the cond).
         self._tx = optax.apply_if_finite(tx, max_consecutive_errors=10**9)
         self._adam = jax.jit(self._adam_rows)

@@ -36,6 +36,9 @@ KVCache = dict[str, jax.Array]  # {"k": (B, S, K, D), "v": (B, S, K, D), "pos": 
 # length on `auto` uses the chunked kernel, whose memory is linear in T.
 CPU_CHUNKED_FROM = 1024
 _logged: set[tuple[str, ...]] = set()
+# Masked logits, as jax.nn.dot_product_attention sets them: 0.7 x the float32 minimum (finite, so a masked
+# entry's exp is exactly 0 and no inf - inf arises in the softmax).
+_LARGE_NEGATIVE = float(0.7 * jnp.finfo(jnp.float32).min)
 
 
 def target_platform() -> str:
@@ -70,6 +73,33 @@ def _log_choice_once(requested: str, chosen: str, platform: str, seq_len: int) -
                  platform, seq_len)
 
 
+def dense_attention(q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, mask_BTS: jax.Array,
+                    bias_BHTS: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(D) + bias, masked) v with the T x S scores materialised: the `xla` impl and
+    decoding. jax.nn.dot_product_attention(implementation="xla")'s maths (float32 logits and softmax, probs
+    in v's dtype, the same large negative for masked logits), written with the query heads grouped per kv
+    head (h = k * G + g) in the einsums themselves: jax's version vmaps over the group and broadcasts the
+    mask to every head, which cost 10% of an attention layer's train step on 2 CPU cores (README "mHC
+    speed"). Every query must see at least one key (causal attention always sees itself)."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BSKD.shape[2]
+    half = q_BTHD.dtype in (jnp.bfloat16, jnp.float16)  # jax's choice: half inputs, float32 products
+    precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BTHD.dtype == jnp.bfloat16 else
+                 jax.lax.DotAlgorithmPreset.F16_F16_F32) if half else None
+    # Without GQA (K = H) the group axis is left out: a size-1 axis in the dots' batch cost XLA:CPU a copy.
+    q_, qs, ks = ((q_BTHD, "bthd", "bshd") if K == H else
+                  (q_BTHD.reshape(B, T, K, H // K, D), "btkgd", "bskd"))
+    heads = qs[2:-1]  # "h" or "kg"
+    logits = jnp.einsum(f"{qs},{ks}->b{heads}ts", q_, k_BSKD, precision=precision,
+                        preferred_element_type=jnp.float32) * jnp.float32(D ** -0.5)
+    if bias_BHTS is not None:
+        logits = logits + bias_BHTS.reshape(logits.shape).astype(jnp.float32)
+    logits = jnp.where(mask_BTS.reshape(B, *[1] * len(heads), *mask_BTS.shape[1:]), logits, _LARGE_NEGATIVE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+    out = jnp.einsum(f"b{heads}ts,{ks}->{qs}", probs, v_BSKD)
+    return out.reshape(B, T, H, v_BSKD.shape[-1])
+
+
 def attend(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_BT: jax.Array,
            positions_BT: jax.Array, *, impl: str, window: int = 0, slopes: tuple[float, ...] | None = None,
            block: int = 512) -> jax.Array:
@@ -79,8 +109,7 @@ def attend(q_BTHD: jax.Array, k_BTKD: jax.Array, v_BTKD: jax.Array, segment_ids_
                                  slopes=slopes, block=block)
     bias = None if slopes is None else alibi_bias(jnp.asarray(slopes), positions_BT, positions_BT)
     if impl == "xla":
-        return jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, bias=bias,
-                                            mask=visible_BTS(segment_ids_BT, window)[:, None], implementation="xla")
+        return dense_attention(q_BTHD, k_BTKD, v_BTKD, visible_BTS(segment_ids_BT, window), bias)
     if impl == "cudnn":
         platform = target_platform()
         if platform != "gpu":
@@ -157,7 +186,7 @@ class Attention(nnx.Module):
         (k_BSKD, v_BSKD), pos_BS, mask_BTS = extend_cache(cache, (("k", k_BTKD), ("v", v_BTKD)), positions_BT,
                                                           self.window, self.dtype)
         bias = None if self.slopes is None else alibi_bias(jnp.asarray(self.slopes), positions_BT, pos_BS)
-        out_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, bias=bias, mask=mask_BTS[:, None])
+        out_BTHD = dense_attention(q_BTHD, k_BSKD, v_BSKD, mask_BTS, bias)
         return out_BTHD, write_cache(cache, {"k": k_BTKD, "v": v_BTKD}, positions_BT)
 
 

@@ -133,10 +133,50 @@ def make_tx(cfg: Config, params: Any) -> optax.GradientTransformation:
          "engram": engram_adam(cfg)},
         labeller(group_table(params)))
     # Sparse Engram tables: the step clips parameters and table rows by one global norm (step.clip_with_rows).
-    chain = [optax.clip_by_global_norm(oc.clip_norm)] if oc.clip_norm > 0 and not cfg.engram.sparse else []
-    # A step whose gradients are not finite leaves params and moments untouched; the trainer stops after
-    # training.max_nonfinite_in_row of them.
-    return optax.apply_if_finite(optax.chain(*chain, groups), max_consecutive_errors=10**9)
+    return clip_if_finite(groups, oc.clip_norm if not cfg.engram.sparse else 0.0)
+
+
+def clip_if_finite(inner: optax.GradientTransformation, clip_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(clip_norm), inner)) (no clipping when
+    clip_norm is 0): the same state tree (checkpoints unchanged) and arithmetic, but the gradients' global
+    norm can be the caller's, `update(grads, state, params, grad_norm=...)` (computed here when not given).
+    The step computes that norm once for its metrics; optax's pair makes two more passes over every
+    gradient (an is-finite test and the clip's own norm): 2% of the train step at nanoGPT's shape on 2 CPU
+    cores. The gradients count as finite iff their norm is; that differs from testing every entry only
+    when finite gradients' squares overflow float32 (a norm above ~1.8e19), a step then skipped too.
+
+    A step whose gradients are not finite leaves parameters and moments untouched (a zero update); the
+    trainer stops after training.max_nonfinite_in_row of them."""
+    chained = optax.chain(*([optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []), inner)  # for init
+
+    def init(params: Any) -> optax.ApplyIfFiniteState:
+        return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True),
+                                        total_notfinite=jnp.zeros([], jnp.int32), inner_state=chained.init(params))
+
+    def update(updates: Any, state: optax.ApplyIfFiniteState, params: Any = None, *,
+               grad_norm: jax.Array | None = None) -> tuple[Any, optax.ApplyIfFiniteState]:
+        grad_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        finite = jnp.isfinite(grad_norm)
+
+        def apply(_: None) -> tuple[Any, Any]:
+            g = updates
+            if clip_norm > 0:  # optax.clip_by_global_norm's arithmetic, on the given norm
+                g = jax.tree.map(lambda t: jax.lax.select(grad_norm < clip_norm, t,
+                                                          (t / grad_norm.astype(t.dtype)) * clip_norm), g)
+            *clip_state, inner_state = state.inner_state  # the chain's states: ((EmptyState,) inner)
+            g, inner_state = inner.update(g, inner_state, params)
+            return g, (*clip_state, inner_state)
+
+        def skip(_: None) -> tuple[Any, Any]:
+            return optax.tree.zeros_like(updates), state.inner_state
+
+        updates, inner_state = jax.lax.cond(finite, apply, skip, None)
+        count = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=count, last_finite=finite, inner_state=inner_state,
+            total_notfinite=jnp.where(finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def nonfinite_in_row(optimizer: nnx.Optimizer) -> jax.Array:

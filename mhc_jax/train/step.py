@@ -146,13 +146,12 @@ def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple:
 def clip_with_rows(grads: Any, row_grads: jax.Array, clip_norm: float) -> tuple[Any, jax.Array, jax.Array]:
     """Sparse Engram: (grads, row_grads) clipped by their one global norm, exactly as
     `optax.clip_by_global_norm` clips the dense tree (untouched rows have zero gradient, so the norm is the
-    dense one); parameter gradients become NaN when any gradient is not finite, so `apply_if_finite` skips
-    the step as it does with dense tables. Returns (grads, row_grads, global norm)."""
+    dense one); a non-finite norm makes the optimiser (`optimizer.clip_if_finite`) skip the step as it does
+    with dense tables. Returns (grads, row_grads, global norm)."""
     norm = optax.tree.norm((grads, row_grads))
     if clip_norm > 0:
         (grads, row_grads), _ = optax.clip_by_global_norm(clip_norm).update((grads, row_grads), optax.EmptyState())
-    finite = jnp.isfinite(norm)
-    return jax.tree.map(lambda g: jnp.where(finite, g, jnp.nan), grads), row_grads, norm
+    return grads, row_grads, norm
 
 
 def _in_host_memory(x: Any) -> bool:
@@ -182,7 +181,7 @@ def step_fn(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, grad_accu
         grad_norm = optax.tree.norm(grads)
     else:  # sparse Engram rows: the optimiser chain has no clipping; both are clipped here, together
         grads, row_grads, grad_norm = clip_with_rows(grads, row_grads, model.cfg.optimizer.clip_norm)
-    optimizer.update(model, grads)
+    optimizer.update(model, grads, grad_norm=grad_norm)  # one norm: metrics, clipping, finiteness
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                "nonfinite": jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
                "nonfinite_in_row": nonfinite_in_row(optimizer)}
