@@ -136,6 +136,12 @@ def make_tx(cfg: Config, params: Any) -> optax.GradientTransformation:
     return clip_if_finite(groups, oc.clip_norm if not cfg.engram.sparse else 0.0)
 
 
+def clip_to_norm(tree: Any, norm: jax.Array, clip_norm: float) -> Any:
+    """`tree` scaled to global norm `clip_norm` when its global norm `norm` exceeds it:
+    optax.clip_by_global_norm's arithmetic, on a norm the caller has already computed."""
+    return jax.tree.map(lambda t: jax.lax.select(norm < clip_norm, t, (t / norm.astype(t.dtype)) * clip_norm), tree)
+
+
 def clip_if_finite(inner: optax.GradientTransformation, clip_norm: float) -> optax.GradientTransformationExtraArgs:
     """optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(clip_norm), inner)) (no clipping when
     clip_norm is 0): the same state tree (checkpoints unchanged) and arithmetic, but the gradients' global
@@ -159,10 +165,7 @@ def clip_if_finite(inner: optax.GradientTransformation, clip_norm: float) -> opt
         finite = jnp.isfinite(grad_norm)
 
         def apply(_: None) -> tuple[Any, Any]:
-            g = updates
-            if clip_norm > 0:  # optax.clip_by_global_norm's arithmetic, on the given norm
-                g = jax.tree.map(lambda t: jax.lax.select(grad_norm < clip_norm, t,
-                                                          (t / grad_norm.astype(t.dtype)) * clip_norm), g)
+            g = clip_to_norm(updates, grad_norm, clip_norm) if clip_norm > 0 else updates
             *clip_state, inner_state = state.inner_state  # the chain's states: ((EmptyState,) inner)
             g, inner_state = inner.update(g, inner_state, params)
             return g, (*clip_state, inner_state)

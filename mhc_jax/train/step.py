@@ -25,7 +25,7 @@ from flax import nnx
 
 from mhc_jax.model.moe import moe_stats, update_router_bias
 from mhc_jax.model.transformer import shift_left
-from mhc_jax.train.optimizer import nonfinite_in_row
+from mhc_jax.train.optimizer import clip_to_norm, nonfinite_in_row
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -144,13 +144,13 @@ def _loss_and_grads(model: nnx.Module, batch: Batch, grad_accum: int) -> tuple:
 
 
 def clip_with_rows(grads: Any, row_grads: jax.Array, clip_norm: float) -> tuple[Any, jax.Array, jax.Array]:
-    """Sparse Engram: (grads, row_grads) clipped by their one global norm, exactly as
-    `optax.clip_by_global_norm` clips the dense tree (untouched rows have zero gradient, so the norm is the
+    """Sparse Engram: (grads, row_grads) clipped by their one global norm, computed once, with the arithmetic
+    that clips the dense tree (`optimizer.clip_to_norm`; untouched rows have zero gradient, so the norm is the
     dense one); a non-finite norm makes the optimiser (`optimizer.clip_if_finite`) skip the step as it does
     with dense tables. Returns (grads, row_grads, global norm)."""
     norm = optax.tree.norm((grads, row_grads))
     if clip_norm > 0:
-        (grads, row_grads), _ = optax.clip_by_global_norm(clip_norm).update((grads, row_grads), optax.EmptyState())
+        grads, row_grads = clip_to_norm((grads, row_grads), norm, clip_norm)
     return grads, row_grads, norm
 
 
