@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from mhc_jax.config import Config
-from mhc_jax.sinkhorn import sinkhorn_knopp
-from mhc_jax.sinkhorn_pallas import sinkhorn_knopp_pallas
+from mhc_jax.sinkhorn import sinkhorn_forward, sinkhorn_knopp
+from mhc_jax.sinkhorn_pallas import sinkhorn_knopp_pallas, sinkhorn_vectors_vjp
 
 from references import connection, randomize, ref_sinkhorn, ref_v4_comb
 
@@ -86,3 +86,23 @@ def test_pallas_kernel_compiles_for_tpu_v4_megacore():
     compiled = f.lower(x).compile()
     text = compiled.as_text()
     assert "tpu_custom_call" in text or "mosaic" in text.lower(), "the Mosaic kernel is not in the TPU program"
+
+
+@pytest.mark.parametrize("softmax_start,eps", [(False, 0.0), (False, 1e-6), (True, 1e-6)],
+                         ids=["paper", "eps", "deepseek_v4_start"])
+def test_vector_backward_equals_autodiff_of_the_xla_iteration(softmax_start, eps):
+    """sinkhorn_vectors_vjp (the kernels' on-chip backward, iterates recomputed) against jax.vjp of the XLA
+    iteration, with a tie at the maximum (its cotangent split) and saturated logits (the -40 floor)."""
+    n = 4
+    x = _logits((40, n, n), scale=3.0, seed=2)
+    x[0, 1, 2] = x[0].max()  # two entries at the max
+    x[1] *= 40.0  # entries below the floor
+    x = jnp.asarray(x)
+    g = jnp.asarray(_logits((40, n, n), scale=1.0, seed=3))
+    _, vjp = jax.vjp(lambda y: sinkhorn_forward(y, 20, eps, False, softmax_start), x)
+    want = vjp(g)[0]
+    vecs = lambda a: [a[:, k // n, k % n] for k in range(n * n)]
+    got = jax.jit(lambda r, g_: sinkhorn_vectors_vjp(r, g_, n, 20, eps, softmax_start))(vecs(x), vecs(g))
+    got = jnp.stack(got, -1).reshape(x.shape)
+    chex.assert_tree_all_finite(got)
+    chex.assert_trees_all_close(got, want, atol=1e-6 * float(jnp.max(jnp.abs(want))), rtol=0)

@@ -7,9 +7,12 @@ vec(x) phi (float32 accumulation) and the sum of squares in the same pass over t
 RMS after the matmul, applies a * . + b, the sigmoid gates of H_pre and H_post and all Sinkhorn iterations
 of H_res (`mhc_jax.sinkhorn_pallas.sinkhorn_vectors`), and writes the n^2 + 2n coefficients per token.
 phi enters the matmul as three bfloat16 parts (hi + mid + lo = float32 phi exactly, `bf16_parts`), and
-float32 streams are split the same way in the kernel, so bfloat16 matrix units give float32 accuracy. The backward stores only the inputs and differentiates the XLA computation at them
-(the projection, the gates and the unrolled Sinkhorn loop): the exact gradient of the truncated
-iteration, recomputed, as the paper's kernels do.
+float32 streams are split the same way in the kernel, so bfloat16 matrix units give float32 accuracy.
+The backward stores the inputs and the normalised projection; a second kernel (`gates_bwd_call`)
+recomputes the gates and the Sinkhorn iterates on-chip and back-propagates through every iteration
+(`sinkhorn_vectors_vjp`: the exact gradient of the truncated loop, as the paper's kernels do), and the
+projection's backward is two matmuls by formula (on bfloat16 streams as bfloat16 parts: matrix units,
+float32 accuracy for dphi).
 
 Mixing (`pre_mix_pallas`, `res_post_mix_pallas`): one kernel instance reads a block of tokens' streams
 once, channel chunk by chunk, and writes H_pre x (resp. every new stream H_res x + H_post^T y) with
@@ -39,7 +42,7 @@ from jax.sharding import PartitionSpec
 
 from mhc_jax.sharding import logical_to_spec
 from mhc_jax.sinkhorn import sinkhorn_forward
-from mhc_jax.sinkhorn_pallas import sinkhorn_vectors
+from mhc_jax.sinkhorn_pallas import sinkhorn_vectors, sinkhorn_vectors_vjp
 
 V4_EPS = 1e-6  # DeepSeek-V4: H_pre = sigmoid + 1e-6 (mhc_jax.residual.mhc)
 
@@ -323,21 +326,98 @@ def _coefficients_fwd(x_BTnC, phi, bias, a_pre, a_post, a_res, spec):
     return mappings, (x_BTnC, phi, bias, a_pre, a_post, a_res, c, inv_r)
 
 
+def _gates_bwd_kernel(zg_ref, o_ref, *, spec: CoefSpec):
+    """dz, the cotangent of the pre-activations z = a * c + b, for a block of tokens from z (rows [0, k))
+    and the coefficients' cotangent g (rows [K, K + k)), tokens along the rows: the sigmoid gates'
+    derivatives and Sinkhorn's backward (`sinkhorn_vectors_vjp`) on (1, tokens) row vectors, on-chip."""
+    n = spec.n
+    k, K = n * n + 2 * n, coefficient_width(spec.n)
+    zs = [zg_ref[j:j + 1, :] for j in range(k)]
+    gs = [zg_ref[K + j:K + j + 1, :] for j in range(k)]
+    dz = []
+    for j in range(2 * n):  # h_pre = sigmoid(z) (+ 1e-6), h_post = 2 sigmoid(z) (Eq. 8)
+        sig = jax.nn.sigmoid(zs[j])
+        dz.append((1.0 if j < n else 2.0) * gs[j] * sig * (1.0 - sig))
+    res, g_res = zs[2 * n:], gs[2 * n:]
+    if spec.v4:  # comb = Sinkhorn of the transpose (softmax start), handed back transposed
+        perm = [j * n + i for i in range(n) for j in range(n)]
+        t = sinkhorn_vectors_vjp([res[p] for p in perm], [g_res[p] for p in perm], n, spec.iters, spec.eps, True)
+        d_res = [t[perm.index(q)] for q in range(n * n)]
+    else:
+        d_res = sinkhorn_vectors_vjp(res, g_res, n, spec.iters, spec.eps, False)
+    for j, row in enumerate(dz + d_res):
+        o_ref[j:j + 1, :] = row
+    if K > k:
+        o_ref[k:K, :] = jnp.zeros((K - k, o_ref.shape[1]), jnp.float32)
+
+
+def gates_bwd_call(tiling: Tiling, interpret: bool, platform: str, zg: jax.Array, *, spec: CoefSpec) -> jax.Array:
+    """The gates + Sinkhorn backward kernel on (N, 2K) float32 rows [z | g] (each K = coefficient_width
+    columns, zero-padded): float32 (N, K) dz. The kernel sees them transposed, tokens along its rows, so
+    every per-token value is a lane-dense row vector on every platform."""
+    K = coefficient_width(spec.n)
+    N = zg.shape[0]
+    bt = tiling.coef_tokens if tiling.lanes else min(tiling.coef_tokens, _pow2_at_least(N))
+    zg_p = _pad_rows(zg, bt).T  # padded tokens: z = g = 0, dropped below
+    Np = zg_p.shape[1]
+    out = pl.pallas_call(
+        functools.partial(_gates_bwd_kernel, spec=spec),
+        out_shape=jax.ShapeDtypeStruct((K, Np), jnp.float32), grid=(Np // bt,),
+        in_specs=[pl.BlockSpec((2 * K, bt), lambda t: (0, t))], out_specs=pl.BlockSpec((K, bt), lambda t: (0, t)),
+        interpret=interpret, **_compiler_params(platform, tiling, stages=1))(zg_p)
+    return out.T[:N]
+
+
+def _gates_bwd(c, g, scale, bias, spec: CoefSpec):
+    """dz (N, k) from the kernel: the gradient autodiff gives through `gates_xla`, on-chip."""
+    n = spec.n
+    k, K = n * n + 2 * n, coefficient_width(n)
+    N = c.shape[0]
+    g_flat = jnp.concatenate([t.reshape(N, -1).astype(jnp.float32) for t in _flat_cotangent(g, N)], axis=1)
+    pad = ((0, 0), (0, K - k))
+    zg = jnp.concatenate([jnp.pad(c * scale + bias, pad), jnp.pad(g_flat, pad)], axis=1)
+    return _platform_call(functools.partial(gates_bwd_call, spec=spec), zg)[:, :k]
+
+
+def _dot_bf16x3(a: jax.Array, b: jax.Array, subscripts: str) -> jax.Array:
+    """einsum(subscripts, a, b) of float32 operands as one bfloat16 matmul with float32 accumulation over
+    hi * hi + hi * mid + mid * hi (bf16_parts; ~2^-16 relative): for results stored in bfloat16, where a
+    HIGHEST-precision float32 dot runs on a GPU's non-tensor cores (seen: 8x 145 us at d = 2048, H100)."""
+    a_hi, a_mid, _ = bf16_parts(a.astype(jnp.float32))
+    b_hi, b_mid, _ = bf16_parts(b.astype(jnp.float32))
+    a3 = jnp.concatenate([a_hi, a_hi, a_mid], axis=-1)  # the contracted axis is last in a, first in b
+    b3 = jnp.concatenate([b_hi, b_mid, b_hi], axis=0)
+    return jnp.einsum(subscripts, a3, b3, preferred_element_type=jnp.float32)
+
+
 def _coefficients_bwd(spec, res, g):
     res, g = jax.lax.optimization_barrier((res, g))  # recompute when the cotangent arrives (mhc_jax.sinkhorn)
     x_BTnC, phi, bias, a_pre, a_post, a_res, c, inv_r = res
-    # Gates and Sinkhorn: recomputed from c and differentiated through every iteration (exact for the
-    # truncated loop).
-    _, vjp = jax.vjp(lambda c_, *p: gates_xla(c_, *p, spec), c, bias, a_pre, a_post, a_res)
-    dc, dbias, da_pre, da_post, da_res = vjp(_flat_cotangent(g, c.shape[0]))
+    n = spec.n
+    # Gates and Sinkhorn: recomputed from c in a kernel and differentiated through every iteration (exact
+    # for the truncated loop); then z = a * c + b by hand.
+    scale, b = _scale_bias(n, bias, a_pre, a_post, a_res)
+    dz = _gates_bwd(c, g, scale, b, spec)
+    dc = dz * scale
+    dzc = jnp.sum(dz * c, axis=0)
+    da_pre, da_post, da_res = jnp.sum(dzc[:n]), jnp.sum(dzc[n:2 * n]), jnp.sum(dzc[2 * n:])
+    dbias = jnp.sum(dz, axis=0)
     # c = (v phi) / r, r = sqrt(mean(v^2) + eps) (Eq. 14-15): dphi = v^T (dc / r) and
     # dv = (dc / r) phi^T - (dc . c) v / (r^2 nC): two passes over the streams, no forward matmul again.
     v = x_BTnC.reshape(c.shape[0], -1)
     nC = v.shape[1]
     du = dc * inv_r
-    dphi = jnp.einsum("nd,nk->dk", v, du, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    dv = jnp.einsum("nk,dk->nd", du, phi.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+    if v.dtype == jnp.bfloat16:
+        # v is exact in bfloat16: v^T (du_hi + du_mid + du_lo) is three bfloat16 products summed in float32
+        # (one matmul over the parts side by side); dv is stored in bfloat16, so bf16x3 suffices for it.
+        k = du.shape[1]
+        d3 = jnp.einsum("nd,nk->dk", v, jnp.concatenate(bf16_parts(du), axis=1), preferred_element_type=jnp.float32)
+        dphi = d3[:, :k] + d3[:, k:2 * k] + d3[:, 2 * k:]
+        dv = _dot_bf16x3(du, phi.T, "nk,kd->nd")
+    else:
+        hi = jax.lax.Precision.HIGHEST
+        dphi = jnp.einsum("nd,nk->dk", v, du, precision=hi, preferred_element_type=jnp.float32)
+        dv = jnp.einsum("nk,dk->nd", du, phi.astype(jnp.float32), precision=hi, preferred_element_type=jnp.float32)
     dv = dv - (jnp.sum(dc * c, axis=1, keepdims=True) * inv_r * inv_r / nC) * v.astype(jnp.float32)
     return (dv.astype(x_BTnC.dtype).reshape(x_BTnC.shape), dphi.astype(phi.dtype), dbias.astype(bias.dtype),
             da_pre, da_post, da_res)
