@@ -8,8 +8,8 @@ backend, interleaving the kinds over several rounds, and reports median step-tim
 measured in this one run, MFU (closed-form model FLOPs, mhc_jax.flops, over the matmul peak: the higher
 of probes before and after the timing), and the compiled activation memory: bytes one block keeps from
 forward to backward per token (outputs of the jitted jax.vjp closure of a block, compiled memory analysis;
-with residual.recompute, the paper's selective recomputation, on and off). Paper reference: mHC costs 6.7% extra training time at n = 4
-with fused kernels, selective recomputation and pipeline overlap (GPUs).
+with residual.recompute, the paper's selective recomputation, on and off). Paper reference: mHC costs 6.7%
+extra training time at n = 4 with fused kernels, selective recomputation and pipeline overlap (GPUs).
 
 Absolute times on a shared machine are noisy: quote the ratios, which come from interleaved rounds. The
 machine's load average is recorded in the JSON. Then, as before, the compiled memory analysis of the

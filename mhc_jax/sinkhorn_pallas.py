@@ -52,27 +52,42 @@ def _line_normalize(m: list[list[jax.Array]], columns: bool, eps: float) -> list
     return [[m[i][j] / s[j if columns else i] for j in range(n)] for i in range(n)]
 
 
+def _nest(flat, n: int) -> list[list[jax.Array]]:
+    return [list(flat[i * n:(i + 1) * n]) for i in range(n)]
+
+
+def _flatten(m: list[list[jax.Array]]) -> tuple[jax.Array, ...]:
+    return tuple(v for row in m for v in row)
+
+
+def _exp_start(rows: list[jax.Array]) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """The iteration's start (mhc_jax.sinkhorn._sinkhorn_linear): the max over a token's n^2 logits, the
+    centred logits d and exp(max(d, -40)); (max, d, exp)."""
+    mx = rows[0]
+    for r in rows[1:]:
+        mx = jnp.maximum(mx, r)
+    d = [r - mx for r in rows]
+    return mx, d, [jnp.exp(jnp.maximum(v, -_LOG_FLOOR)) for v in d]
+
+
 def sinkhorn_vectors(rows: list[jax.Array], n: int, num_iters: int, eps: float,
                      softmax_start: bool) -> list[jax.Array]:
     """The iteration of `mhc_jax.sinkhorn` on n^2 same-shaped arrays (entry (i, j) of every token's logits
     is rows[i * n + j]), inside a kernel: float32 in, float32 out, every line sum n - 1 elementwise adds.
     Shared by this module's kernel and the fused mHC coefficient kernel (mhc_jax.residual.mhc_pallas)."""
-    mx = rows[0]
-    for r in rows[1:]:
-        mx = jnp.maximum(mx, r)
-    m = [[jnp.exp(jnp.maximum(rows[i * n + j] - mx, -_LOG_FLOOR)) for j in range(n)] for i in range(n)]
+    m = _nest(_exp_start(rows)[2], n)
     if softmax_start:
         m = _line_normalize(m, True, 0.0)
         m = [[v + eps for v in row] for row in m]
         m = _line_normalize(m, False, eps)
         num_iters -= 1
 
-    def body(_: int, flat: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        mm = [list(flat[i * n:(i + 1) * n]) for i in range(n)]
-        mm = _line_normalize(_line_normalize(mm, True, eps), False, eps)  # columns, then rows (Eq. 9)
-        return tuple(v for row in mm for v in row)
+    return list(jax.lax.fori_loop(0, num_iters, functools.partial(_iteration, n=n, eps=eps), _flatten(m)))
 
-    return list(jax.lax.fori_loop(0, num_iters, body, tuple(v for row in m for v in row)))
+
+def _iteration(_: int, flat: tuple[jax.Array, ...], *, n: int, eps: float) -> tuple[jax.Array, ...]:
+    """One column + row normalisation (Eq. 9) of the flattened n x n vectors: a fori_loop body."""
+    return _flatten(_line_normalize(_line_normalize(_nest(flat, n), True, eps), False, eps))
 
 
 def _normalize_vjp(out: list[list[jax.Array]], s: list[jax.Array], g: list[list[jax.Array]],
@@ -105,14 +120,6 @@ def _col_row_vjp(m: list[list[jax.Array]], g: list[list[jax.Array]], eps: float)
     return _normalize_vjp(a, s_c, _normalize_vjp(out, s_r, g, False), True)
 
 
-def _nest(flat, n: int) -> list[list[jax.Array]]:
-    return [list(flat[i * n:(i + 1) * n]) for i in range(n)]
-
-
-def _flatten(m: list[list[jax.Array]]) -> tuple[jax.Array, ...]:
-    return tuple(v for row in m for v in row)
-
-
 def sinkhorn_vectors_vjp(rows: list[jax.Array], g: list[jax.Array], n: int, num_iters: int, eps: float,
                          softmax_start: bool) -> list[jax.Array]:
     """Cotangent of the logits `rows` of `sinkhorn_vectors` from the cotangent `g` of its result (same
@@ -121,11 +128,7 @@ def sinkhorn_vectors_vjp(rows: list[jax.Array], g: list[jax.Array], n: int, num_
     tie), exact for the truncated loop. Nothing is stored between the iterations: iteration k's input is
     recomputed from the start for each k (num_iters^2 / 2 cheap vector iterations, all on-chip), and the
     backward of the start (exp, the optional softmax step) follows."""
-    mx = rows[0]
-    for r in rows[1:]:
-        mx = jnp.maximum(mx, r)
-    d = [r - mx for r in rows]
-    e = [jnp.exp(jnp.maximum(v, -_LOG_FLOOR)) for v in d]
+    mx, d, e = _exp_start(rows)
     m = _nest(e, n)
     if softmax_start:
         s_c0 = _line_sums(m, True, 0.0)
@@ -136,9 +139,7 @@ def sinkhorn_vectors_vjp(rows: list[jax.Array], g: list[jax.Array], n: int, num_
         num_iters -= 1
     start = _flatten(m)
 
-    def iterate(_: int, flat: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        mm = _nest(flat, n)
-        return _flatten(_line_normalize(_line_normalize(mm, True, eps), False, eps))
+    iterate = functools.partial(_iteration, n=n, eps=eps)
 
     def backward(step: int, g_flat: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         k = num_iters - 1 - step  # iterations run backward; the input of iteration k is recomputed

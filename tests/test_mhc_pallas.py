@@ -16,6 +16,7 @@ from mhc_jax.config import Config, ConfigError
 from mhc_jax.residual import mhc_pallas as mp
 from mhc_jax.residual.base import pre_mix, res_post_mix
 from mhc_jax.residual.mhc import rms_projection
+from mhc_jax.sinkhorn import sinkhorn_forward
 
 from references import connection, randomize, ref_sinkhorn, ref_v4_comb
 
@@ -46,9 +47,23 @@ def ref_coefficients(x, phi, bias, v4: bool, iters: int = 20):
     return h_pre, h_post, h_res
 
 
+def xla_gates(c, bias, a_pre, a_post, a_res, spec_: mp.CoefSpec):
+    """Eq. 8-9 from the normalised projection c = RMSNorm(vec(x)) phi (..., n^2 + 2n) in XLA: the gates and
+    the Sinkhorn loop (autodiff differentiates every iteration): what the kernels compute from c."""
+    n = spec_.n
+    b = bias.astype(jnp.float32)
+    h_pre = jax.nn.sigmoid(a_pre * c[..., :n] + b[:n]) + (mp.V4_EPS if spec_.v4 else 0.0)
+    h_post = 2.0 * jax.nn.sigmoid(a_post * c[..., n:2 * n] + b[n:2 * n])
+    logits = (a_res * c[..., 2 * n:] + b[2 * n:]).reshape(*c.shape[:-1], n, n)
+    if spec_.v4:
+        t = sinkhorn_forward(jnp.swapaxes(logits, -1, -2), spec_.iters, spec_.eps, False, True)
+        return h_pre, h_post, jnp.swapaxes(t, -1, -2)
+    return h_pre, h_post, sinkhorn_forward(logits, spec_.iters, spec_.eps, False, False)
+
+
 def xla_coefficients(x, phi, bias, a_pre, a_post, a_res, spec_: mp.CoefSpec):
     """The XLA computation the kernel replaces: the fused projection, then gates and Sinkhorn."""
-    return mp.gates_xla(rms_projection(x, phi, spec_.norm_eps), bias, a_pre, a_post, a_res, spec_)
+    return xla_gates(rms_projection(x, phi, spec_.norm_eps), bias, a_pre, a_post, a_res, spec_)
 
 
 def spec(v4: bool) -> mp.CoefSpec:
@@ -117,14 +132,14 @@ def test_coefficient_gradients_equal_the_xla_gradients(v4, dtype):
 @pytest.mark.parametrize("v4", [False, True], ids=["paper", "deepseek_v4"])
 def test_every_platform_tiling_gives_the_same_gates_backward(tiling, v4):
     """The backward kernel's dz (cotangent of z = a * c + b) on the GPU and TPU layouts, in interpret
-    mode, against autodiff of the XLA gates and Sinkhorn loop."""
+    mode, against autodiff of the XLA gates and Sinkhorn loop (xla_gates)."""
     x, phi, bias = inputs()
     spec_ = spec(v4)
     c = rms_projection(x, phi, EPS).reshape(-1, 24)
     scale, b = mp._scale_bias(N_STREAMS, bias, *A)
     rng = np.random.default_rng(7)
     g = tuple(jnp.asarray(rng.standard_normal((c.shape[0], *s)), jnp.float32) for s in ((4,), (4,), (4, 4)))
-    _, vjp = jax.vjp(lambda z: mp.gates_xla(z, jnp.zeros(24), 1.0, 1.0, 1.0, spec_), c * scale + b)
+    _, vjp = jax.vjp(lambda z: xla_gates(z, jnp.zeros(24), 1.0, 1.0, 1.0, spec_), c * scale + b)
     want = vjp(g)[0]
     K = mp.coefficient_width(N_STREAMS)
     pad = lambda a: jnp.pad(a, ((0, 0), (0, K - 24)))

@@ -41,7 +41,6 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
 from mhc_jax.sharding import logical_to_spec
-from mhc_jax.sinkhorn import sinkhorn_forward
 from mhc_jax.sinkhorn_pallas import sinkhorn_vectors, sinkhorn_vectors_vjp
 
 V4_EPS = 1e-6  # DeepSeek-V4: H_pre = sigmoid + 1e-6 (mhc_jax.residual.mhc)
@@ -242,6 +241,12 @@ def _compiler_params(platform: str, tiling: Tiling, dims: int = 1, stages: int =
     return {}
 
 
+def _coef_block(tiling: Tiling, tokens: int) -> int:
+    """Tokens per instance of the coefficient kernels: the tiling's, or fewer (a power of two) for a short
+    input; always the tiling's with tokens on lanes (TPU: whole 128-lane vectors)."""
+    return tiling.coef_tokens if tiling.lanes else min(tiling.coef_tokens, _pow2_at_least(tokens))
+
+
 def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_rows: jax.Array, phi: jax.Array,
                       scale: jax.Array, bias: jax.Array, *, spec: CoefSpec) -> jax.Array:
     """The coefficient kernel on (N, nC) rows: float32 (N, 2k + 1 padded) [pre | post | res | c | 1/r]
@@ -255,7 +260,7 @@ def coefficients_call(tiling: Tiling, interpret: bool, platform: str, x_rows: ja
     # (b on the first part only)
     b_row = jnp.pad(bias, (0, width - k))
     sb = jnp.zeros((8, width), jnp.float32).at[0].set(a_row).at[1].set(b_row)
-    bt = min(tiling.coef_tokens, _pow2_at_least(N)) if not tiling.lanes else tiling.coef_tokens
+    bt = _coef_block(tiling, N)
     x_p = _pad_rows(x_rows, bt)  # padded tokens: zero rows, finite coefficients, dropped below
     Np = x_p.shape[0]
     chunk = _chunk(nC, tiling.coef_chunk)
@@ -284,23 +289,6 @@ def _scale_bias(n: int, bias: jax.Array, a_pre, a_post, a_res) -> tuple[jax.Arra
     ones = jnp.ones((n,), jnp.float32)
     scale = jnp.concatenate([a_pre * ones, a_post * ones, a_res * jnp.ones((n * n,), jnp.float32)])
     return scale.astype(jnp.float32), bias.astype(jnp.float32)
-
-
-def gates_xla(c, bias, a_pre, a_post, a_res, spec: CoefSpec):
-    """Eq. 8-9 from the normalised projection c = RMSNorm(vec(x)) phi (..., n^2 + 2n), in XLA: the gates
-    and the unrolled Sinkhorn loop (differentiable through every iteration). With
-    `mhc_jax.residual.mhc.rms_projection` it is the XLA reference of the kernel (tests)."""
-    n = spec.n
-    b = bias.astype(jnp.float32)
-    h_pre = jax.nn.sigmoid(a_pre * c[..., :n] + b[:n]) + (V4_EPS if spec.v4 else 0.0)
-    h_post = 2.0 * jax.nn.sigmoid(a_post * c[..., n:2 * n] + b[n:2 * n])
-    logits = (a_res * c[..., 2 * n:] + b[2 * n:]).reshape(*c.shape[:-1], n, n)
-    if spec.v4:
-        h_res = jnp.swapaxes(sinkhorn_forward(jnp.swapaxes(logits, -1, -2), spec.iters, spec.eps, False, True),
-                             -1, -2)
-    else:
-        h_res = sinkhorn_forward(logits, spec.iters, spec.eps, False, False)
-    return h_pre, h_post, h_res
 
 
 def _coefficients_kernel(x_BTnC, phi, bias, a_pre, a_post, a_res, spec: CoefSpec):
@@ -357,7 +345,7 @@ def gates_bwd_call(tiling: Tiling, interpret: bool, platform: str, zg: jax.Array
     every per-token value is a lane-dense row vector on every platform."""
     K = coefficient_width(spec.n)
     N = zg.shape[0]
-    bt = tiling.coef_tokens if tiling.lanes else min(tiling.coef_tokens, _pow2_at_least(N))
+    bt = _coef_block(tiling, N)
     zg_p = _pad_rows(zg, bt).T  # padded tokens: z = g = 0, dropped below
     Np = zg_p.shape[1]
     out = pl.pallas_call(
@@ -369,7 +357,8 @@ def gates_bwd_call(tiling: Tiling, interpret: bool, platform: str, zg: jax.Array
 
 
 def _gates_bwd(c, g, scale, bias, spec: CoefSpec):
-    """dz (N, k) from the kernel: the gradient autodiff gives through `gates_xla`, on-chip."""
+    """dz (N, k) from the kernel: the gradient autodiff gives through the XLA gates and Sinkhorn loop
+    (mhc_jax.residual.mhc's `mappings` after the projection), on-chip."""
     n = spec.n
     k, K = n * n + 2 * n, coefficient_width(n)
     N = c.shape[0]
