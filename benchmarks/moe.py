@@ -5,7 +5,7 @@ with and without the aux-loss-free bias update.
 
 1. Step time: the shared jitted train step (mhc_jax.train.step.train_step) of a dense model (SwiGLU width
    d_ff) and of MoE models whose active feed-forward has the same width (1 shared + k routed experts of
-   width d_ff / (1 + k)), dropless (ragged_dot) and with capacity factor 1.25; interleaved rounds, median
+   width d_ff / (1 + k)), dropless (grouped matmul) and with capacity factor 1.25; interleaved rounds, median
    step times as ratios to dense measured in this one run, MFU from active FLOPs (the dense model's closed
    form, mhc_jax.flops, plus the router's 2 C n_routed per token and MoE layer, x 3 for training) over a
    matmul peak measured at start-up. Absolute times on a shared machine are noisy; the load average is recorded.
@@ -13,8 +13,9 @@ with and without the aux-loss-free bias update.
    embedded corpus with the bias update at gamma = 1e-2 and at DeepSeek-V3's 1e-3 (V3 trains ~5 orders of
    magnitude more steps, so its gamma barely moves the bias in 300), and without it; per step and MoE
    layer, the max/mean expert load. Plotted to benchmarks/results/plots/moe_load_balance.png.
-3. jax.lax.ragged_dot alone at equal FLOPs and 1 / 4 / 16 groups: XLA:CPU computes every group as a full
-   dense matmul, which is why the dropless step is slow on CPU.
+3. One grouped matmul, forward + backward, at equal FLOPs and 1 / 4 / 16 / 64 groups: jax.lax.ragged_dot
+   (XLA:CPU computes every group as a full dense matmul) against mhc_jax.grouped_matmul (the tiled loop the
+   dropless MoE runs off TPU).
 Writes benchmarks/results/moe.json.
 """
 
@@ -35,6 +36,7 @@ from mhc_jax.config import Config
 from mhc_jax.data import synthetic_batch
 from mhc_jax.data.pipeline import make_train_iterator
 from mhc_jax.flops import model_flops_per_token
+from mhc_jax.grouped_matmul import grouped_matmul
 from mhc_jax.model import Transformer, count_params
 from mhc_jax.model.moe import moe_blocks
 from mhc_jax.train.metrics import measure_peak_flops
@@ -84,16 +86,17 @@ def step_times(args, peak: float) -> dict:
     return out
 
 
-def ragged_dot_scaling(rows: int = 4096, d: int = 128, groups: tuple[int, ...] = (1, 4, 16)) -> dict:
-    """Seconds of one jax.lax.ragged_dot of `rows` x d by (g, d, d) with the rows split evenly over g groups:
-    the FLOPs do not depend on g, so a time growing with g shows a backend lowering every group as a full
-    dense matmul (XLA:CPU does)."""
+def grouped_matmul_scaling(rows: int = 4096, d: int = 128, groups: tuple[int, ...] = (1, 4, 16, 64)) -> dict:
+    """Seconds of one forward + backward of `rows` x d by (g, d, d) with the rows split evenly over g groups,
+    for jax.lax.ragged_dot and mhc_jax.grouped_matmul: the FLOPs do not depend on g, so a time growing with g
+    shows a lowering that computes every group as a full dense matmul (XLA:CPU's ragged_dot does)."""
     x = jnp.ones((rows, d), jnp.float32)
-    out = {}
+    out = {"ragged_dot": {}, "grouped_matmul": {}}
     for g in groups:
         w, sizes = jnp.ones((g, d, d), jnp.float32), jnp.full((g,), rows // g, jnp.int32)
-        f = jax.jit(jax.lax.ragged_dot)
-        out[str(g)] = interleaved_medians({"f": lambda: f(x, w, sizes)}, 3, 3)["f"]
+        for name, fn in (("ragged_dot", jax.lax.ragged_dot), ("grouped_matmul", grouped_matmul)):
+            f = jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w, sizes) ** 2), argnums=(0, 1)))
+            out[name][str(g)] = interleaved_medians({"f": lambda: f(x, w)}, 3, 3)["f"]
     return out
 
 
@@ -164,8 +167,9 @@ def main() -> None:
     times = step_times(args, peak)
     print(format_table(["variant", "params", "step_time_ratio", "mfu %", "compile_s"],
                        [[n, r["params"], r["step_time_ratio"], 100 * r["mfu"], r["compile_s"]] for n, r in times.items()]))
-    ragged = ragged_dot_scaling()
-    print("ragged_dot seconds by number of groups (same FLOPs):", {g: f"{t:.4f}" for g, t in ragged.items()})
+    grouped = grouped_matmul_scaling()
+    print(format_table(["groups (same FLOPs)", "ragged_dot fwd+bwd s", "grouped_matmul fwd+bwd s"],
+                       [[g, t, grouped["grouped_matmul"][g]] for g, t in grouped["ragged_dot"].items()]))
     balance = load_balance(args)
     print(format_table(["balancing", "max/mean load per layer (last fifth)", "loss (last fifth)"],
                        [[n, " ".join(f"{v:.2f}" for v in r["max_over_mean_last_fifth_mean"]),
@@ -176,7 +180,7 @@ def main() -> None:
               "load_average_after": load_average(), "quick": args.quick,
               "shape": {"d_model": args.d_model, "layers": args.layers, "seq": args.seq, "batch": args.batch,
                         "routed_experts": args.experts, "experts_per_token": args.experts_per_token},
-              "step_time": times, "ragged_dot_seconds_by_groups": ragged, "load_balance": balance, "plot": repo_relative(plot_path)}
+              "step_time": times, "fwd_bwd_seconds_by_groups": grouped, "load_balance": balance, "plot": repo_relative(plot_path)}
     print("wrote", write_result(args.out, result))
 
 

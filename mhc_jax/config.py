@@ -60,7 +60,7 @@ class ModelConfig:
     topk_groups: int = 1  # groups a token may route to
     bias_update_rate: float = 1e-3  # aux-loss-free balancing: bias step per update
     aux_loss_weight: float = 0.0  # sequence-wise auxiliary balance loss weight (0 = off)
-    capacity_factor: float = 0.0  # 0 = dropless ragged_dot; > 0 = capacity-factor variant
+    capacity_factor: float = 0.0  # 0 = dropless grouped matmul; > 0 = capacity-factor variant
     max_seq_len: int = 256  # RoPE / KV-cache capacity
     rope_theta: float = 10000.0  # mHC paper Table 5 (RoPE theta 10000)
     norm_eps: float = 1e-6  # RMSNorm epsilon

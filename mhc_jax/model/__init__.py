@@ -26,6 +26,8 @@ streams x channels); each letter means one thing everywhere in the package:
     m  tokens, batch and time flattened    P  token-expert assignments (m * k), or rows of one all-to-all slot
     r  rows an expert-parallel device receives (p * P)
     Y  capacity slots of one expert        p  expert-parallel shards (mesh.expert)
+    e  a grouped matmul's input width      f  its output width (mhc_jax.grouped_matmul)
+    t  rows of one grouped-matmul tile     w  its work items: (tile, expert) pairs
     1  a broadcast dimension of size 1
 """
 

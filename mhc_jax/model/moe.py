@@ -16,8 +16,8 @@ assignment counts (the whole global batch, every micro-batch). The sequence-wise
 (V3 Eq. 17-20, `sequence_balance_loss`) is optional (model.aux_loss_weight).
 
 Routed experts run on the token-expert assignments sorted by expert:
-- dropless (capacity_factor = 0): `jax.lax.ragged_dot` on the sorted rows (one group per expert,
-  megablox-style), no token is dropped;
+- dropless (capacity_factor = 0): a grouped matmul on the sorted rows (one group per expert;
+  `mhc_jax.grouped_matmul`: XLA's ragged dot on TPU, megablox's tile schedule elsewhere), no token is dropped;
 - capacity (capacity_factor > 0): each expert takes at most ceil(cf * tokens * k / n_routed) assignments
   (earlier tokens first) into a dense (experts, capacity, C) buffer and one batched einsum; the rest are
   dropped (counted).
@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec
 
 from mhc_jax.config import ModelConfig
 from mhc_jax.errors import ConfigError
+from mhc_jax.grouped_matmul import grouped_matmul
 from mhc_jax.layers import param
 from mhc_jax.model.mlp import MLP
 from mhc_jax.sharding import logical_to_spec
@@ -115,9 +116,9 @@ def expert_capacity(tokens: int, m: ModelConfig) -> int:
 
 def _swiglu_ragged(x_PC: jax.Array, sizes_I: jax.Array, w_gate_ICO, w_up_ICO, w_down_IOC) -> jax.Array:
     """SwiGLU of each row by its expert: rows sorted by expert, `sizes_I` rows per expert; rows past
-    sum(sizes_I) come out zero (jax.lax.ragged_dot)."""
-    h_PO = jax.nn.silu(jax.lax.ragged_dot(x_PC, w_gate_ICO, sizes_I)) * jax.lax.ragged_dot(x_PC, w_up_ICO, sizes_I)
-    return jax.lax.ragged_dot(h_PO, w_down_IOC, sizes_I)
+    sum(sizes_I) come out zero (grouped_matmul)."""
+    h_PO = jax.nn.silu(grouped_matmul(x_PC, w_gate_ICO, sizes_I)) * grouped_matmul(x_PC, w_up_ICO, sizes_I)
+    return grouped_matmul(h_PO, w_down_IOC, sizes_I)
 
 
 def _sort_assignments(idx_mk: jax.Array) -> tuple[jax.Array, jax.Array]:
