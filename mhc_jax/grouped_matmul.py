@@ -11,7 +11,8 @@ temporary (measured: 16 groups, 16x the FLOPs; 272 MiB at 64 groups for 4096 x 2
 (tile, group) pair whose rows overlap, and a loop over the at most ceil(rows / t) + I - 1 items multiplies
 each tile by its group's matrix and keeps that group's rows. FLOPs are at most (rows + (I - 1) t) e f 2,
 memory O(rows (e + f)); the custom VJP runs dx as the same loop on the transposed matrices and dw as one
-accumulating loop (no per-item residuals are kept).
+loop accumulating into a float32 (I, e, f) buffer (no per-item residuals are kept: the backward's extra
+memory is weight-sized).
 
 Shapes (letters of the legend in mhc_jax.model): P rows, I groups, e input width, f output width,
 t rows of a tile, w work items.
