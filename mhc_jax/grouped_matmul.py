@@ -36,10 +36,12 @@ def tile_rows(rows: int, groups: int) -> int:
 
 
 class Schedule(NamedTuple):
-    """The work items: (group, tile) pairs whose rows overlap, group-major; padding items have group I."""
+    """The work items: (group, tile) pairs whose rows overlap, group-major, then padding items (not valid:
+    they keep no row)."""
 
     group_w: jax.Array
     tile_w: jax.Array
+    valid_w: jax.Array
     start_I: jax.Array  # first row of each group
     end_I: jax.Array  # one past its last row (clipped to the rows there are)
     t: int
@@ -50,10 +52,9 @@ class Schedule(NamedTuple):
 
     def keep(self, item: jax.Array) -> jax.Array:
         """(t,) which of the item's tile rows belong to its group."""
-        group, I = self.group_w[item], self.start_I.shape[0]
-        i = jnp.minimum(group, I - 1)
+        i = self.group_w[item]
         r_t = self.tile_w[item] * self.t + jnp.arange(self.t)
-        return (group < I) & (r_t >= self.start_I[i]) & (r_t < self.end_I[i])
+        return self.valid_w[item] & (r_t >= self.start_I[i]) & (r_t < self.end_I[i])
 
 
 def schedule(sizes_I: jax.Array, rows: int) -> Schedule:
@@ -67,10 +68,11 @@ def schedule(sizes_I: jax.Array, rows: int) -> Schedule:
     count_I = jnp.where(end_I > start_I, (end_I - 1) // t - first_I + 1, 0)
     cum_items_I = jnp.cumsum(count_I)
     item_w = jnp.arange(-(-rows // t) + I - 1)
-    group_w = jnp.searchsorted(cum_items_I, item_w, side="right")  # I for the padding items
-    i = jnp.minimum(group_w, I - 1)
-    tile_w = jnp.where(group_w < I, first_I[i] + item_w - (cum_items_I[i] - count_I[i]), 0)
-    return Schedule(group_w, tile_w, start_I, end_I, t)
+    found_w = jnp.searchsorted(cum_items_I, item_w, side="right")  # I for the padding items
+    valid_w = found_w < I
+    group_w = jnp.minimum(found_w, I - 1)
+    tile_w = jnp.where(valid_w, first_I[group_w] + item_w - (cum_items_I[group_w] - count_I[group_w]), 0)
+    return Schedule(group_w, tile_w, valid_w, start_I, end_I, t)
 
 
 def _varying(a: jax.Array) -> frozenset:
@@ -98,45 +100,42 @@ def _padded(a: jax.Array, t: int) -> jax.Array:
     return jnp.pad(a, ((0, -a.shape[0] % t), (0, 0)))
 
 
-def _tiled_forward(x_Pe: jax.Array, w_Ief: jax.Array, sizes_I: jax.Array) -> jax.Array:
-    P, (I, _, f) = x_Pe.shape[0], w_Ief.shape
-    s = schedule(sizes_I, P)
+def _tiled_forward(x_Pe: jax.Array, w_Ief: jax.Array, s: Schedule) -> jax.Array:
+    P, f = x_Pe.shape[0], w_Ief.shape[2]
     x_pad = _padded(x_Pe, s.t)
 
     def item(n, out_Pf):
-        i = jnp.minimum(s.group_w[n], I - 1)
-        y_tf = jnp.dot(s.rows(x_pad, n), w_Ief[i], preferred_element_type=jnp.float32)
+        y_tf = jnp.dot(s.rows(x_pad, n), w_Ief[s.group_w[n]], preferred_element_type=jnp.float32)
         new_tf = s.rows(out_Pf, n) + jnp.where(s.keep(n)[:, None], y_tf, 0)
         return jax.lax.dynamic_update_slice_in_dim(out_Pf, new_tf, s.tile_w[n] * s.t, 0)
 
-    zeros_Pf = _zeros_varying_like((x_pad.shape[0], f), x_pad, w_Ief, sizes_I)
+    zeros_Pf = _zeros_varying_like((x_pad.shape[0], f), x_pad, w_Ief, s.start_I)
     out_Pf = jax.lax.fori_loop(0, s.group_w.shape[0], item, zeros_Pf)
     return out_Pf[:P].astype(x_Pe.dtype)
 
 
 @jax.custom_vjp
 def _tiled(x_Pe: jax.Array, w_Ief: jax.Array, sizes_I: jax.Array) -> jax.Array:
-    return _tiled_forward(x_Pe, w_Ief, sizes_I)
+    return _tiled_forward(x_Pe, w_Ief, schedule(sizes_I, x_Pe.shape[0]))
 
 
 def _tiled_fwd(x_Pe, w_Ief, sizes_I):
-    return _tiled_forward(x_Pe, w_Ief, sizes_I), (x_Pe, w_Ief, sizes_I)
+    return _tiled_forward(x_Pe, w_Ief, schedule(sizes_I, x_Pe.shape[0])), (x_Pe, w_Ief, sizes_I)
 
 
 def _tiled_bwd(res, g_Pf):
     x_Pe, w_Ief, sizes_I = res
-    dx_Pe = _tiled_forward(g_Pf, jnp.swapaxes(w_Ief, 1, 2), sizes_I).astype(x_Pe.dtype)
-    s = schedule(sizes_I, x_Pe.shape[0])
+    s = schedule(sizes_I, x_Pe.shape[0])  # one schedule for both loops
+    dx_Pe = _tiled_forward(g_Pf, jnp.swapaxes(w_Ief, 1, 2), s).astype(x_Pe.dtype)
     x_pad, g_pad = _padded(x_Pe, s.t), _padded(g_Pf, s.t)
-    I = w_Ief.shape[0]
 
     def item(n, dw_Ief):
         x_te = jnp.where(s.keep(n)[:, None], s.rows(x_pad, n), 0)
         dw_ef = jnp.einsum("te,tf->ef", x_te, s.rows(g_pad, n), preferred_element_type=jnp.float32)
-        i = jnp.minimum(s.group_w[n], I - 1)
+        i = s.group_w[n]
         return jax.lax.dynamic_update_index_in_dim(dw_Ief, dw_Ief[i] + dw_ef, i, 0)
 
-    dw_Ief = jax.lax.fori_loop(0, s.group_w.shape[0], item, _zeros_varying_like(w_Ief.shape, x_pad, g_pad, sizes_I))
+    dw_Ief = jax.lax.fori_loop(0, s.group_w.shape[0], item, _zeros_varying_like(w_Ief.shape, x_pad, g_pad, s.start_I))
     return _sum_to(dx_Pe, x_Pe), _sum_to(dw_Ief, w_Ief).astype(w_Ief.dtype), None
 
 
