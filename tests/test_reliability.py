@@ -431,7 +431,7 @@ def test_closed_event_loop_posts_are_silenced_and_every_other_unraisable_excepti
     assert reported[0].exc_value.args == ("Event loop is closed",)  # not from asyncio: still reported
 
 
-def test_full_disk_names_the_path_and_the_space_and_keeps_the_last_checkpoint(tmp_path):
+def test_full_disk_names_the_path_and_the_space_keeps_the_last_checkpoint_and_resumes_once_freed(tmp_path):
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs `unshare -rm` (user + mount namespaces) to mount a small tmpfs")
@@ -440,18 +440,30 @@ def test_full_disk_names_the_path_and_the_space_and_keeps_the_last_checkpoint(tm
     w = disk / "w"
     train = " ".join(f"'{a}'" for a in _cmd(w, "training.steps=40", "checkpoint.every=2", "checkpoint.keep=100",
                                                  "checkpoint.async_save=true"))
-    script = f"mount -t tmpfs -o size=8000k tmpfs {disk} && {train}; rc=$?; ls {w}/checkpoints; exit $rc"
+    # The same command again once the disk has room (a remount to 64 MiB): it resumes from the last good step.
+    again = f"mount -o remount,size=64m {disk} && {train} > {tmp_path}/again.out 2> {tmp_path}/again.err"
+    script = (f"mount -t tmpfs -o size=8000k tmpfs {disk} && {train}; rc=$?; ls {w}/checkpoints; "
+              f"echo ---; {again}; echo again=$?; ls -a {w}/checkpoints; exit $rc")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     # Our one error line and no traceback: TensorStore's posts to Orbax's closed event loop are silenced by
-    # the CLI (test above), and anything else, ours above all, fails here.
+    # the CLI (test above), Orbax's writer threads still running when the error is raised find their
+    # half-written step in place, and anything else, ours above all, fails here.
     ours = re.findall(r"error: no space left on device writing checkpoint step [^\n]*? is kept", proc.stderr)
     assert len(ours) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"to {w}/checkpoints: a checkpoint of this run takes about " in ours[0] and "MiB free" in ours[0]
-    assert "the last good checkpoint (step" in ours[0]
-    kept = [int(s) for s in proc.stdout.split() if s.isdigit()]
-    assert kept and max(kept) < 40
+    last_good = int(re.search(r"the last good checkpoint \(step (\d+)\) is kept", ours[0]).group(1))
+    failed, resumed = proc.stdout.split("---")
+    kept = [int(s) for s in failed.split() if s.isdigit()]
+    assert last_good in kept and max(kept) < 40, failed
+    again = (tmp_path / "again.out").read_text()
+    assert "again=0" in resumed, (tmp_path / "again.err").read_text()[-3000:]
+    assert f"resumed from {w}/checkpoints/{last_good} (step {last_good})" in again, again[-3000:]
+    # Orbax removed the half-written step when the run started again; step 40 is complete.
+    after = resumed.split()
+    assert 40 in [int(s) for s in after if s.isdigit()], resumed
+    assert not [s for s in after if "tmp" in s], resumed
 
 
 def test_a_second_sigterm_does_not_end_in_a_traceback(tmp_path):

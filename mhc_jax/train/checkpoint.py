@@ -9,12 +9,11 @@ flipped bytes are caught, not trained on. A checkpoint that is listed but unread
 is skipped in favour of the previous one with one warning; with `heal=True` (the trainer) it is first moved
 aside to `<directory>_unreadable/<step>-<UTC time>` (renamed, never deleted), so the run can save that step
 again. A full disk ends as a `CheckpointError` naming the path, the space a checkpoint needs and the space
-free; the previous checkpoints stay.
+free; the previous checkpoints stay, and the half-written step is removed by Orbax when the run resumes.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -263,8 +262,9 @@ class Checkpointer:
 
     def _disk_full_error(self, step: int | None, err: BaseException) -> CheckpointError:
         free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
-        for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
-            shutil.rmtree(tmp, ignore_errors=True)  # the half-written step (never listed): free its space
+        # The half-written step stays until Orbax removes it when the run starts again
+        # (cleanup_tmp_directories): Orbax's other writer threads may still be writing into it now, and
+        # removing it under them made each print a FileNotFoundError traceback under the one error line.
         last = self.latest_step()
         # What one checkpoint takes on this disk: the last good one's size, else the arrays' bytes.
         needed = _du(os.path.join(self.directory, str(last))) if last is not None else self._bytes
