@@ -441,9 +441,9 @@ def test_full_disk_names_the_path_and_the_space_keeps_the_last_checkpoint_and_re
     train = " ".join(f"'{a}'" for a in _cmd(w, "training.steps=40", "checkpoint.every=2", "checkpoint.keep=100",
                                                  "checkpoint.async_save=true"))
     # The same command again once the disk has room (a remount to 64 MiB): it resumes from the last good step.
-    again = f"mount -o remount,size=64m {disk} && {train} > {tmp_path}/again.out 2> {tmp_path}/again.err"
+    rerun = f"mount -o remount,size=64m {disk} && {train} > {tmp_path}/again.out 2> {tmp_path}/again.err"
     script = (f"mount -t tmpfs -o size=8000k tmpfs {disk} && {train}; rc=$?; ls {w}/checkpoints; "
-              f"echo ---; {again}; echo again=$?; ls -a {w}/checkpoints; exit $rc")
+              f"echo ---; {rerun}; echo again=$?; ls -a {w}/checkpoints; exit $rc")
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     # Our one error line and no traceback: TensorStore's posts to Orbax's closed event loop are silenced by
