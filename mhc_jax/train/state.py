@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+# The init program draws each parameter with its own threefry loop and erf_inv, dozens of small loops that
+# XLA:CPU hands to LLVM one by one. At LLVM's -O1 they compile in a third to two thirds of the default's
+# time (2 CPU cores: tiny config 5.4 -> 1.8 s, default config 6.3 -> 4.2 s) into bit-identical parameters
+# (tested), and the program runs once. Keyed by platform; other platforms keep XLA's defaults.
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def build(cfg: Config) -> tuple[Transformer, nnx.Optimizer]:
@@ -47,7 +52,8 @@ def init_train_state(cfg: Config, mesh: Mesh) -> tuple[nnx.GraphDef, Any, Any]:
     """(graphdef, state, shardings): parameters initialised on the devices that hold them (never all on
     one host first), so a model larger than one device's memory can be created."""
     graphdef, _, shardings = abstract_train_state(cfg, mesh)
-    state = jax.jit(lambda: nnx.state(build(cfg)), out_shardings=shardings)()
+    state = jax.jit(lambda: nnx.state(build(cfg)), out_shardings=shardings,
+                    compiler_options=INIT_COMPILER_OPTIONS.get(jax.default_backend()))()
     return graphdef, state, shardings
 
 
