@@ -10,13 +10,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("MHC_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mhc_jax", "tfds-tests"))
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+# The persistent compilation cache, as environment variables so that the processes tests start (train.py
+# runs killed and resumed, notebook kernels) share it with the test process: a resumed run reuses the
+# programs its first run compiled.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mhc_jax", "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                 os.path.join(os.path.expanduser("~"), ".cache", "mhc_jax", "jax-cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # nanoGPT's corpus, present only in the project's own CI (../shared beside the checkout). Tests must pass
