@@ -16,7 +16,13 @@ os.environ.setdefault("MHC_JAX_DATA_DIR", os.path.join(os.path.expanduser("~"), 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mhc_jax", "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Also set in this process explicitly, in case a pytest plugin imported jax before the lines above ran.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # nanoGPT's corpus, present only in the project's own CI (../shared beside the checkout). Tests must pass
