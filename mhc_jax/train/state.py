@@ -28,7 +28,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 # The init program draws each parameter with its own threefry loop and erf_inv, dozens of small loops that
 # XLA:CPU hands to LLVM one by one. At LLVM's -O1 they compile in a third to two thirds of the default's
-# time (2 CPU cores: tiny config 5.4 -> 1.8 s, default config 6.3 -> 4.2 s) into bit-identical parameters
+# time (2 CPU cores: tiny config 5.4 -> 1.8 s, default config 6.4 -> 4.2 s) into bit-identical parameters
 # (tested), and the program runs once. Keyed by platform; other platforms keep XLA's defaults.
 INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
