@@ -112,8 +112,11 @@ def test_forward_and_backward_equal_float64_reference(impl, pattern):
 def test_dense_attention_equals_jax_dot_product_attention(H, K, dtype):
     """The xla impl's own einsums (heads grouped in the dots, for XLA:CPU's speed) keep
     jax.nn.dot_product_attention(implementation="xla")'s numerics: float32 logits and softmax, probabilities
-    in the value dtype, the same masked-logit constant: outputs equal bit for bit, gradients to float32
-    rounding (XLA orders the backward's sums by layout), with and without a logit bias and grouped kv heads."""
+    in the value dtype, the same masked-logit constant, with and without a logit bias and grouped kv heads.
+    Outputs and gradients agree to float32 rounding, not bit for bit: a grouped (G T, D) dot and jax's per-head
+    dots accumulate in an order XLA:CPU picks per dot shape and CPU (bit-equal on one 2-core machine, 3.6e-7
+    apart with 6 heads over 2 kv heads on another). In bfloat16 the outputs' rounding absorbs that: at most
+    1% of them may differ, by one bf16 step, while probabilities kept in float32 change 34% of them."""
     q, k, v, dout, seg, pos = inputs(16, H, K, 8, 2)
     q, k, v, dout = (x.astype(dtype) for x in (q, k, v, dout))
     mask = attention.visible_BTS(seg, 5)
@@ -122,7 +125,13 @@ def test_dense_attention_equals_jax_dot_product_attention(H, K, dtype):
         ours = jax.vjp(lambda q, k, v: attention.dense_attention(q, k, v, mask, b), q, k, v)
         ref = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, bias=b, mask=mask[:, None],
                                                                    implementation="xla"), q, k, v)
-        chex.assert_trees_all_equal(ours[0], ref[0])
+        chex.assert_equal(ours[0].dtype, ref[0].dtype)
+        if dtype == jnp.bfloat16:
+            assert float(jnp.mean(ours[0] != ref[0])) <= 0.01, "bf16 outputs differ beyond float32 rounding"
+            chex.assert_trees_all_close(ours[0].astype(jnp.float32), ref[0].astype(jnp.float32), rtol=2 ** -7,
+                                        atol=0)
+        else:
+            chex.assert_trees_all_close(ours[0], ref[0], rtol=2e-5, atol=1e-6)
         chex.assert_trees_all_close(ours[1](dout), ref[1](dout), rtol=2e-5, atol=1e-6)
 
 
