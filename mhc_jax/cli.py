@@ -4,8 +4,9 @@ Every CLI's `main(argv) -> int` is decorated with `@entry_point` (and its `__mai
 `exit_process(main())`): an `MhcJaxError` (bad config, bad data,
 unreadable checkpoint, a run that cannot go on) prints `error: <message>` on stderr and returns 2, a full
 disk prints the path and what to free, Ctrl-C returns 130; anything else is a bug and keeps its traceback.
-Background threads' noise about an expected failure (Orbax's logged save error, TensorStore's posts to a
-closed event loop) is dropped, so the error line stands alone.
+Background threads' noise about an expected failure (Orbax's logged save error, asyncio's report of a
+failed write task nobody awaited, TensorStore's posts to a closed event loop) is dropped, so the error line
+stands alone.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def entry_point(main: Main) -> Main:
     def wrapped(argv: Sequence[str] | None = None) -> int:
         _install_unraisable_filter()
         quiet = _ExpectedFailureFilter()
-        loggers = [logging.getLogger(), logging.getLogger("absl")]
+        # A logger's filters see its own records, not its children's: asyncio's own logger reports a failed
+        # Orbax write task nobody awaited ("Task exception was never retrieved", seen in CI on a full disk).
+        loggers = [logging.getLogger(), logging.getLogger("absl"), logging.getLogger("asyncio")]
         for logger in loggers:
             logger.addFilter(quiet)
         try:

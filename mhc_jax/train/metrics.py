@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import socket
+import struct
 import time
 from typing import Any
 
@@ -99,8 +101,50 @@ def moe_metrics(step_metrics: dict[str, Any], moe_blocks: list[int]) -> dict[str
     return row
 
 
+class TensorBoardMirror:
+    """Scalars as TensorBoard event records (TFRecord framing, tensorboardX's protos and CRC), written in the
+    caller's thread, one unbuffered write per row. Not tensorboardX's SummaryWriter: it writes from a thread
+    that dies on a write error (a full disk), after which add_scalar, and the close it registers with atexit,
+    block forever on the thread's full queue (a run hung in CI). A failed write disables the mirror with one
+    warning; metrics.jsonl is the record, and a full disk is reported by the write that needs the space."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.record_writer import masked_crc32c
+        self._Event, self._Summary, self._crc = Event, Summary, masked_crc32c
+        os.makedirs(logdir, exist_ok=True)
+        # The name TensorBoard looks for (SummaryWriter's, plus the pid): a new file per run.
+        name = f"events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}"
+        self.path = os.path.join(logdir, name)
+        self._file = open(self.path, "ab", buffering=0)
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        record = header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data))
+        try:
+            self._file.write(record)
+        except OSError as err:
+            log.warning("TensorBoard events stop at %s (%s); metrics.jsonl keeps every row", self.path, err)
+            self.close()
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self._file is None or not scalars:
+            return
+        values = [self._Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+        self._write(self._Event(wall_time=time.time(), step=step, summary=self._Summary(value=values)))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()  # unbuffered: nothing left to flush, so closing cannot fail on a full disk
+            self._file = None
+
+
 class MetricsWriter:
-    """Appends one JSON object per line to workdir/metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per line to workdir/metrics.jsonl and mirrors scalars to TensorBoard
+    (workdir/tensorboard)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
@@ -114,9 +158,11 @@ class MetricsWriter:
                     if f.read(1) != b"\n":
                         self._file.write("\n")
             try:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = TensorBoardMirror(os.path.join(workdir, "tensorboard"))
             except ImportError:  # tensorboardX is a dependency; keep metrics.jsonl working regardless
+                self._tb = None
+            except OSError as err:  # e.g. a disk too full for one more file: the mirror is not the record
+                log.warning("no TensorBoard events for this run (%s); metrics.jsonl keeps every row", err)
                 self._tb = None
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
@@ -126,9 +172,8 @@ class MetricsWriter:
                **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "kind", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            self._tb.write(step, {f"{kind}/{k}": v for k, v in row.items() if k not in ("step", "kind", "time")
+                                  and isinstance(v, (int, float)) and math.isfinite(v)})
 
     def close(self) -> None:
         if self.enabled:
