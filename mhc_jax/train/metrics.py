@@ -3,6 +3,7 @@ peaks per device kind; a warmed-up, repeated matmul probe on CPU)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -125,8 +126,11 @@ class TensorBoardMirror:
         header = struct.pack("<Q", len(data))
         record = header + struct.pack("<I", self._crc(header)) + data + struct.pack("<I", self._crc(data))
         try:
-            self._file.write(record)
+            written = self._file.write(record)
+            if written != len(record):  # a raw write may stop short when the disk fills mid-record
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: wrote {written} of {len(record)} bytes")
         except OSError as err:
+            # Nothing after this point: a record after a torn one would hide it from TensorBoard's reader.
             log.warning("TensorBoard events stop at %s (%s); metrics.jsonl keeps every row", self.path, err)
             self.close()
 
