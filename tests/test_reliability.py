@@ -468,10 +468,15 @@ def test_entry_point_drops_only_expected_failures_from_asyncios_never_retrieved_
     assert "Task exception was never retrieved" in logged[0].getMessage()
 
 
-def test_full_disk_names_the_path_and_the_space_keeps_the_last_checkpoint_and_resumes_once_freed(tmp_path):
+def _skip_without_mount_namespaces() -> None:
+    """The full-disk tests mount a small tmpfs inside `unshare -rm` (user + mount namespaces)."""
     if shutil.which("unshare") is None or subprocess.run(
             ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs `unshare -rm` (user + mount namespaces) to mount a small tmpfs")
+
+
+def test_full_disk_names_the_path_and_the_space_keeps_the_last_checkpoint_and_resumes_once_freed(tmp_path):
+    _skip_without_mount_namespaces()
     disk = tmp_path / "disk"
     disk.mkdir()
     w = disk / "w"
@@ -536,9 +541,7 @@ def test_a_full_tensorboard_disk_warns_once_and_the_run_goes_on_writing_metrics_
     """tensorboardX's SummaryWriter hung here: its writer thread died on ENOSPC and every later add_scalar
     blocked on the thread's full queue (CI: a full-disk run never exited). The mirror now writes in the
     caller's thread, stops with one warning, and metrics.jsonl keeps every row."""
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs `unshare -rm` (user + mount namespaces) to mount a small tmpfs")
+    _skip_without_mount_namespaces()
     (tmp_path / "tensorboard").mkdir()
     writer = ("from mhc_jax.train.metrics import MetricsWriter\n"
               f"w = MetricsWriter({str(tmp_path)!r})\n"
